@@ -1,0 +1,516 @@
+"""The lab description: lab.yaml loaded into frozen, typed objects.
+
+Loading validates everything at once and reports every problem as
+``lab.yaml: hosts.broker2.ip: 10.200.0.12 is not in network private
+(10.100.0.0/24)``; nothing is built from a lab that has any problem.
+
+The schema is the dataclasses below: field names are the YAML keys, type
+hints are the types checked, defaults are the defaults.  Unknown keys are
+errors (a typo must not be silently ignored).  Semantic checks that span
+fields live in :func:`_check`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import LabError
+
+DEFAULT_LAB = Path(__file__).resolve().parent.parent / "lab.yaml"
+
+_DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_DNS_NAME = re.compile(r"^(?=.{1,253}$)((?!-)[a-z0-9-]{1,63}(?<!-)\.)*(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+_CN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+# --------------------------------------------------------------------------
+# schema
+# --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Network:
+    """A lab network (libvirt network for Vagrant/virsh; static addresses)."""
+    name: str = ""
+    cidr: IPv4Network = IPv4Network("10.100.0.0/24")
+    gateway: IPv4Address | None = None     # host side address of the bridge
+    dhcp: bool = False                     # private lab networks use static IPs
+    bridge: str | None = None              # default: lf-<name>
+    forward: Literal["none", "nat"] = "none"
+
+
+@dataclass(frozen=True)
+class WriteFile:
+    """A file cloud-init writes into the guest (write_files)."""
+    path: str = ""                         # destination inside the guest
+    source: str | None = None              # local file; "certs:kafka/x" = under certs/
+    content: str | None = None             # inline text instead of source
+    owner: str = "root:root"
+    permissions: str = "0644"
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str = ""
+    ip: IPv4Address = IPv4Address("0.0.0.0")
+    network: str = ""                      # default: the lab's first network
+    mac: str | None = None                 # lab NIC MAC; network-config matches on it
+    cpus: int = 2
+    memory: int = 2048                     # MiB
+    disk: int = 20                         # GiB
+    roles: tuple[str, ...] = ()            # kafka-broker, ...
+    image: str = "debian-12"               # base image the overlay is backed by
+    extra_sans: tuple[str, ...] = ()       # more DNS names / IPs for the certificate
+    ssh_authorized_keys: tuple[str, ...] = ()  # public key files; default: certs/ssh/lab key
+    packages: tuple[str, ...] = ()
+    runcmd: tuple[str, ...] = ()
+    write_files: tuple[WriteFile, ...] = ()
+    user_data: str | None = None           # a user-supplied user-data file, used as is
+    network_config: str | None = None      # a user-supplied network-config file, used as is
+
+
+@dataclass(frozen=True)
+class User:
+    name: str = "debian"                   # the image's default user
+    sudo: bool = True
+
+
+@dataclass(frozen=True)
+class Pki:
+    key_type: Literal["rsa", "ecdsa"] = "rsa"
+    rsa_bits: int = 2048
+    ca_days: int = 3650
+    leaf_days: int = 825
+
+
+@dataclass(frozen=True)
+class Kafka:
+    brokers: tuple[str, ...] = ()          # default: hosts with role kafka-broker
+    client: str = "kafka-client"           # client identity (certificate CN)
+    port: int = 9093                       # TLS listener
+    password_file: str | None = None       # store/key password; default: generated
+
+
+@dataclass(frozen=True)
+class Amphora:
+    base_os: Literal["debian", "ubuntu"] = "debian"
+    release: str = "bookworm"
+    arch: Literal["amd64", "arm64"] = "amd64"
+    size: int = 2                          # GB
+    agent: Literal["source", "package"] = "source"
+    ssh: bool = True
+    image_type: Literal["qcow2", "raw"] = "qcow2"
+    octavia_version: str = "16.0.0"        # Octavia sdist on PyPI the elements come from
+    octavia_git: str | None = None         # or a git URL ...
+    octavia_ref: str | None = None         # ... and ref (branch, tag, sha)
+    build: bool = True                     # `invoke all` builds the amphora
+
+
+@dataclass(frozen=True)
+class Octavia:
+    enabled: bool = True
+    amp_image_tag: str = "amphora"
+    image_name: str = "amphora-x64-haproxy"
+    health_managers: tuple[str, ...] = ("10.100.0.5:5555",)  # controller_ip_port_list
+    amp_ssh_key_name: str = "octavia_ssh_key"
+    amphora: Amphora = Amphora()
+
+
+@dataclass(frozen=True)
+class BaseImage:
+    source: Literal["build", "download"] = "build"
+    distro: Literal["debian", "ubuntu"] = "debian"
+    release: str = "12"                    # debian 12 / bookworm, ubuntu 24.04 / noble
+    url: str | None = None                 # mirror directory holding the image and SUMS
+    size: int = 4                          # GB, for the `build` source
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    debian_mirror: str | None = None       # default: the host's apt sources
+    debian_security_mirror: str | None = None
+    ubuntu_mirror: str | None = None
+    pip_index: str | None = None
+    ca_bundle: str | None = "/etc/ssl/certs/ca-certificates.crt"  # for builds behind a proxy
+    keep_ca_bundle: bool = False           # leave the CA bundle in built images
+
+
+@dataclass(frozen=True)
+class Vagrant:
+    box: str = "labforge/debian-12"
+    management_network: str = "vagrant-libvirt"
+
+
+@dataclass(frozen=True)
+class Glance:
+    cloud: str | None = None               # clouds.yaml entry; default OS_CLOUD / OS_*
+    visibility: Literal["private", "shared", "community", "public"] = "private"
+
+
+@dataclass(frozen=True)
+class Lab:
+    name: str = "lab"
+    domain: str | None = None
+    networks: tuple[Network, ...] = ()
+    hosts: tuple[Host, ...] = ()
+    user: User = User()
+    pki: Pki = Pki()
+    kafka: Kafka = Kafka()
+    octavia: Octavia = Octavia()
+    base_image: BaseImage = BaseImage()
+    build: BuildSettings = BuildSettings()
+    vagrant: Vagrant = Vagrant()
+    glance: Glance = Glance()
+    # where the lab file lives: relative paths in it are relative to this
+    source: Path = field(default=DEFAULT_LAB, compare=False)
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    # -- lookups -------------------------------------------------------------
+    def host(self, name: str) -> Host:
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        known = ", ".join(h.name for h in self.hosts) or "none"
+        raise LabError(f"{self.source.name}: no host named {name!r} (hosts: {known})")
+
+    def network(self, name: str) -> Network:
+        for n in self.networks:
+            if n.name == name:
+                return n
+        raise LabError(f"{self.source.name}: no network named {name!r}")
+
+    def brokers(self) -> tuple[Host, ...]:
+        if self.kafka.brokers:
+            return tuple(self.host(n) for n in self.kafka.brokers)
+        return tuple(h for h in self.hosts if "kafka-broker" in h.roles)
+
+    def fqdn(self, host: Host) -> str:
+        return f"{host.name}.{self.domain}" if self.domain else host.name
+
+    def path(self, value: str) -> Path:
+        """A path from the lab file, relative to the lab file's directory."""
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.source.parent / p)
+
+    def section(self, name: str) -> Any:
+        """The raw YAML of one top-level section (for input digests)."""
+        return self.raw.get(name)
+
+
+# --------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (a duplicated host must not
+    silently replace the first) and keeps line numbers for messages."""
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            loader.duplicates.append((key_node.start_mark.line + 1, key, seen[key]))
+        else:
+            seen[key] = key_node.start_mark.line + 1
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def parse_yaml(text: str, name: str) -> Any:
+    """Parse YAML; a syntax error or duplicate key is a LabError naming the line."""
+    loader = _Loader(text)
+    loader.duplicates = []
+    try:
+        data = loader.get_single_data()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{name}:{mark.line + 1}" if mark else name
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise LabError(f"{where}: invalid YAML: {problem}") from None
+    finally:
+        loader.dispose()
+    if loader.duplicates:
+        raise LabError(f"{name}: duplicate keys", [
+            f"{name}:{line}: {key!r} is given twice (first on line {first})"
+            for line, key, first in loader.duplicates])
+    return data
+
+
+def load(path: Path | str | None = None) -> Lab:
+    """Load and validate a lab file; raise LabError listing every problem."""
+    path = Path(path) if path else DEFAULT_LAB
+    name = path.name
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise LabError(f"{path}: lab file not found; pass --lab FILE or create lab.yaml") from None
+    except OSError as exc:
+        raise LabError(f"{path}: cannot read lab file: {exc.strerror}") from None
+    data = parse_yaml(text, name)
+    return from_dict(data, source=path.resolve())
+
+
+def from_dict(data: Any, source: Path = DEFAULT_LAB) -> Lab:
+    name = source.name
+    errors: list[str] = []
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise LabError(f"{name}: the top level must be a mapping of sections, not {_tname(data)}")
+    work = dict(data)
+    # hosts and networks are mappings keyed by name; defaults merge into hosts
+    defaults = work.pop("defaults", {}) or {}
+    if not isinstance(defaults, dict):
+        errors.append(f"defaults: expected a mapping, got {_tname(defaults)}")
+        defaults = {}
+    work["networks"] = _named(work.get("networks", {}), "networks", errors, {})
+    work["hosts"] = _named(work.get("hosts", {}), "hosts", errors, defaults)
+    lab = _convert(Lab, work, "", errors)
+    if lab is not None:
+        lab = dataclasses.replace(lab, source=source, raw=data)
+        # cross-field checks run too, except on fields already reported
+        # (a field that failed to convert holds its default)
+        reported = {e.split(":", 1)[0] for e in errors}
+        more: list[str] = []
+        _check(lab, more)
+        errors += [e for e in more if not any(
+            e.split(":", 1)[0] == r or e.startswith(r + ".") for r in reported)]
+    if errors:
+        first = f"{name}: {errors[0]}"
+        raise LabError(first if len(errors) == 1 else f"{name}: {len(errors)} problems; fix them and rerun",
+                       [] if len(errors) == 1 else [f"{name}: {e}" for e in errors])
+    return lab
+
+
+def _named(value: Any, where: str, errors: list[str], defaults: dict) -> list:
+    if value is None:
+        return []
+    if not isinstance(value, dict):
+        errors.append(f"{where}: expected a mapping of name: settings, got {_tname(value)}")
+        return []
+    out = []
+    for key, body in value.items():
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            errors.append(f"{where}.{key}: expected a mapping, got {_tname(body)}")
+            continue
+        if "name" in body:
+            errors.append(f"{where}.{key}.name: the name is the key; remove this field")
+            continue
+        out.append({**defaults, **body, "name": str(key)})
+    return out
+
+
+def _tname(v: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", int: "a number",
+            float: "a number", bool: "true/false", type(None): "nothing"}.get(type(v), type(v).__name__)
+
+
+def _convert(tp: Any, value: Any, where: str, errors: list[str]) -> Any:
+    """Convert ``value`` to ``tp``; append "where: problem" to ``errors``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    label = where or "top level"
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, where, errors)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            errors.append(f"{label}: expected a mapping, got {_tname(value)}")
+            return None
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp)
+                  if not (tp is Lab and f.name in ("source", "raw"))}
+        kwargs = {}
+        for key, v in value.items():
+            sub = f"{where}.{key}" if where else str(key)
+            if key not in fields:
+                close = difflib.get_close_matches(str(key).replace("-", "_"), list(fields), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else \
+                    f" (known: {', '.join(sorted(fields))})"
+                errors.append(f"{sub}: unknown key{hint}")
+                continue
+            conv = _convert(hints[key], v, sub, errors)
+            if conv is not None or v is None:
+                kwargs[key] = conv
+        try:
+            return tp(**kwargs)
+        except TypeError as exc:  # pragma: no cover - schema bug
+            errors.append(f"{label}: {exc}")
+            return None
+    if origin is tuple:
+        item_tp = args[0]
+        if isinstance(value, (str, int)) and item_tp is str:
+            value = [value]
+        if not isinstance(value, list):
+            errors.append(f"{label}: expected a list, got {_tname(value)}")
+            return None
+        items = []
+        for i, item in enumerate(value):
+            name = item.get("name") if isinstance(item, dict) and "name" in item and where in ("hosts", "networks") else None
+            sub = f"{where}.{name}" if name else f"{where}[{i}]"
+            conv = _convert(item_tp, item, sub, errors)
+            if conv is not None:
+                items.append(conv)
+        return tuple(items)
+    if origin is Literal:
+        if value not in args:
+            errors.append(f"{label}: {value!r} is not one of {', '.join(map(str, args))}")
+            return None
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            errors.append(f"{label}: expected true or false, got {value!r}")
+            return None
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.append(f"{label}: expected a whole number, got {value!r}")
+            return None
+        return value
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            errors.append(f"{label}: expected a string, got {_tname(value)}")
+            return None
+        return str(value)
+    if tp is IPv4Address:
+        try:
+            return IPv4Address(str(value))
+        except ValueError:
+            errors.append(f"{label}: {value!r} is not an IPv4 address")
+            return None
+    if tp is IPv4Network:
+        try:
+            return IPv4Network(str(value), strict=True)
+        except ValueError as exc:
+            errors.append(f"{label}: {value!r} is not a network in CIDR form ({exc})")
+            return None
+    raise TypeError(f"lab schema: unsupported type {tp!r} at {where}")  # pragma: no cover
+
+
+def _check(lab: Lab, errors: list[str]) -> None:
+    """Checks that span fields: names, addresses, references."""
+    if not _DNS_LABEL.match(lab.name):
+        errors.append(f"name: {lab.name!r} is not a valid DNS label (a-z, 0-9, '-', at most 63)")
+    if lab.domain is not None and not _DNS_NAME.match(lab.domain):
+        errors.append(f"domain: {lab.domain!r} is not a valid DNS domain name")
+    if not lab.networks and lab.hosts:
+        errors.append("networks: at least one network is needed for the hosts' addresses")
+    nets = {n.name: n for n in lab.networks}
+    for n in lab.networks:
+        w = f"networks.{n.name}"
+        if not _DNS_LABEL.match(n.name):
+            errors.append(f"{w}: {n.name!r} is not a valid network name (a-z, 0-9, '-')")
+        if n.gateway is not None and n.gateway not in n.cidr:
+            errors.append(f"{w}.gateway: {n.gateway} is not in {n.cidr}")
+        if n.bridge is not None and not re.match(r"^[A-Za-z0-9_.-]{1,15}$", n.bridge):
+            errors.append(f"{w}.bridge: {n.bridge!r} is not a valid Linux interface name (max 15 chars)")
+    for a, b in _pairs(lab.networks):
+        if a.cidr.overlaps(b.cidr):
+            errors.append(f"networks.{b.name}.cidr: {b.cidr} overlaps network {a.name} ({a.cidr})")
+    seen_ip: dict[IPv4Address, str] = {}
+    seen_mac: dict[str, str] = {}
+    for h in lab.hosts:
+        w = f"hosts.{h.name}"
+        if not _DNS_LABEL.match(h.name):
+            errors.append(f"{w}: {h.name!r} is not a valid hostname (a DNS label: a-z, 0-9, "
+                          "'-', not at either end, at most 63 characters)")
+        net_name = h.network or (lab.networks[0].name if lab.networks else "")
+        net = nets.get(net_name)
+        if h.network and net is None:
+            errors.append(f"{w}.network: no network named {h.network!r} (networks: "
+                          f"{', '.join(nets) or 'none'})")
+        if h.ip == IPv4Address("0.0.0.0"):
+            errors.append(f"{w}.ip: missing; give the host's address on its lab network")
+        elif net is not None:
+            if h.ip not in net.cidr:
+                errors.append(f"{w}.ip: {h.ip} is not in network {net.name} ({net.cidr})")
+            elif h.ip in (net.cidr.network_address, net.cidr.broadcast_address):
+                errors.append(f"{w}.ip: {h.ip} is the network or broadcast address of {net.cidr}")
+            elif net.gateway is not None and h.ip == net.gateway:
+                errors.append(f"{w}.ip: {h.ip} is the gateway of network {net.name}")
+        if h.ip in seen_ip and h.ip != IPv4Address("0.0.0.0"):
+            errors.append(f"{w}.ip: {h.ip} is already used by host {seen_ip[h.ip]}")
+        seen_ip.setdefault(h.ip, h.name)
+        if h.mac is not None:
+            if not _MAC.match(h.mac.lower()):
+                errors.append(f"{w}.mac: {h.mac!r} is not a MAC address like 52:54:00:12:34:56")
+            elif h.mac.lower() in seen_mac:
+                errors.append(f"{w}.mac: {h.mac} is already used by host {seen_mac[h.mac.lower()]}")
+            else:
+                seen_mac[h.mac.lower()] = h.name
+        if not 1 <= h.cpus <= 256:
+            errors.append(f"{w}.cpus: {h.cpus} is out of range (1-256)")
+        if not 128 <= h.memory <= 4 * 1024 * 1024:
+            errors.append(f"{w}.memory: {h.memory} MiB is out of range (128 MiB - 4 TiB)")
+        if not 1 <= h.disk <= 65536:
+            errors.append(f"{w}.disk: {h.disk} GiB is out of range (1-65536)")
+        for i, san in enumerate(h.extra_sans):
+            if not (_is_ip(san) or _DNS_NAME.match(san.lower().lstrip("*."))):
+                errors.append(f"{w}.extra_sans[{i}]: {san!r} is neither an IP address nor a DNS name")
+        for i, wf in enumerate(h.write_files):
+            ww = f"{w}.write_files[{i}]"
+            if not wf.path.startswith("/"):
+                errors.append(f"{ww}.path: {wf.path!r} must be an absolute path in the guest")
+            if (wf.source is None) == (wf.content is None):
+                errors.append(f"{ww}: give exactly one of source or content")
+            if not re.match(r"^0?[0-7]{3}$", wf.permissions):
+                errors.append(f"{ww}.permissions: {wf.permissions!r} is not an octal mode like 0644")
+    names = {h.name for h in lab.hosts}
+    for i, b in enumerate(lab.kafka.brokers):
+        if b not in names:
+            errors.append(f"kafka.brokers[{i}]: no host named {b!r}")
+    if not _CN.match(lab.kafka.client):
+        errors.append(f"kafka.client: {lab.kafka.client!r} is not a valid identity name "
+                      "(letters, digits, '.', '_', '-')")
+    if not 1 <= lab.kafka.port <= 65535:
+        errors.append(f"kafka.port: {lab.kafka.port} is not a TCP port")
+    if lab.pki.key_type == "rsa" and lab.pki.rsa_bits not in (2048, 3072, 4096):
+        errors.append(f"pki.rsa_bits: {lab.pki.rsa_bits} is not one of 2048, 3072, 4096")
+    if not 1 <= lab.pki.leaf_days <= lab.pki.ca_days:
+        errors.append(f"pki.leaf_days: {lab.pki.leaf_days} must be between 1 and pki.ca_days "
+                      f"({lab.pki.ca_days})")
+    if not 1 <= lab.pki.ca_days <= 36500:
+        errors.append(f"pki.ca_days: {lab.pki.ca_days} is out of range (1-36500)")
+    for i, hm in enumerate(lab.octavia.health_managers):
+        ip, _, port = hm.rpartition(":")
+        if not (_is_ip(ip.strip("[]")) and port.isdigit() and 0 < int(port) < 65536):
+            errors.append(f"octavia.health_managers[{i}]: {hm!r} is not ADDRESS:PORT "
+                          "like 10.100.0.5:5555")
+    if not re.match(r"^[A-Za-z0-9_.:-]{1,255}$", lab.octavia.amp_image_tag):
+        errors.append(f"octavia.amp_image_tag: {lab.octavia.amp_image_tag!r} is not a valid Glance tag")
+    if not 1 <= lab.octavia.amphora.size <= 100:
+        errors.append(f"octavia.amphora.size: {lab.octavia.amphora.size} GB is out of range (1-100)")
+    if not re.match(r"^[a-z0-9][a-z0-9._-]*/[a-z0-9][a-z0-9._-]*$", lab.vagrant.box, re.I):
+        errors.append(f"vagrant.box: {lab.vagrant.box!r} is not ORG/NAME")
+
+
+def _pairs(items):
+    items = list(items)
+    for i, a in enumerate(items):
+        for b in items[i + 1:]:
+            yield a, b
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False

@@ -1,0 +1,225 @@
+"""``artifacts/manifest.json``: one record per artifact.
+
+A record holds what a CI job or a publisher needs to trust an artifact:
+kind, path (relative to artifacts/), sha256, size, the digest of the inputs
+it was built from, when it was created, the versions of the tools that made
+it, and kind-specific metadata.  It never holds secrets.
+
+Builders ask :meth:`Manifest.is_current` before building: the output is
+current when a record exists with the same input digest and the file on disk
+is intact.  "Intact" is checked by stat (size, mtime, inode) against the
+record and, when that differs, by re-hashing; ``invoke verify`` re-hashes
+everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from .errors import LabError
+from .fsutil import atomic_write, sha256_file
+
+SCHEMA_VERSION = 1
+
+
+def input_digest(*parts: Any) -> str:
+    """A stable sha256 over build inputs.
+
+    Parts may be str, bytes, numbers, bools, None, lists/tuples, dicts and
+    :class:`pathlib.Path` (a path contributes its name and content, so
+    changing a template or a key file changes the digest).
+    """
+    h = hashlib.sha256()
+
+    def feed(obj: Any) -> None:
+        if isinstance(obj, Path):
+            h.update(b"P")
+            feed(str(obj.name))
+            if obj.is_file():
+                h.update(bytes.fromhex(sha256_file(obj)))
+            elif obj.is_dir():
+                for child in sorted(obj.rglob("*")):
+                    if child.is_file():
+                        feed(str(child.relative_to(obj)))
+                        h.update(bytes.fromhex(sha256_file(child)))
+            else:
+                h.update(b"-missing-")
+        elif isinstance(obj, bytes):
+            h.update(b"B%d:" % len(obj) + obj)
+        elif isinstance(obj, str):
+            data = obj.encode()
+            h.update(b"S%d:" % len(data) + data)
+        elif isinstance(obj, (list, tuple)):
+            h.update(b"L%d[" % len(obj))
+            for item in obj:
+                feed(item)
+            h.update(b"]")
+        elif isinstance(obj, Mapping):
+            h.update(b"D%d{" % len(obj))
+            for key in sorted(obj, key=str):
+                feed(str(key))
+                feed(obj[key])
+            h.update(b"}")
+        elif obj is None or isinstance(obj, (bool, int, float)):
+            feed(json.dumps(obj))
+        else:
+            feed(repr(obj))
+
+    for part in parts:
+        feed(part)
+    return h.hexdigest()
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def _stat_key(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+class Manifest:
+    """Read-modify-write access to manifest.json under a file lock."""
+
+    def __init__(self, artifacts: Path):
+        self.root = Path(artifacts)
+        self.path = self.root / "manifest.json"
+        self._lock_path = self.root / ".manifest.lock"
+
+    # -- reading -----------------------------------------------------------
+    def load(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {"version": SCHEMA_VERSION, "artifacts": {}}
+        except (OSError, ValueError) as exc:
+            raise LabError(f"{self.path}: unreadable manifest ({exc}); move it away and "
+                           "rebuild, or restore it from your CI artifacts") from None
+        if not isinstance(data, dict) or not isinstance(data.get("artifacts"), dict):
+            raise LabError(f"{self.path}: not a labforge manifest; move it away and rebuild")
+        return data
+
+    def entries(self) -> dict[str, dict]:
+        return self.load()["artifacts"]
+
+    def get(self, path: Path | str) -> dict | None:
+        return self.entries().get(self.rel(path))
+
+    def rel(self, path: Path | str) -> str:
+        p = Path(path)
+        if p.is_absolute():
+            try:
+                return p.relative_to(self.root).as_posix()
+            except ValueError:
+                raise LabError(f"{p}: not under {self.root}; artifacts live under artifacts/") from None
+        return p.as_posix()
+
+    def is_current(self, path: Path, digest: str) -> bool:
+        """True when ``path`` was built from inputs with ``digest`` and is intact."""
+        rec = self.get(path)
+        if rec is None or rec.get("input_digest") != digest:
+            return False
+        return self.intact(path, rec)
+
+    def intact(self, path: Path, rec: dict) -> bool:
+        path = self.root / self.rel(path)
+        try:
+            key = _stat_key(path)
+        except FileNotFoundError:
+            return False
+        if rec.get("stat") == key:
+            return True
+        if key[0] != rec.get("size") or sha256_file(path) != rec.get("sha256"):
+            return False
+        with self._locked() as data:  # content is right; remember the new stat
+            if self.rel(path) in data["artifacts"]:
+                data["artifacts"][self.rel(path)]["stat"] = key
+        return True
+
+    # -- writing -----------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[dict]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            data = self.load()
+            yield data
+            atomic_write(self.path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+        finally:
+            os.close(fd)
+
+    def record(self, path: Path, kind: str, digest: str, *, tools: Mapping[str, Any] | None = None,
+               meta: Mapping[str, Any] | None = None, sha256: str | None = None) -> dict:
+        """Record the artifact at ``path`` (hashing it unless ``sha256`` is given)."""
+        rel = self.rel(path)
+        full = self.root / rel
+        rec = {
+            "kind": kind,
+            "path": rel,
+            "sha256": sha256 or sha256_file(full),
+            "size": full.stat().st_size,
+            "input_digest": digest,
+            "created": _now(),
+            "tools": {k: v for k, v in (tools or {}).items() if v is not None},
+            "meta": dict(meta or {}),
+            "stat": _stat_key(full),
+        }
+        with self._locked() as data:
+            data["artifacts"][rel] = rec
+        return rec
+
+    def update_meta(self, path: Path | str, **meta: Any) -> None:
+        """Merge ``meta`` into an existing record (publishers add their results)."""
+        rel = self.rel(path)
+        with self._locked() as data:
+            if rel not in data["artifacts"]:
+                raise LabError(f"{rel}: not in {self.path}; build it first")
+            data["artifacts"][rel]["meta"].update(meta)
+
+    def remove(self, path: Path | str) -> None:
+        rel = self.rel(path)
+        with self._locked() as data:
+            data["artifacts"].pop(rel, None)
+
+    def verify(self) -> list[tuple[str, str]]:
+        """Re-hash every artifact; return (path, problem) for each that drifted."""
+        problems = []
+        for rel, rec in sorted(self.entries().items()):
+            full = self.root / rel
+            if not full.exists():
+                problems.append((rel, "missing"))
+            elif full.stat().st_size != rec.get("size"):
+                problems.append((rel, f"size {full.stat().st_size} != recorded {rec.get('size')}"))
+            elif sha256_file(full) != rec.get("sha256"):
+                problems.append((rel, "sha256 differs from the manifest"))
+        return problems
+
+    def find(self, name_or_path: str, kinds: tuple[str, ...] = ()) -> tuple[Path, dict]:
+        """Resolve an image argument: a path under artifacts/, or a record's
+        file name / stem (``debian-12``, ``amphora-x64-haproxy.qcow2``)."""
+        entries = self.entries()
+        p = Path(name_or_path)
+        candidates = []
+        for rel, rec in entries.items():
+            if kinds and rec.get("kind") not in kinds:
+                continue
+            rp = Path(rel)
+            if name_or_path in (rel, rp.name, rp.stem) or (p.is_absolute() and self.root / rel == p):
+                candidates.append((self.root / rel, rec))
+        if len(candidates) == 1:
+            return candidates[0]
+        if len(candidates) > 1:
+            names = ", ".join(sorted(str(c[0].relative_to(self.root)) for c in candidates))
+            raise LabError(f"{name_or_path}: matches several artifacts ({names}); give the path")
+        want = " or ".join(kinds) if kinds else "artifact"
+        raise LabError(f"{name_or_path}: no {want} of that name in {self.path}; "
+                       "build it first or give a path under artifacts/")

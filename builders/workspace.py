@@ -1,0 +1,110 @@
+"""Where a lab's outputs live.
+
+A workspace is a directory holding ``certs/`` (secret material, 0700, never
+published), ``artifacts/`` (everything safe to publish, with
+``manifest.json``) and ``cache/`` (download and build caches kept between
+runs).  The default is the project directory; ``LABFORGE_WORKDIR`` moves it
+(CI jobs and tests use that).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import LabError
+from .fsutil import private_dir
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @classmethod
+    def default(cls) -> "Workspace":
+        root = os.environ.get("LABFORGE_WORKDIR")
+        return cls(Path(root).resolve() if root else PROJECT_DIR)
+
+    @property
+    def certs(self) -> Path:
+        return self.root / "certs"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "artifacts"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.artifacts / "manifest.json"
+
+    def certs_dir(self, *parts: str) -> Path:
+        """A directory under certs/, created 0700 along with certs/ itself."""
+        path = private_dir(self.certs)
+        for part in parts:
+            path = private_dir(path / part)
+        return path
+
+    def artifact_dir(self, *parts: str) -> Path:
+        path = self.artifacts.joinpath(*parts)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def cache_dir(self, *parts: str) -> Path:
+        path = self.cache.joinpath(*parts)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+class BuildLock:
+    """An exclusive lock on a workspace for the length of a build.
+
+    Two runs on the same tree must not interleave writes to the manifest or an
+    artifact; the second one is refused at once with the holder's pid.
+    The lock is an ``flock`` on ``artifacts/.lock``, so it is released by the
+    kernel when the holder dies, even by ``kill -9``.
+    """
+
+    def __init__(self, ws: Workspace):
+        self.ws = ws
+        self.path = ws.artifacts / ".lock"
+        self.fd: int | None = None
+        self.depth = 0
+
+    def __enter__(self) -> "BuildLock":
+        if self.depth:
+            self.depth += 1
+            return self
+        self.ws.artifacts.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LabError(f"{self.ws.artifacts}: another build is running (pid {holder}); "
+                           "wait for it to finish or stop it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        self.depth = 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.depth -= 1
+        if self.depth == 0 and self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None

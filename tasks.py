@@ -1,0 +1,81 @@
+"""labforge: build everything a virtual lab needs from one lab.yaml.
+
+Each task is thin: read the lab, call one builders function, print the
+result.  Run `invoke --list` for the verbs and `invoke --help TASK` for
+options.  A problem you can fix is printed as one line on stderr with exit
+status 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+from invoke import Exit, task
+
+from builders import lab as labmod
+from builders.console import setup_logging
+from builders.errors import LabError
+from builders.workspace import Workspace
+
+LAB_HELP = "lab description to read (default: the embedded lab.yaml)"
+
+
+def _user_errors(fn):
+    """Turn a LabError into its line(s) on stderr and exit status 1; Ctrl-C into 130."""
+    @functools.wraps(fn)
+    def wrapper(c, *args, **kwargs):
+        setup_logging(verbose=bool(kwargs.get("verbose")))
+        try:
+            return fn(c, *args, **kwargs)
+        except LabError as exc:
+            for i, line in enumerate(exc.lines()):
+                print(("error: " if i == 0 else "  ") + line, file=sys.stderr)
+            raise Exit(code=1) from None
+        except KeyboardInterrupt:
+            print("error: interrupted; partial outputs were removed, rerun to continue",
+                  file=sys.stderr)
+            raise Exit(code=130) from None
+    return wrapper
+
+
+def labtask(*args, **kwargs):
+    """@task with labforge's error handling."""
+    def deco(fn):
+        return task(*args, **kwargs)(_user_errors(fn))
+    return deco
+
+
+def _load(lab: str | None) -> labmod.Lab:
+    return labmod.load(lab)
+
+
+def _print(outcomes) -> None:
+    for o in outcomes if isinstance(outcomes, (list, tuple)) else [outcomes]:
+        print(o.line())
+
+
+@labtask(help={"lab": LAB_HELP})
+def check_lab(c, lab=None):
+    """Validate lab.yaml and print a summary of the lab."""
+    lb = _load(lab)
+    print(f"{lb.source}: ok: lab {lb.name}, {len(lb.hosts)} hosts, "
+          f"{len(lb.networks)} networks")
+    for h in lb.hosts:
+        print(f"  {h.name:<12} {str(h.ip):<15} cpus={h.cpus} memory={h.memory}MiB "
+              f"disk={h.disk}GiB roles={','.join(h.roles) or '-'}")
+
+
+# ---- certs ---------------------------------------------------------------
+
+# ---- seed ISOs -------------------------------------------------------------
+
+# ---- base image, overlays, boot checks -------------------------------------
+
+# ---- amphora ---------------------------------------------------------------
+
+# ---- vagrant ---------------------------------------------------------------
+
+# ---- glance ----------------------------------------------------------------
+
+# ---- whole lab, manifest ----------------------------------------------------

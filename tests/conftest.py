@@ -1,0 +1,57 @@
+"""Shared fixtures: an isolated workspace, the default lab, and the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from builders import lab as labmod
+from builders.workspace import Workspace
+
+ROOT = Path(__file__).resolve().parent.parent
+INVOKE = [sys.executable, "-m", "invoke", "-r", str(ROOT)]
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Workspace:
+    """An empty workspace (certs/, artifacts/, cache/) in a temp dir."""
+    return Workspace(tmp_path / "ws")
+
+
+@pytest.fixture
+def default_lab() -> labmod.Lab:
+    return labmod.load(ROOT / "lab.yaml")
+
+
+@pytest.fixture
+def cli(ws: Workspace):
+    """Run `invoke ARGS...` as a user would, in the test's workspace."""
+    def run(*args: str, env: dict | None = None, check: bool | None = None,
+            timeout: float = 1800) -> subprocess.CompletedProcess:
+        full_env = dict(os.environ, LABFORGE_WORKDIR=str(ws.root))
+        full_env.update(env or {})
+        proc = subprocess.run([*INVOKE, *args], capture_output=True, text=True,
+                              env=full_env, timeout=timeout)
+        if check is True:
+            assert proc.returncode == 0, proc.stderr
+        return proc
+    return run
+
+
+def write_lab(tmp_path: Path, text: str, name: str = "lab.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """The contract for bad input: exit 1, an `error:` line naming the problem, no traceback."""
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("error: "), proc.stderr
+    for n in needles:
+        assert n in proc.stderr, (n, proc.stderr)

@@ -1,0 +1,118 @@
+"""lab.yaml loading and validation."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from builders import lab as labmod
+from builders.errors import LabError
+from conftest import ROOT, assert_one_line_error, write_lab
+
+DEFAULT = yaml.safe_load((ROOT / "lab.yaml").read_text())
+
+
+def problems(data) -> list[str]:
+    try:
+        labmod.from_dict(data, source=Path("lab.yaml"))
+    except LabError as exc:
+        return exc.lines()
+    return []
+
+
+def mutate(fn):
+    d = copy.deepcopy(DEFAULT)
+    fn(d)
+    return problems(d)
+
+
+def test_default_lab_is_the_kafka_and_octavia_lab(default_lab):
+    assert [h.name for h in default_lab.brokers()] == ["broker1", "broker2", "broker3"]
+    assert [str(h.ip) for h in default_lab.hosts] == ["10.100.0.11", "10.100.0.12", "10.100.0.13"]
+    assert str(default_lab.networks[0].cidr) == "10.100.0.0/24"
+    assert default_lab.octavia.amp_image_tag == "amphora"
+    assert default_lab.kafka.client
+    assert default_lab.fqdn(default_lab.hosts[0]) == "broker1.lab.internal"
+
+
+def test_objects_are_frozen(default_lab):
+    with pytest.raises(Exception):
+        default_lab.hosts[0].ip = "1.2.3.4"  # type: ignore[misc]
+
+
+def test_ip_outside_network_names_field_and_network():
+    out = mutate(lambda d: d["hosts"]["broker2"].update(ip="10.200.0.12"))
+    assert out == ["lab.yaml: hosts.broker2.ip: 10.200.0.12 is not in network private (10.100.0.0/24)"]
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda d: d["hosts"]["broker1"].update(cpu=2), "hosts.broker1.cpu: unknown key (did you mean 'cpus'?)"),
+    (lambda d: d.update(colour="red"), "colour: unknown key"),
+    (lambda d: d["hosts"]["broker1"].update(memory="lots"), "hosts.broker1.memory: expected a whole number"),
+    (lambda d: d["hosts"]["broker1"].update(ip="10.100.0.300"), "hosts.broker1.ip: '10.100.0.300' is not an IPv4 address"),
+    (lambda d: d["networks"]["private"].update(cidr="10.100.0.1/24"), "networks.private.cidr:"),
+    (lambda d: d["hosts"].update(Broker_4={"ip": "10.100.0.14"}), "hosts.Broker_4: 'Broker_4' is not a valid hostname"),
+    (lambda d: d["hosts"]["broker2"].update(ip="10.100.0.11"), "hosts.broker2.ip: 10.100.0.11 is already used by host broker1"),
+    (lambda d: d["hosts"]["broker1"].update(network="public"), "hosts.broker1.network: no network named 'public'"),
+    (lambda d: d["hosts"]["broker1"].update(mac="52:54:00"), "hosts.broker1.mac:"),
+    (lambda d: d["pki"].update(rsa_bits=1024), "pki.rsa_bits: 1024"),
+    (lambda d: d["pki"].update(key_type="dsa"), "pki.key_type: 'dsa' is not one of rsa, ecdsa"),
+    (lambda d: d["octavia"].update(health_managers=["10.100.0.5"]), "octavia.health_managers[0]"),
+    (lambda d: d["kafka"].update(brokers=["broker9"]), "kafka.brokers[0]: no host named 'broker9'"),
+    (lambda d: d["hosts"]["broker1"].update(ip="10.100.0.1"), "is the gateway"),
+    (lambda d: d["hosts"]["broker1"].update(disk=0), "hosts.broker1.disk: 0 GiB is out of range"),
+    (lambda d: d["octavia"]["amphora"].update(base_os="centos"), "octavia.amphora.base_os: 'centos' is not one of"),
+])
+def test_each_bad_value_is_one_named_problem(change, needle):
+    out = mutate(change)
+    assert len(out) == 1, out
+    assert needle in out[0], out
+
+
+def test_all_problems_are_reported_at_once():
+    def change(d):
+        d["hosts"]["broker2"]["ip"] = "10.200.0.12"
+        d["hosts"]["broker3"]["cpus"] = "two"
+        d["hosts"]["bad_name"] = {"ip": "10.100.0.20"}
+    out = problems_of(change)
+    assert out[0] == "lab.yaml: 3 problems; fix them and rerun"
+    assert len(out) == 4
+
+
+def problems_of(change):
+    return mutate(change)
+
+
+def test_duplicate_host_is_an_error(tmp_path):
+    text = (ROOT / "lab.yaml").read_text().replace(
+        "  broker3:\n", "  broker1:\n    ip: 10.100.0.14\n  broker3:\n", 1)
+    with pytest.raises(LabError) as err:
+        labmod.load(write_lab(tmp_path, text))
+    assert "'broker1' is given twice" in "\n".join(err.value.lines())
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    p = write_lab(tmp_path, "name: lab\nhosts:\n  broker1: {ip: [\n")
+    with pytest.raises(LabError) as err:
+        labmod.load(p)
+    assert str(err.value).startswith("lab.yaml:")
+    assert "invalid YAML" in str(err.value)
+
+
+def test_missing_lab_file_says_what_to_do(tmp_path):
+    with pytest.raises(LabError, match="lab file not found; pass --lab FILE"):
+        labmod.load(tmp_path / "nope.yaml")
+
+
+def test_cli_reports_bad_lab_without_traceback(tmp_path, cli):
+    text = (ROOT / "lab.yaml").read_text().replace("10.100.0.12", "10.200.0.12")
+    proc = cli("check-lab", "--lab", str(write_lab(tmp_path, text)))
+    assert_one_line_error(proc, "hosts.broker2.ip: 10.200.0.12 is not in network private (10.100.0.0/24)")
+
+
+def test_cli_check_lab_ok(cli):
+    proc = cli("check-lab", check=True)
+    assert "broker3" in proc.stdout

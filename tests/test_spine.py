@@ -1,0 +1,110 @@
+"""The shared pieces: manifest, atomic writes, the runner, the build lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from builders.errors import LabError
+from builders.fsutil import atomic_path, atomic_write, sha256_file
+from builders.manifest import Manifest, input_digest
+from builders.runner import run
+from builders.workspace import BuildLock
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.bin"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_write_sets_mode(tmp_path):
+    p = atomic_write(tmp_path / "secret", "x", mode=0o600)
+    assert p.stat().st_mode & 0o777 == 0o600
+
+
+def test_input_digest_is_stable_and_content_sensitive(tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("a")
+    d1 = input_digest({"b": 1, "a": [1, 2]}, f)
+    assert d1 == input_digest({"a": [1, 2], "b": 1}, f)
+    f.write_text("b")
+    assert d1 != input_digest({"a": [1, 2], "b": 1}, f)
+
+
+def test_manifest_record_and_currency(tmp_path):
+    m = Manifest(tmp_path)
+    art = tmp_path / "images" / "x.qcow2"
+    art.parent.mkdir()
+    art.write_bytes(b"data")
+    rec = m.record(art, "image", "d1", tools={"qemu-img": "7.2"}, meta={"virtual_size": 1})
+    assert rec["sha256"] == sha256_file(art) and rec["path"] == "images/x.qcow2"
+    assert m.is_current(art, "d1") and not m.is_current(art, "d2")
+    art.write_bytes(b"tampered")
+    assert not m.is_current(art, "d1")
+    assert m.verify() == [("images/x.qcow2", "size 8 != recorded 4")]
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    assert set(data["artifacts"]["images/x.qcow2"]) >= {
+        "kind", "path", "sha256", "size", "input_digest", "created", "tools"}
+
+
+def test_manifest_find_by_name(tmp_path):
+    m = Manifest(tmp_path)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "debian-12.qcow2").write_bytes(b"q")
+    m.record(tmp_path / "images" / "debian-12.qcow2", "base-image", "d")
+    path, rec = m.find("debian-12")
+    assert path == tmp_path / "images" / "debian-12.qcow2" and rec["kind"] == "base-image"
+    with pytest.raises(LabError, match="no artifact of that name"):
+        m.find("ubuntu-24.04")
+
+
+def test_runner_failure_is_a_user_error_with_the_tools_last_line():
+    with pytest.raises(LabError) as err:
+        run([sys.executable, "-c", "import sys; print('boom: bad thing', file=sys.stderr); sys.exit(3)"])
+    assert "failed with exit status 3: boom: bad thing" in str(err.value)
+
+
+def test_runner_masks_secrets_in_errors():
+    with pytest.raises(LabError) as err:
+        run([sys.executable, "-c", "import sys; print('pw=hunter2', file=sys.stderr); sys.exit(1)",
+             "hunter2"], secrets=["hunter2"])
+    assert "hunter2" not in " ".join(err.value.lines())
+
+
+def test_runner_missing_tool_says_what_to_install():
+    with pytest.raises(LabError, match="not found on PATH; install it"):
+        run(["labforge-no-such-tool"])
+
+
+def test_build_lock_refuses_a_second_run(tmp_path):
+    from builders.workspace import Workspace
+    ws = Workspace(tmp_path)
+    code = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(os.getcwd())!r})
+        from builders.workspace import BuildLock, Workspace
+        from pathlib import Path
+        with BuildLock(Workspace(Path({str(tmp_path)!r}))):
+            print("locked", flush=True)
+            time.sleep(30)
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(LabError, match=rf"another build is running \(pid {holder.pid}\)"):
+            with BuildLock(ws):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with BuildLock(ws):  # released by the kernel when the holder died
+        pass
