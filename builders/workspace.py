@@ -73,15 +73,17 @@ class BuildLock:
     kernel when the holder dies, even by ``kill -9``.
     """
 
+    # held locks of this process, by path: nested builders share one lock
+    _held: dict[Path, list[int]] = {}
+
     def __init__(self, ws: Workspace):
         self.ws = ws
-        self.path = ws.artifacts / ".lock"
-        self.fd: int | None = None
-        self.depth = 0
+        self.path = ws.artifacts.resolve() / ".lock"
 
     def __enter__(self) -> "BuildLock":
-        if self.depth:
-            self.depth += 1
+        held = BuildLock._held.get(self.path)
+        if held:
+            held[1] += 1
             return self
         self.ws.artifacts.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -97,14 +99,14 @@ class BuildLock:
                            "wait for it to finish or stop it") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd = fd
-        self.depth = 1
+        BuildLock._held[self.path] = [fd, 1]
         return self
 
     def __exit__(self, *exc) -> None:
-        self.depth -= 1
-        if self.depth == 0 and self.fd is not None:
-            os.ftruncate(self.fd, 0)
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
+        held = BuildLock._held[self.path]
+        held[1] -= 1
+        if held[1] == 0:
+            del BuildLock._held[self.path]
+            os.ftruncate(held[0], 0)
+            fcntl.flock(held[0], fcntl.LOCK_UN)
+            os.close(held[0])

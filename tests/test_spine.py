@@ -108,3 +108,13 @@ def test_build_lock_refuses_a_second_run(tmp_path):
         holder.wait()
     with BuildLock(ws):  # released by the kernel when the holder died
         pass
+
+
+def test_build_lock_is_reentrant_within_a_process(tmp_path):
+    from builders.workspace import Workspace
+    ws = Workspace(tmp_path)
+    with BuildLock(ws):
+        with BuildLock(ws):  # a builder called by `invoke all` takes it again
+            pass
+        with BuildLock(ws):
+            pass
