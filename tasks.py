@@ -9,13 +9,16 @@ status 1.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 from invoke import Exit, task
 
 from builders import lab as labmod
+from builders import pipeline
 from builders.console import setup_logging
 from builders.errors import LabError
+from builders.manifest import Manifest
 from builders.workspace import Workspace
 
 LAB_HELP = "lab description to read (default: the embedded lab.yaml)"
@@ -36,6 +39,18 @@ def _user_errors(fn):
             print("error: interrupted; partial outputs were removed, rerun to continue",
                   file=sys.stderr)
             raise Exit(code=130) from None
+        except OSError as exc:  # disk full, permission denied, ...: the user can fix it
+            if os.environ.get("LABFORGE_DEBUG"):
+                raise
+            where = f"{exc.filename}: " if exc.filename else ""
+            print(f"error: {where}{exc.strerror or exc}; fix it and rerun", file=sys.stderr)
+            raise Exit(code=1) from None
+        except Exception as exc:  # a bug: say so in one line, traceback on request
+            if os.environ.get("LABFORGE_DEBUG"):
+                raise
+            print(f"error: internal error ({type(exc).__name__}: {exc}); this is a labforge "
+                  "bug: rerun with LABFORGE_DEBUG=1 and report the traceback", file=sys.stderr)
+            raise Exit(code=2) from None
     return wrapper
 
 
@@ -79,3 +94,50 @@ def check_lab(c, lab=None):
 # ---- glance ----------------------------------------------------------------
 
 # ---- whole lab, manifest ----------------------------------------------------
+
+@labtask(name="all", iterable=["only", "skip"], help={
+    "lab": LAB_HELP,
+    "only": "run only this step (repeatable): " + ", ".join(pipeline.KINDS),
+    "skip": "skip this step (repeatable)",
+    "force": "rebuild even when inputs are unchanged (never replaces a CA: see certs --rotate)",
+    "json": "print one JSON document on stdout (human output goes to stderr)",
+})
+def build_all(c, lab=None, only=None, skip=None, force=False, json=False):
+    """Build everything the lab needs: certs, seeds, base image, overlays, amphora, boxes, Glance."""
+    lb = _load(lab)
+    ws = Workspace.default()
+
+    def show(rep):
+        detail = f" ({rep.detail})" if rep.detail else ""
+        print(f"{rep.name}: {rep.status}{detail} [{rep.seconds:.1f}s]", file=sys.stderr)
+
+    reports = pipeline.run_all(lb, ws, only=tuple(only or ()), skip=tuple(skip or ()),
+                               force=force, on_step=show)
+    print(pipeline.summary_table(reports), file=sys.stderr)
+    if json:
+        import json as _json
+        print(_json.dumps(pipeline.to_json(lb, ws, reports), indent=2))
+    failed = [r.name for r in reports if r.status == "failed"]
+    if failed:
+        raise LabError(f"{', '.join(failed)} failed; see the lines above")
+
+
+@labtask(help={"lab": LAB_HELP})
+def manifest(c, lab=None):
+    """Print artifacts/manifest.json: every artifact with kind, sha256, size, inputs."""
+    import json as _json
+    print(_json.dumps(Manifest(Workspace.default().artifacts).load(), indent=2, sort_keys=True))
+
+
+@labtask(help={"lab": LAB_HELP})
+def verify(c, lab=None):
+    """Re-hash every artifact in the manifest and report drift (exit 1 when any)."""
+    m = Manifest(Workspace.default().artifacts)
+    n = len(m.entries())
+    problems = m.verify()
+    for rel, problem in problems:
+        print(f"{rel}: {problem}", file=sys.stderr)
+    if problems:
+        raise LabError(f"{m.path}: {len(problems)} of {n} artifacts drifted; rebuild them "
+                       "(invoke all) or restore them")
+    print(f"{m.path}: all {n} artifacts verify")
