@@ -243,9 +243,11 @@ def parse_yaml(text: str, name: str) -> Any:
     finally:
         loader.dispose()
     if loader.duplicates:
-        raise LabError(f"{name}: duplicate keys", [
-            f"{name}:{line}: {key!r} is given twice (first on line {first})"
-            for line, key, first in loader.duplicates])
+        lines = [f"{name}:{line}: {key!r} is given twice (first on line {first}); "
+                 "keep one" for line, key, first in loader.duplicates]
+        if len(lines) == 1:
+            raise LabError(lines[0])
+        raise LabError(f"{name}: {len(lines)} duplicate keys", lines)
     return data
 
 
