@@ -82,16 +82,16 @@ class Plan:
         return changed
 
 
-def read_bytes(path: Path, what: str) -> bytes:
+def read_bytes(path: Path, what: str, hint: str = "run `invoke certs`") -> bytes:
+    """A file under certs/; any problem reading it is a LabError ending in ``hint``."""
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise LabError(f"{path}: {what} is missing; run `invoke certs`") from None
+        raise LabError(f"{path}: {what} is missing; {hint}") from None
     except IsADirectoryError:
-        raise LabError(f"{path}: {what} is a directory, not a file; remove it and run "
-                       "`invoke certs`") from None
+        raise LabError(f"{path}: cannot read {what}: it is a directory; {hint}") from None
     except OSError as exc:
-        raise LabError(f"{path}: cannot read {what}: {exc.strerror}") from None
+        raise LabError(f"{path}: cannot read {what}: {exc.strerror}; {hint}") from None
 
 
 def exists(path: Path) -> bool:

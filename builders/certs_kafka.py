@@ -80,15 +80,18 @@ def _password(lab: Lab, d: Path) -> tuple[str, str, bool]:
     return pki.new_password(32), str(p), True
 
 
+ROTATE_HINT = "restore it, or run `invoke certs --rotate kafka` to replace the CA"
+
+
 def _load_ca(d: Path) -> tuple:
     crt_p, key_p = d / "ca.crt", d / "ca.key"
     try:
-        cert = pki.load_certs(read_bytes(crt_p, "the Kafka CA certificate"))[0]
+        cert = pki.load_certs(read_bytes(crt_p, "the Kafka CA certificate", ROTATE_HINT))[0]
     except (ValueError, IndexError):
         raise LabError(f"{crt_p}: not a PEM certificate; restore it or run "
                        "`invoke certs --rotate kafka` to replace the CA") from None
     try:
-        key = pki.load_key(read_bytes(key_p, "the Kafka CA key"))
+        key = pki.load_key(read_bytes(key_p, "the Kafka CA key", ROTATE_HINT))
     except (ValueError, TypeError, pki.UnsupportedAlgorithm):
         raise LabError(f"{key_p}: cannot load the Kafka CA key (not an unencrypted PEM key); "
                        "restore it or run `invoke certs --rotate kafka` to replace the CA") from None

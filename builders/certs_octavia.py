@@ -52,14 +52,17 @@ def _read_secret(p: Path, what: str) -> str:
     return read_bytes(p, what).decode("utf-8", "replace").strip()
 
 
+ROTATE_HINT = "restore it, or run `invoke certs --rotate octavia` to replace both CAs"
+
+
 def _load_ca(crt_p: Path, key_p: Path, passphrase: str) -> tuple:
     try:
-        cert = pki.load_certs(read_bytes(crt_p, "an Octavia CA certificate"))[0]
+        cert = pki.load_certs(read_bytes(crt_p, "an Octavia CA certificate", ROTATE_HINT))[0]
     except (ValueError, IndexError):
         raise LabError(f"{crt_p}: not a PEM certificate; restore it or run "
                        "`invoke certs --rotate octavia`") from None
     try:
-        key = pki.load_key(read_bytes(key_p, "an Octavia CA key"), passphrase)
+        key = pki.load_key(read_bytes(key_p, "an Octavia CA key", ROTATE_HINT), passphrase)
     except (ValueError, TypeError, pki.UnsupportedAlgorithm):
         raise LabError(f"{key_p}: cannot open this CA key with the passphrase in "
                        f"{F['ca_pass']}; restore the matching pair or run "
@@ -113,7 +116,7 @@ def plan(lab: Lab, ws: Workspace, st: dict | None, rotate: bool, force: bool, pl
             raise LabError(f"{ssh_priv}: not an unencrypted OpenSSH private key; restore it or "
                            "delete both key files to make a new one") from None
         pub = pki.ssh_key_files(key, f"{lab.octavia.amp_ssh_key_name}@{lab.name}").public
-        if exists(ssh_pub) and read_bytes(ssh_pub, "")[:80].split()[:2] == pub.split()[:2]:
+        if exists(ssh_pub) and read_bytes(ssh_pub, "the amphora SSH public key").split()[:2] == pub.split()[:2]:
             pub = read_bytes(ssh_pub, "the amphora SSH public key")
         plan_.put(ssh_priv, data, SECRET)
         plan_.put(ssh_pub, pub, PUBLIC)
@@ -137,8 +140,8 @@ def plan(lab: Lab, ws: Workspace, st: dict | None, rotate: bool, force: bool, pl
             fresh = False
             old = st.get(f"{role}_ca", {})
             digest = old.get("digest", digest)
-            plan_.put(crt_p, read_bytes(crt_p, ""), PUBLIC)
-            plan_.put(key_p, read_bytes(key_p, ""), SECRET)
+            plan_.put(crt_p, read_bytes(crt_p, "an Octavia CA certificate"), PUBLIC)
+            plan_.put(key_p, read_bytes(key_p, "an Octavia CA key"), SECRET)
         elif not rotate and (exists(crt_p) or exists(key_p) or in_use):
             missing = key_p if not exists(key_p) else crt_p
             raise LabError(f"{missing}: missing while the Octavia {role} CA is in use; restore it "
