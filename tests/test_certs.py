@@ -309,3 +309,29 @@ def test_check_certs_detects_a_foreign_signature(built: Workspace, default_lab, 
 def test_check_certs_without_certs(ws, default_lab):
     with pytest.raises(LabError, match="run `invoke certs` first"):
         check_certs(default_lab, ws)
+
+
+def test_jks_password_check_agrees_with_pyjks(built: Workspace):
+    k = built.certs / "kafka"
+    pw = (k / "store.password").read_text().strip()
+    for n in ("truststore.jks", "broker1.keystore.jks"):
+        data = (k / n).read_bytes()
+        assert pki.jks_password_opens(data, pw)
+        pki.open_jks(data, pw)
+        assert not pki.jks_password_opens(data, pw + "x")
+        with pytest.raises(ValueError):
+            pki.open_jks(data, pw + "x")
+
+
+def test_lost_state_keeps_the_ca_and_reissues_leaves(built: Workspace, default_lab):
+    k = built.certs / "kafka"
+    ca_before = (k / "ca.crt").read_bytes()
+    (built.certs / "state.json").unlink()
+    build_certs(default_lab, built)
+    assert (k / "ca.crt").read_bytes() == ca_before
+    ca = x509.load_pem_x509_certificate(ca_before)
+    for n in KAFKA_IDS:
+        x509.load_pem_x509_certificate((k / f"{n}.crt").read_bytes()).verify_directly_issued_by(ca)
+    before = snapshot(built.certs)
+    build_certs(default_lab, built)
+    assert changed(before, snapshot(built.certs)) == set()

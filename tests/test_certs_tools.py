@@ -257,7 +257,7 @@ def test_cli_wrong_store_password_file(cli, ws, tmp_path):
     before = snapshot(ws.certs)
     pwf.write_text("another-password-456\n")
     proc = cli("certs", "--lab", str(lab))
-    assert_one_line_error(proc, "keystore", "does not open it", "--force")
+    assert_one_line_error(proc, "keystore", "does not open this keystore", "--force")
     assert "another-password" not in proc.stderr + proc.stdout
     assert changed(before, snapshot(ws.certs)) == set()
     # unreadable: the password file is a directory; missing
