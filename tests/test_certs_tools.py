@@ -67,6 +67,20 @@ def test_openssl_verifies_every_leaf(lab_ws):
     assert bad.returncode != 0
 
 
+def test_openssl_verifies_an_amphora_cert(lab_ws, tmp_path):
+    from builders import lab as labmod
+    from builders.certs import issue_amphora_cert
+    cert, key = issue_amphora_cert(labmod.load(), lab_ws, "amphora-1234")
+    (tmp_path / "amp.pem").write_bytes(cert)
+    (tmp_path / "amp.key").write_bytes(key)
+    o = lab_ws.certs / "octavia"
+    sh("openssl", "verify", "-CAfile", o / "server_ca-chain.cert.pem", "-purpose", "sslserver",
+       tmp_path / "amp.pem")
+    sh("openssl", "pkey", "-in", tmp_path / "amp.key", "-noout")
+    text = sh("openssl", "x509", "-noout", "-text", "-in", tmp_path / "amp.pem").stdout
+    assert "DNS:amphora-1234" in text
+
+
 def test_openssl_text_shows_sans_and_ekus(lab_ws):
     k = lab_ws.certs / "kafka"
     text = sh("openssl", "x509", "-noout", "-text", "-in", k / "broker3.crt").stdout
