@@ -38,6 +38,7 @@ import re
 import shutil
 import tarfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any, Iterable
@@ -45,11 +46,11 @@ from xml.sax.saxutils import quoteattr
 
 from .console import log, progress
 from .errors import LabError
-from .fsutil import atomic_path, atomic_write, remove_stale_parts, sha256_file
+from .fsutil import atomic_path, atomic_write, remove_stale_parts
 from .lab import Host, Lab, Network
 from .manifest import Manifest, input_digest
 from .outcome import Outcome
-from .runner import require, run, tool_version
+from .runner import run, tool_version
 from .workspace import BuildLock, Workspace
 
 # Bump when the box layout, box Vagrantfile, catalog or templates change:
@@ -183,15 +184,18 @@ def _backing_chain(path: Path) -> list[Path]:
 
 
 def _file_digest(ws: Workspace, path: Path) -> str:
-    """sha256 of a file: the manifest's (when recorded and intact) or computed."""
+    """What identifies an input image's content without reading it: the
+    manifest's sha256 when the file is recorded and intact (stat-checked),
+    else its path, size and modification time (as make does)."""
     manifest = Manifest(ws.artifacts)
     try:
         rec = manifest.get(path)
     except LabError:
         rec = None
     if rec is not None and manifest.intact(path, rec):
-        return rec["sha256"]
-    return sha256_file(path)
+        return "sha256:" + rec["sha256"]
+    st = path.stat()
+    return f"stat:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
 
 
 # --------------------------------------------------------------------------
@@ -237,16 +241,25 @@ def _tar_header(name: str, size: int) -> bytes:
 
 
 class _HashingWriter:
-    """Writes to a file and hashes what it writes (no second read for the checksum)."""
+    """Writes to a file and hashes what it writes (no second read for the
+    checksum).  Large chunks are hashed in a worker thread while they are
+    written: hashlib and file writes both release the GIL, so the two run
+    side by side; each chunk is finished before its buffer is reused."""
 
-    def __init__(self, fh):
+    def __init__(self, fh, pool: ThreadPoolExecutor):
         self.fh = fh
+        self.pool = pool
         self.sha = hashlib.sha256()
         self.size = 0
 
     def write(self, data) -> None:
-        self.sha.update(data)
-        self.fh.write(data)
+        if len(data) >= 1 << 20:
+            hashed = self.pool.submit(self.sha.update, data)
+            self.fh.write(data)
+            hashed.result()
+        else:
+            self.sha.update(data)
+            self.fh.write(data)
         self.size += len(data)
 
     def pad(self, boundary: int) -> None:
@@ -264,8 +277,9 @@ def pack_box(out: Path, members: list[tuple[str, bytes | Path]], label: str = "p
     total = sum(len(d) if isinstance(d, bytes) else d.stat().st_size for _, d in members)
     buf = bytearray(BUF)
     view = memoryview(buf)
-    with open(out, "wb") as fh, progress(label, total) as bar:
-        w = _HashingWriter(fh)
+    with open(out, "wb") as fh, progress(label, total) as bar, \
+            ThreadPoolExecutor(max_workers=1) as pool:
+        w = _HashingWriter(fh, pool)
         for name, data in members:
             if isinstance(data, bytes):
                 w.write(_tar_header(name, len(data)))
@@ -361,7 +375,6 @@ def build_box(lab: Lab | None, ws: Workspace, *, image: str | None = None, name:
         raise LabError(f"--base-url {base_url!r}: not an http(s):// or file:// URL")
     img, rec = resolve_image(ws, image or "")
     info = image_info(img)
-    require("qemu-img")
     cat_path = catalog_path(ws, name)
     catalog = load_catalog(cat_path, name)
     manifest = Manifest(ws.artifacts)
@@ -472,7 +485,10 @@ def vagrant_box_add(catalog: Path, name: str, version: str, *, force: bool = Fal
                     env: dict | None = None) -> Outcome:
     """``vagrant box add`` the catalog's ``version`` (a no-op when present)."""
     step = f"vagrant box add {name} {version}"
-    require("vagrant")
+    if shutil.which("vagrant") is None:
+        return Outcome(step, "skipped", [], "vagrant is not installed (Debian packages vagrant "
+                       "and vagrant-libvirt); add it later with `vagrant box add "
+                       f"{catalog.resolve().as_uri()}`")
     if not force and (name, "libvirt", version) in installed_boxes(env):
         return Outcome(step, "up to date", [], "already in `vagrant box list`")
     argv = ["vagrant", "box", "add", "--provider", "libvirt", "--box-version", version,

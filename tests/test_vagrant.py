@@ -467,3 +467,31 @@ hosts:
     finally:
         subprocess.run([*virsh, "net-destroy", name], capture_output=True)
         subprocess.run([*virsh, "net-undefine", name], capture_output=True)
+
+
+def test_add_without_vagrant_is_skipped_with_the_command(ws, built, tmp_path, monkeypatch):
+    bindir = tmp_path / "bin"                  # qemu-img but no vagrant on PATH
+    bindir.mkdir()
+    (bindir / "qemu-img").symlink_to(shutil.which("qemu-img"))
+    monkeypatch.setenv("PATH", str(bindir))
+    box, add = vagrant.build_box(None, ws, image="debian-12", name="t/b", add=True)
+    assert box.status == "built"
+    assert add.status == "skipped" and "vagrant is not installed" in add.detail
+    assert "vagrant box add file://" in add.detail
+
+
+def test_pipeline_step(ws, built, default_lab):
+    """`invoke all`'s step: the lab's base image as vagrant.box, then the Vagrantfile."""
+    outcomes = vagrant.build_lab_vagrant(default_lab, ws)
+    assert outcomes[0].step == "vagrant-box labforge/debian-12 1.0.0"
+    assert outcomes[0].status == "built"
+    assert {o.status for o in outcomes[1:]} == {"built"}
+    assert (ws.artifacts / "vagrant" / "Vagrantfile").is_file()
+    again = vagrant.build_lab_vagrant(default_lab, ws)
+    assert {o.status for o in again} == {"up to date"}
+
+
+def test_pipeline_step_without_base_image(ws, default_lab):
+    box, *rest = vagrant.build_lab_vagrant(default_lab, ws)
+    assert box.status == "skipped" and "no base image debian-12" in box.detail
+    assert rest and all(o.status == "built" for o in rest)
