@@ -167,6 +167,7 @@ def test_base_url_publishes_http_urls(ws, built):
 
 @pytest.mark.parametrize("args, needle", [
     (("--image", "RAW"), "is a raw image, not qcow2"),
+    (("--image", "TRUNC"), "`qemu-img check` finds the image damaged"),
     (("--image", "debian-13"), "debian-13: no base-image or amphora of that name"),
     (("--image", "/nonexistent/x.qcow2"), "--image /nonexistent/x.qcow2: no such image file"),
     (("--image", "debian-12", "--name", "no-slash"), "--name 'no-slash': not a box name like ORG/NAME"),
@@ -175,7 +176,9 @@ def test_base_url_publishes_http_urls(ws, built):
     (("--image", "debian-12", "--version", "v1.2.3"), "not a box version like 1.2.3"),
 ])
 def test_bad_input_one_line_nothing_written(cli, ws, built, images, args, needle):
-    args = tuple(str(images["raw"]) if a == "RAW" else a for a in args)
+    trunc = ws.root / "trunc.qcow2"                # a qcow2 cut short: header only
+    trunc.write_bytes(images["base"].read_bytes()[:1000])
+    args = tuple({"RAW": str(images["raw"]), "TRUNC": str(trunc)}.get(a, a) for a in args)
     before = json.loads(ws.manifest_path.read_text())
     proc = cli("vagrant-box", *args)
     assert_one_line_error(proc, needle)
