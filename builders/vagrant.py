@@ -343,8 +343,13 @@ def catalog_with_version(catalog: dict, version: str, url: str, sha256: str, arc
     """A copy of ``catalog`` with ``version`` set to this box (added or replaced)."""
     provider = {"name": "libvirt", "url": url, "checksum_type": "sha256", "checksum": sha256,
                 "architecture": arch, "default_architecture": True}
-    versions = [v for v in catalog.get("versions", []) if v.get("version") != version]
-    versions.append({"version": version, "status": "active", "providers": [provider]})
+    versions, others = [], []
+    for v in catalog.get("versions", []):
+        if v.get("version") == version:   # other providers of this version stay
+            others = [p for p in v.get("providers", []) if p.get("name") != "libvirt"]
+        else:
+            versions.append(v)
+    versions.append({"version": version, "status": "active", "providers": [provider, *others]})
     versions.sort(key=lambda v: _vkey(str(v.get("version", ""))))
     return {**catalog, "versions": versions}
 
@@ -390,10 +395,11 @@ def build_box(lab: Lab | None, ws: Workspace, *, image: str | None = None, name:
     chain = _backing_chain(img) if "_backing_path" in info else [img]
     arch = _ARCH.get(str(((rec or {}).get("meta") or {}).get("arch", "amd64")), "amd64")
     content = input_digest(FORMAT, name, [_file_digest(ws, p) for p in chain],
-                           info.get("virtual-size"), arch, base_url)
+                           info.get("virtual-size"), arch)
     if version is None:
         version = _default_version(manifest, catalog, name, content)
     box = box_path(ws, name, version)
+    url = _catalog_url(box, base_url)
     digest = input_digest(content, version)
     outcomes: list[Outcome] = []
     step = f"vagrant-box {name} {version}"
@@ -403,7 +409,11 @@ def build_box(lab: Lab | None, ws: Workspace, *, image: str | None = None, name:
         box_rec = manifest.get(box)
         if (not force and manifest.is_current(box, digest) and entry is not None
                 and box_rec is not None and entry.get("checksum") == box_rec["sha256"]):
-            outcomes.append(Outcome(step, "up to date", [box, cat_path], str(box.name)))
+            if entry.get("url") != url:     # only where it is served from changed
+                _write_catalog(manifest, cat_path, name, version, url, box_rec["sha256"], arch)
+                outcomes.append(Outcome(step, "built", [cat_path], f"catalog URL now {url}"))
+            else:
+                outcomes.append(Outcome(step, "up to date", [box, cat_path], str(box.name)))
             built = False
         else:
             remove_stale_parts(box.parent)
@@ -417,11 +427,7 @@ def build_box(lab: Lab | None, ws: Workspace, *, image: str | None = None, name:
                                   "flattened": "_backing_path" in info,
                                   "content_digest": content,
                                   "catalog": manifest.rel(cat_path)})
-            catalog = load_catalog(cat_path, name)
-            catalog = catalog_with_version(catalog, version, _catalog_url(box, base_url), sha, arch)
-            atomic_write(cat_path, json.dumps(catalog, indent=2) + "\n")
-            manifest.record(cat_path, CATALOG_KIND, input_digest(catalog),
-                            meta={"name": name, "versions": [v["version"] for v in catalog["versions"]]})
+            _write_catalog(manifest, cat_path, name, version, url, sha, arch)
             what = f"{box.name}, {size / 2**20:.0f} MiB, sha256 {sha[:12]}"
             if "_backing_path" in info:
                 what += ", flattened"
@@ -431,6 +437,14 @@ def build_box(lab: Lab | None, ws: Workspace, *, image: str | None = None, name:
     if add:
         outcomes.append(vagrant_box_add(cat_path, name, version, force=built, env=vagrant_env))
     return outcomes
+
+
+def _write_catalog(manifest: Manifest, cat_path: Path, name: str, version: str, url: str,
+                   sha: str, arch: str) -> None:
+    catalog = catalog_with_version(load_catalog(cat_path, name), version, url, sha, arch)
+    atomic_write(cat_path, json.dumps(catalog, indent=2) + "\n")
+    manifest.record(cat_path, CATALOG_KIND, input_digest(catalog),
+                    meta={"name": name, "versions": [v["version"] for v in catalog["versions"]]})
 
 
 def _show(ws: Workspace, path: Path) -> str:

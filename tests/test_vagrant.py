@@ -163,9 +163,20 @@ def test_catalog_of_another_box_is_refused(ws, built):
 
 
 def test_base_url_publishes_http_urls(ws, built):
-    vagrant.build_box(None, ws, image="debian-12", name="t/b", base_url="https://boxes.example/t/")
+    [o1] = vagrant.build_box(None, ws, image="debian-12", name="t/b")
+    box = ws.artifacts / "boxes" / "t-b-1.0.0.box"
+    stat = box.stat()
+    # serving the same box elsewhere rewrites the catalog only, not the box
+    [o2] = vagrant.build_box(None, ws, image="debian-12", name="t/b",
+                             base_url="https://boxes.example/t/")
+    assert o2.status == "built" and o2.paths == [ws.artifacts / "boxes" / "t-b.json"]
+    assert box.stat().st_mtime_ns == stat.st_mtime_ns
     cat = json.loads((ws.artifacts / "boxes" / "t-b.json").read_text())
+    assert [v["version"] for v in cat["versions"]] == ["1.0.0"]
     assert cat["versions"][0]["providers"][0]["url"] == "https://boxes.example/t/t-b-1.0.0.box"
+    [o3] = vagrant.build_box(None, ws, image="debian-12", name="t/b",
+                             base_url="https://boxes.example/t/")
+    assert o3.status == "up to date"
 
 
 @pytest.mark.parametrize("args, needle", [
