@@ -489,6 +489,27 @@ hosts:
         subprocess.run([*virsh, "net-undefine", name], capture_output=True)
 
 
+def test_virsh_defines_nat_dhcp_network(libvirt_uri, tmp_path):
+    """A NAT network with DHCP is accepted as written (defined only: starting
+    it needs dnsmasq and a firewall, which the lab's private networks do not)."""
+    name = f"lfn{secrets.token_hex(3)}"
+    lab = labmod.load(write_lab(tmp_path, f"""\
+name: virshnat
+networks:
+  {name}: {{cidr: 10.251.{secrets.randbelow(250)}.0/24, dhcp: true, forward: nat}}
+"""))
+    xml = tmp_path / f"{name}.xml"
+    xml.write_text(vagrant.render_network_xml(lab, lab.networks[0]))
+    virsh = ["virsh", "-c", libvirt_uri]
+    try:
+        sh(*virsh, "net-define", xml)
+        dumped = ET.fromstring(sh(*virsh, "net-dumpxml", "--inactive", name).stdout)
+        assert dumped.find("forward").get("mode") == "nat"
+        assert dumped.find("ip/dhcp/range") is not None
+    finally:
+        subprocess.run([*virsh, "net-undefine", name], capture_output=True)
+
+
 def test_add_without_vagrant_is_skipped_with_the_command(ws, built, tmp_path, monkeypatch):
     bindir = tmp_path / "bin"                  # qemu-img but no vagrant on PATH
     bindir.mkdir()
