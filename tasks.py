@@ -120,6 +120,36 @@ def certs_check(c, lab=None, warn_days=30):
 
 # ---- vagrant ---------------------------------------------------------------
 
+@labtask(help={
+    "image": "qcow2 to pack: a path, or a built image's name from the manifest (debian-12, "
+             "amphora-x64-haproxy); default: the lab's base image",
+    "name": "box name ORG/NAME (default: lab.yaml vagrant.box)",
+    "version": "box version MAJOR.MINOR.PATCH (default: the version built from the same "
+               "image, else the catalog's latest with the patch number raised, else 1.0.0)",
+    "add": "also run `vagrant box add` of this version from the catalog",
+    "base_url": "URL the boxes will be served from (catalog URLs become BASE_URL/FILE); "
+                "default: file:// URLs of artifacts/boxes/",
+    "force": "rebuild even if the box is up to date",
+    "lab": LAB_HELP,
+})
+def vagrant_box(c, image=None, name=None, version=None, add=False, base_url=None, force=False,
+                lab=None):
+    """Pack a qcow2 as a vagrant-libvirt box and add it to the box catalog."""
+    from builders import vagrant
+    _print(vagrant.build_box(_load(lab), Workspace.default(), image=image, name=name,
+                             version=version, add=add, base_url=base_url, force=force))
+
+
+@labtask(help={"force": "rewrite even if up to date", "lab": LAB_HELP})
+def vagrantfile(c, force=False, lab=None):
+    """Render the lab's Vagrantfile and libvirt network XML under artifacts/vagrant/."""
+    from builders import vagrant
+    lb, ws = _load(lab), Workspace.default()
+    _print(vagrant.build_vagrantfile(lb, ws, force=force))
+    print("create the lab networks (once per libvirt host), then `vagrant up`:")
+    for cmd in vagrant.network_commands(lb, ws):
+        print(f"  {cmd}")
+
 # ---- glance ----------------------------------------------------------------
 
 # ---- whole lab, manifest ----------------------------------------------------

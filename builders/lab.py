@@ -154,6 +154,7 @@ class BuildSettings:
 class Vagrant:
     box: str = "labforge/debian-12"
     management_network: str = "vagrant-libvirt"
+    ssh_private_key: str | None = None     # key `vagrant ssh` uses; default: the one key in certs/ssh/
 
 
 @dataclass(frozen=True)
