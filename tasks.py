@@ -39,6 +39,9 @@ def _user_errors(fn):
             print("error: interrupted; partial outputs were removed, rerun to continue",
                   file=sys.stderr)
             raise Exit(code=130) from None
+        except BrokenPipeError:  # `invoke manifest | head`: the reader is gone, stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise Exit(code=0) from None
         except OSError as exc:  # disk full, permission denied, ...: the user can fix it
             if os.environ.get("LABFORGE_DEBUG"):
                 raise
