@@ -81,8 +81,8 @@ class Host:
     vendor_data: str | None = None         # a vendor-data file put on the seed as is
     interface: str | None = None           # lab NIC: with mac, renamed to this (default lab0);
                                            # without mac, the kernel's name to match (default eth1)
-    dhcp_interface: str | None = None      # NIC(s) kept on DHCP, name or glob; "" for none;
-                                           # default: "e*" with mac (the lab NIC is renamed), else eth0
+    dhcp_interface: str = "eth0"           # NIC kept on DHCP: its kernel name (eth0 with
+                                           # net.ifnames=0); "" for none
 
 
 @dataclass(frozen=True)
@@ -510,17 +510,16 @@ def _check(lab: Lab, errors: list[str]) -> None:
 
 def _check_seed_host(h: Host, w: str, errors: list[str]) -> None:
     """seed-iso: the NIC names network-config will use."""
-    import fnmatch
-    if h.interface is not None and not re.match(r"^[A-Za-z0-9_.-]{1,15}$", h.interface):
+    nic = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+    if h.interface is not None and not nic.match(h.interface):
         errors.append(f"{w}.interface: {h.interface!r} is not a Linux interface name "
                       "(letters, digits, '_', '.', '-', at most 15)")
-    if h.dhcp_interface and not re.match(r"^[A-Za-z0-9_.*?\[\]-]{1,15}$", h.dhcp_interface):
-        errors.append(f"{w}.dhcp_interface: {h.dhcp_interface!r} is not an interface name or glob")
-    elif h.dhcp_interface and h.mac is None:
-        lab_nic = h.interface or "eth1"
-        if fnmatch.fnmatchcase(lab_nic, h.dhcp_interface):
-            errors.append(f"{w}.dhcp_interface: {h.dhcp_interface!r} also matches the lab NIC "
-                          f"{lab_nic!r}; give hosts.{h.name}.mac or a narrower name")
+    elif h.dhcp_interface and not nic.match(h.dhcp_interface):
+        errors.append(f"{w}.dhcp_interface: {h.dhcp_interface!r} is not a Linux interface name "
+                      "(globs are not rendered by cloud-init's eni/networkd renderers)")
+    elif h.dhcp_interface and h.dhcp_interface == (h.interface or ("lab0" if h.mac else "eth1")):
+        errors.append(f"{w}.dhcp_interface: {h.dhcp_interface!r} is also the lab NIC; "
+                      f"set hosts.{h.name}.interface to another name or dhcp_interface: \"\"")
 
 
 def _pairs(items):

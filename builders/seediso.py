@@ -269,14 +269,14 @@ def _network_config(lab: Lab, h: Host) -> dict:
     net = lab.network(h.network) if h.network else lab.networks[0]
     lab_nic: dict[str, Any] = {}
     if h.mac:
+        # matched by MAC and renamed: cloud-init writes the rename (udev rule /
+        # set-name) for every renderer, so the name is known in the guest
         name = h.interface or "lab0"
         lab_nic["match"] = {"macaddress": h.mac.lower()}
         lab_nic["set-name"] = name
-        dhcp = "e*" if h.dhcp_interface is None else h.dhcp_interface
     else:
+        # cloud-init's eni and networkd renderers use the id as the name
         name = h.interface or "eth1"
-        lab_nic["match"] = {"name": name}
-        dhcp = "eth0" if h.dhcp_interface is None else h.dhcp_interface
     lab_nic["dhcp4"] = False
     lab_nic["addresses"] = [f"{h.ip}/{net.cidr.prefixlen}"]
     if net.forward == "nat" and net.gateway is not None:
@@ -285,8 +285,8 @@ def _network_config(lab: Lab, h: Host) -> dict:
         lab_nic["nameservers"] = {"addresses": [str(net.gateway)],
                                   **({"search": [lab.domain]} if lab.domain else {})}
     ethernets: dict[str, Any] = {}
-    if dhcp:
-        ethernets["dhcp0"] = {"match": {"name": dhcp}, "dhcp4": True}
+    if h.dhcp_interface:
+        ethernets[h.dhcp_interface] = {"dhcp4": True}
     ethernets[name] = lab_nic
     return {"version": 2, "ethernets": ethernets}
 

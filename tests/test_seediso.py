@@ -120,11 +120,11 @@ def test_contents_round_trip_through_xorriso(tmp_path, ws, lab_key):
     assert net["version"] == 2
     assert eth["lab0"]["match"] == {"macaddress": "52:54:00:64:00:0b"}
     assert eth["lab0"]["addresses"] == ["10.100.0.11/24"] and "routes" not in eth["lab0"]
-    assert eth["dhcp0"] == {"match": {"name": "e*"}, "dhcp4": True}
-    # broker2 has no MAC: the lab NIC is matched by name, DHCP stays on eth0
+    assert eth["eth0"] == {"dhcp4": True}
+    # broker2 has no MAC: the lab NIC is named eth1, DHCP stays on eth0
     net2 = yaml.safe_load(read_seed(ws.artifacts / "seed" / "broker2.iso")["network-config"])
-    assert net2["ethernets"]["eth1"]["match"] == {"name": "eth1"}
-    assert net2["ethernets"]["dhcp0"]["match"] == {"name": "eth0"}
+    assert net2["ethernets"]["eth1"]["addresses"] == ["10.100.0.12/24"]
+    assert net2["ethernets"]["eth0"] == {"dhcp4": True}
 
 
 def test_same_seed_twice_is_byte_identical(tmp_path, default_lab, lab_key):
