@@ -32,7 +32,7 @@ import base64
 import contextlib
 import email
 import email.policy
-import fnmatch
+import hashlib
 import io
 import json
 import logging
@@ -57,6 +57,7 @@ from .workspace import BuildLock, Workspace
 log = logging.getLogger("labforge")
 
 KIND = "seed-iso"
+KIND_VFAT = "seed-vfat"                  # --format vfat: artifacts/seed/<host>.img
 GENERATOR = "labforge-seed/1"            # bump when generated content changes shape
 VOLUME_ID = "cidata"                     # what cloud-init's NoCloud looks for
 MAX_SEED_BYTES = 16 * 1024 * 1024        # see docs/seed-iso.md ("Size limit")
@@ -544,6 +545,12 @@ def make_iso(files: dict[str, bytes], epoch: int) -> bytes:
     return out.getvalue()
 
 
+def make_vfat(files: dict[str, bytes], epoch: int) -> bytes:
+    """The FAT12 image (label cidata) of ``files``; see builders/seedvfat.py."""
+    from .seedvfat import make_vfat as _make
+    return _make(files, epoch, label=VOLUME_ID)
+
+
 def _pycdlib_version() -> str:
     from importlib.metadata import version
     return version("pycdlib")
@@ -585,8 +592,6 @@ def build_seed_isos(lab: Lab, ws: Workspace, *, hosts: Iterable[str] | None = No
     """
     if fmt not in FORMATS:
         raise LabError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
-    if fmt == "vfat":
-        raise LabError("--format vfat: not supported yet; use --format iso (see docs/seed-iso.md)")
     names = list(dict.fromkeys(hosts)) if hosts else [h.name for h in lab.hosts]
     chosen = [lab.host(n) for n in names]
     if not chosen:
@@ -601,7 +606,7 @@ def build_seed_isos(lab: Lab, ws: Workspace, *, hosts: Iterable[str] | None = No
             start = time.monotonic()
             path = seed_path(lab, ws, h, fmt=fmt)
             digest = input_digest(KIND, fmt, seed.files, epoch, tool)
-            step = f"seed-iso {h.name}"
+            step = f"seed-iso {h.name}" if fmt == "iso" else f"seed-vfat {h.name}"
             _drop_other_location(lab, ws, h, path, manifest, fmt)
             current = (_secret_current(ws, path, digest) if seed.secret
                        else manifest.is_current(path, digest))
@@ -609,21 +614,23 @@ def build_seed_isos(lab: Lab, ws: Workspace, *, hosts: Iterable[str] | None = No
             if current and not force:
                 outcomes.append(Outcome(step, "up to date", [path], shown))
                 continue
-            image = make_iso(seed.files, epoch)
+            image = make_iso(seed.files, epoch) if fmt == "iso" else make_vfat(seed.files, epoch)
             if len(image) > MAX_SEED_BYTES + (1 << 20):
                 raise LabError(f"{step}: the image would be {len(image)} bytes, over the limit")
+            sha = hashlib.sha256(image).hexdigest()
             if seed.secret:
                 ws.certs_dir("seed")
                 atomic_write(path, image, mode=0o600)
                 state = _load_state(ws)
-                state[path.name] = {"input_digest": digest, "sha256": sha256_file(path),
+                state[path.name] = {"input_digest": digest, "sha256": sha,
                                     "size": len(image), "instance_id": seed.instance_id,
                                     "host": h.name, "format": fmt}
                 _save_state(ws, state)
                 detail = f"{shown}, secret: holds certs/ material, not in the manifest"
             else:
                 atomic_write(path, image, mode=0o644)
-                manifest.record(path, KIND, digest, tools={"pycdlib": tool},
+                manifest.record(path, KIND if fmt == "iso" else KIND_VFAT, digest,
+                                tools={"pycdlib": tool} if fmt == "iso" else {}, sha256=sha,
                                 meta={"host": h.name, "instance_id": seed.instance_id,
                                       "marker": seed.marker, "format": fmt,
                                       "files": list(seed.files)})

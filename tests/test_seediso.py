@@ -270,3 +270,47 @@ def test_cli_builds_then_up_to_date(ws, cli, lab_key):
     assert again.stdout == "seed-iso broker1: up to date (artifacts/seed/broker1.iso)\n"
     proc = cli("seed-iso", "--host", "nosuch")
     assert_one_line_error(proc, "no host named 'nosuch'")
+
+
+# ---- --format vfat: pure Python FAT12, checked with dosfstools and mtools ----
+@pytest.mark.integration
+def test_vfat_seed_is_a_clean_fat_volume_labelled_cidata(tmp_path, ws, lab_key):
+    lab = labmod.load(write_lab(tmp_path, LAB))
+    (o1, _) = build_seed_isos(lab, ws, fmt="vfat")
+    img = ws.artifacts / "seed" / "broker1.img"
+    assert o1.status == "built" and o1.paths == [img] and seed_path(lab, ws, "broker1", fmt="vfat") == img
+    fsck = subprocess.run(["fsck.fat", "-n", str(img)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    bl = subprocess.run(["blkid", "-o", "export", str(img)], capture_output=True, text=True,
+                        check=True).stdout.split()
+    assert "LABEL=cidata" in bl and "TYPE=vfat" in bl
+    listing = subprocess.run(["mdir", "-b", "-i", str(img), "::"], capture_output=True, text=True,
+                             check=True).stdout.split()
+    assert sorted(Path(p).name for p in listing) == ["meta-data", "network-config", "user-data"]
+    want = seediso.render(lab, ws, "broker1").files
+    for name, data in want.items():
+        got = subprocess.run(["mtype", "-i", str(img), f"::{name}"], capture_output=True,
+                             check=True).stdout
+        assert got == data, name
+    rec = Manifest(ws.artifacts).get("seed/broker1.img")
+    assert rec["kind"] == "seed-vfat" and rec["meta"]["format"] == "vfat"
+    before = img.read_bytes()
+    assert build_seed_isos(lab, ws, fmt="vfat", hosts=["broker1"])[0].status == "up to date"
+    build_seed_isos(lab, ws, fmt="vfat", hosts=["broker1"], force=True)
+    assert img.read_bytes() == before
+
+
+@pytest.mark.integration
+def test_vfat_holds_a_large_seed_and_long_names(tmp_path):
+    from builders.seedvfat import make_vfat
+    files = {"meta-data": b"instance-id: x\n", "network-config": b"version: 2\n",
+             "user-data": b"#cloud-config\n" + b"# pad\n" * 500_000, "vendor-data": b""}
+    img = tmp_path / "big.img"
+    img.write_bytes(make_vfat(files, seediso.DEFAULT_EPOCH))
+    fsck = subprocess.run(["fsck.fat", "-n", str(img)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run(["mcopy", "-n", "-i", str(img), "::*", str(out)], check=True,
+                   capture_output=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
