@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import email
-import email.policy
 import hashlib
 import io
 import json
@@ -39,6 +37,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -48,7 +47,7 @@ from typing import Any, Iterable, Iterator
 import yaml
 
 from .errors import LabError
-from .fsutil import atomic_path, atomic_write, private_dir, sha256_file
+from .fsutil import atomic_write, fsync_dir, sha256_file
 from .lab import Host, Lab, parse_yaml
 from .manifest import Manifest, input_digest
 from .outcome import Outcome
@@ -261,9 +260,14 @@ def _marker_cmd(marker: str) -> list[str]:
     return ["sh", "-c", script]
 
 
-def _dump(data: Any) -> str:
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=1 << 20,
-                          allow_unicode=True)
+# libyaml's emitter when PyYAML has it (10x faster); tests check that both
+# emitters give the same text for what labforge generates
+_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
+def _dump(data: Any, dumper: type = _DUMPER) -> str:
+    return yaml.dump(data, Dumper=dumper, sort_keys=False, default_flow_style=False,
+                     width=1 << 20, allow_unicode=True)
 
 
 def _network_config(lab: Lab, h: Host) -> dict:
@@ -414,6 +418,8 @@ def _bad_header(name: str) -> list[str]:
 
 
 def _check_mime(data: bytes, name: str) -> list[str]:
+    import email            # only for MIME user-data: keeps the common path's start-up short
+    import email.policy
     msg = email.message_from_bytes(data, policy=email.policy.compat32)
     if msg.defects:
         raise LabError(f"{name}: not a valid MIME message ({msg.defects[0].__class__.__name__})")
@@ -576,19 +582,15 @@ def _save_state(ws: Workspace, state: dict) -> None:
     atomic_write(_state_path(ws), json.dumps(state, indent=2, sort_keys=True) + "\n", mode=0o600)
 
 
-def _secret_current(ws: Workspace, path: Path, digest: str) -> bool:
-    rec = _load_state(ws).get(path.name)
-    if not rec or rec.get("input_digest") != digest or not path.is_file():
-        return False
-    return path.stat().st_size == rec.get("size") and sha256_file(path) == rec.get("sha256")
-
-
 def build_seed_isos(lab: Lab, ws: Workspace, *, hosts: Iterable[str] | None = None,
                     force: bool = False, fmt: str = "iso") -> list[Outcome]:
     """Build the seed of each host (default: all hosts, in lab order).
 
     Every seed is rendered and validated first: a bad input anywhere stops
-    the run before any file is written.
+    the run before any file is written.  Public seeds go to
+    artifacts/seed/<host>.iso and the manifest; secret ones (carrying
+    certs/ material) to certs/seed/<host>.iso, 0600, recorded only in
+    certs/seed/state.json.
     """
     if fmt not in FORMATS:
         raise LabError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -599,45 +601,96 @@ def build_seed_isos(lab: Lab, ws: Workspace, *, hosts: Iterable[str] | None = No
     epoch = source_date_epoch()
     tool = _pycdlib_version()
     seeds = [render(lab, ws, h) for h in chosen]
-    outcomes = []
+    kind = KIND if fmt == "iso" else KIND_VFAT
+    outcomes: list[Outcome] = []
     with BuildLock(ws):
         manifest = Manifest(ws.artifacts)
+        entries = manifest.entries()
+        state = _load_state(ws)
+        state_changed = False
+        pending: list[tuple[Path, bytes, int]] = []
+        records: list[dict] = []
         for h, seed in zip(chosen, seeds):
             start = time.monotonic()
             path = seed_path(lab, ws, h, fmt=fmt)
             digest = input_digest(KIND, fmt, seed.files, epoch, tool)
             step = f"seed-iso {h.name}" if fmt == "iso" else f"seed-vfat {h.name}"
-            _drop_other_location(lab, ws, h, path, manifest, fmt)
-            current = (_secret_current(ws, path, digest) if seed.secret
-                       else manifest.is_current(path, digest))
+            state_changed |= _drop_other_location(ws, path, manifest, entries, state)
+            if seed.secret:
+                current = _secret_current(state, path, digest)
+            else:
+                current = _public_current(manifest, entries, path, digest)
             shown = _shown(ws, path)
             if current and not force:
                 outcomes.append(Outcome(step, "up to date", [path], shown))
                 continue
             image = make_iso(seed.files, epoch) if fmt == "iso" else make_vfat(seed.files, epoch)
-            if len(image) > MAX_SEED_BYTES + (1 << 20):
-                raise LabError(f"{step}: the image would be {len(image)} bytes, over the limit")
             sha = hashlib.sha256(image).hexdigest()
             if seed.secret:
                 ws.certs_dir("seed")
-                atomic_write(path, image, mode=0o600)
-                state = _load_state(ws)
-                state[path.name] = {"input_digest": digest, "sha256": sha,
-                                    "size": len(image), "instance_id": seed.instance_id,
-                                    "host": h.name, "format": fmt}
-                _save_state(ws, state)
+                pending.append((path, image, 0o600))
+                state[path.name] = {"input_digest": digest, "sha256": sha, "size": len(image),
+                                    "instance_id": seed.instance_id, "host": h.name,
+                                    "format": fmt}
+                state_changed = True
                 detail = f"{shown}, secret: holds certs/ material, not in the manifest"
             else:
-                atomic_write(path, image, mode=0o644)
-                manifest.record(path, KIND if fmt == "iso" else KIND_VFAT, digest,
-                                tools={"pycdlib": tool} if fmt == "iso" else {}, sha256=sha,
-                                meta={"host": h.name, "instance_id": seed.instance_id,
-                                      "marker": seed.marker, "format": fmt,
-                                      "files": list(seed.files)})
+                pending.append((path, image, 0o644))
+                records.append(dict(path=path, kind=kind, digest=digest, sha256=sha,
+                                    tools={"pycdlib": tool} if fmt == "iso" else {},
+                                    meta={"host": h.name, "instance_id": seed.instance_id,
+                                          "marker": seed.marker, "format": fmt,
+                                          "files": list(seed.files)}))
                 detail = shown
             outcomes.append(Outcome(step, "built", [path], detail,
                                     seconds=time.monotonic() - start))
+        _write_all(pending)
+        if records:
+            manifest.record_many(records)
+        if state_changed:
+            _save_state(ws, state)
     return outcomes
+
+
+def _public_current(manifest: Manifest, entries: dict, path: Path, digest: str) -> bool:
+    rec = entries.get(manifest.rel(path))
+    if rec is None or rec.get("input_digest") != digest:
+        return False
+    return manifest.intact(path, rec)
+
+
+def _secret_current(state: dict, path: Path, digest: str) -> bool:
+    rec = state.get(path.name)
+    if not rec or rec.get("input_digest") != digest or not path.is_file():
+        return False
+    return path.stat().st_size == rec.get("size") and sha256_file(path) == rec.get("sha256")
+
+
+def _write_all(outputs: list[tuple[Path, bytes, int]]) -> None:
+    """Write every image atomically (temporary file, fsync, rename), with one
+    directory fsync per directory instead of one per file; on any failure the
+    temporary files are removed and nothing is renamed into place."""
+    tmps: list[tuple[Path, Path]] = []
+    try:
+        for target, data, mode in outputs:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part",
+                                       dir=target.parent)
+            tmps.append((Path(tmp), target))
+            with os.fdopen(fd, "wb") as fh:
+                os.fchmod(fh.fileno(), mode)
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        for tmp, target in tmps:
+            os.replace(tmp, target)
+    except BaseException:
+        for tmp, _ in tmps:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        raise
+    for d in sorted({target.parent for _, target in tmps}):
+        fsync_dir(d)
 
 
 def _shown(ws: Workspace, path: Path) -> str:
@@ -647,23 +700,22 @@ def _shown(ws: Workspace, path: Path) -> str:
         return str(path)
 
 
-def _drop_other_location(lab: Lab, ws: Workspace, h: Host, path: Path,
-                         manifest: Manifest, fmt: str) -> None:
+def _drop_other_location(ws: Workspace, path: Path, manifest: Manifest, entries: dict,
+                         state: dict) -> bool:
     """A seed that moved between artifacts/ and certs/ (a certs: source was
     added or removed) must not leave its old copy behind: a stale public
-    seed would be published, a stale secret one would linger."""
-    name = path.name
-    public = ws.artifacts / "seed" / name
-    secret = ws.certs / "seed" / name
+    seed would be published, a stale secret one would linger.  Returns True
+    when ``state`` changed."""
+    public = ws.artifacts / "seed" / path.name
+    secret = ws.certs / "seed" / path.name
     if path == secret and public.exists():
         public.unlink()
-        if manifest.get(public) is not None:
+        if manifest.rel(public) in entries:
             manifest.remove(public)
     elif path == public and secret.exists():
         secret.unlink()
-        state = _load_state(ws)
-        if state.pop(name, None) is not None:
-            _save_state(ws, state)
+        return state.pop(path.name, None) is not None
+    return False
 
 
 def read_seed(path: Path) -> dict[str, bytes]:

@@ -314,3 +314,16 @@ def test_vfat_holds_a_large_seed_and_long_names(tmp_path):
     subprocess.run(["mcopy", "-n", "-i", str(img), "::*", str(out)], check=True,
                    capture_output=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+
+
+def test_yaml_emitters_agree_on_generated_content(tmp_path, ws, lab_key):
+    """Seeds must not depend on whether PyYAML was built with libyaml."""
+    import yaml as _yaml
+    if not getattr(_yaml, "__with_libyaml__", False):
+        pytest.skip("PyYAML here has no libyaml: there is only one emitter")
+    lab = labmod.load(write_lab(tmp_path, LAB))
+    seed = seediso.render(lab, ws, "broker1")
+    ud = _yaml.safe_load(seed.files["user-data"])
+    for doc in (ud, _yaml.safe_load(seed.files["network-config"]),
+                _yaml.safe_load(seed.files["meta-data"])):
+        assert seediso._dump(doc, _yaml.CSafeDumper) == seediso._dump(doc, _yaml.SafeDumper)
