@@ -125,6 +125,12 @@ class Seed:
         return sum(len(b) for b in self.files.values())
 
 
+def _human(n: int) -> str:
+    if n >= 1 << 20:
+        return f"{n / (1 << 20):.1f} MiB"
+    return f"{n / 1024:.0f} KiB" if n >= 1024 else f"{n} bytes"
+
+
 def _host(lab: Lab, host: Host | str) -> Host:
     return host if isinstance(host, Host) else lab.host(host)
 
@@ -194,24 +200,28 @@ def _certs_file(ws: Workspace, ref: str, where: str, lab: Lab) -> Path:
 
 
 def _ssh_keys(lab: Lab, ws: Workspace, h: Host) -> list[str]:
-    keys: list[str] = []
+    """The host's authorized keys, in lab.yaml order: key files (relative to
+    the lab file) or keys given inline; default: the lab key from `invoke certs`."""
+    sources: list[tuple[str, Path | None, str]] = []    # (where, file, inline key)
     if not h.ssh_authorized_keys:
         path = ws.certs.joinpath(*LAB_KEY)
         if not path.is_file():
             raise LabError(f"{_where(lab, f'hosts.{h.name}')}: no SSH key ({path} not found): "
                            f"run `invoke certs` first or set hosts.{h.name}.ssh_authorized_keys")
-        sources = [(path, f"{path}")]
-    else:
-        sources = []
-        for i, entry in enumerate(h.ssh_authorized_keys):
-            if _SSH_KEY.match(entry.strip()):
-                keys.append(entry.strip())        # a key given inline
-                continue
-            where = f"hosts.{h.name}.ssh_authorized_keys[{i}]"
+        sources.append((str(path), path, ""))
+    for i, entry in enumerate(h.ssh_authorized_keys):
+        where = f"hosts.{h.name}.ssh_authorized_keys[{i}]"
+        if _SSH_KEY.match(entry.strip()):
+            sources.append((where, None, entry.strip()))
+        else:
             path = lab.path(entry)
             _read(lab, path, where, "fix the path or create the key (ssh-keygen -t ed25519)")
-            sources.append((path, where))
-    for path, where in sources:
+            sources.append((where, path, ""))
+    keys: list[str] = []
+    for where, path, inline in sources:
+        if path is None:
+            keys.append(inline)
+            continue
         text = path.read_text(errors="replace")
         if "PRIVATE KEY" in text:
             raise LabError(f"{_where(lab, where)}: {path} is a private key; name the .pub file")
@@ -367,9 +377,9 @@ def render(lab: Lab, ws: Workspace, host: Host | str) -> Seed:
     seed = Seed(host=h.name, files=files, instance_id=instance_id, marker=marker,
                 secret=is_secret(h), generated_user_data=cfg is not None, warnings=warnings)
     if seed.size > MAX_SEED_BYTES:
-        raise LabError(f"{_where(lab, f'hosts.{h.name}')}: the seed would hold {seed.size} bytes, "
-                       f"over the {MAX_SEED_BYTES // (1024 * 1024)} MiB limit; ship large files "
-                       "another way (a package, a shared disk) and keep write_files small")
+        raise LabError(f"{_where(lab, f'hosts.{h.name}')}: the seed would hold "
+                       f"{_human(seed.size)}, over the {_human(MAX_SEED_BYTES)} limit; ship large "
+                       "files another way (a package, a shared disk) and keep write_files small")
     return seed
 
 

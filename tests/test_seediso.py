@@ -327,3 +327,126 @@ def test_yaml_emitters_agree_on_generated_content(tmp_path, ws, lab_key):
     for doc in (ud, _yaml.safe_load(seed.files["network-config"]),
                 _yaml.safe_load(seed.files["meta-data"])):
         assert seediso._dump(doc, _yaml.CSafeDumper) == seediso._dump(doc, _yaml.SafeDumper)
+
+
+# ---- more validation and edge cases ------------------------------------------
+def test_marker_command_runs_without_a_serial_console(tmp_path, ws, lab_key):
+    """The runcmd entry must print the marker and succeed even where
+    /dev/ttyS0 or /dev/console cannot be written (here: a test process)."""
+    lab = labmod.load(write_lab(tmp_path, LAB))
+    ud = yaml.safe_load(seediso.render(lab, ws, "broker1").files["user-data"])
+    argv = ud["runcmd"][-1]
+    proc = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          start_new_session=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == seed_marker(lab, "broker1", ws)
+
+
+def test_seed_is_the_same_in_any_time_zone(tmp_path, ws, cli, lab_key):
+    cli("seed-iso", "--host", "broker1", check=True)
+    iso = ws.artifacts / "seed" / "broker1.iso"
+    first = iso.read_bytes()
+    cli("seed-iso", "--host", "broker1", "--force", env={"TZ": "America/Los_Angeles"}, check=True)
+    assert iso.read_bytes() == first
+    cli("seed-iso", "--host", "broker1", "--force", env={"TZ": "Asia/Kolkata"}, check=True)
+    assert iso.read_bytes() == first
+
+
+def test_cli_warns_about_unknown_cloud_config_keys(tmp_path, ws, cli, lab_key):
+    (tmp_path / "ud.yaml").write_text("#cloud-config\nruncmd: [ls]\npackage_upgrades: true\n")
+    lab = write_lab(tmp_path, LAB.replace("  broker2:\n", "  broker2:\n    user_data: ud.yaml\n"))
+    proc = cli("seed-iso", "--lab", str(lab), "--host", "broker2", check=True)
+    assert "unknown cloud-config key 'package_upgrades'" in proc.stderr
+    assert "hosts.broker2.user_data" in proc.stderr and "ud.yaml" in proc.stderr
+    assert proc.stdout.startswith("seed-iso broker2: built")
+
+
+def test_cli_invalid_network_config(tmp_path, ws, cli, lab_key):
+    (tmp_path / "nc.yaml").write_text("version: 2\nethernets:\n  eth0: {dhcp4: true\n")
+    lab = write_lab(tmp_path, LAB.replace("  broker2:\n", "  broker2:\n    network_config: nc.yaml\n"))
+    proc = cli("seed-iso", "--lab", str(lab))
+    assert_one_line_error(proc, "hosts.broker2.network_config", "nc.yaml:", "invalid YAML")
+    (tmp_path / "nc.yaml").write_text("ethernets: {}\n")
+    proc = cli("seed-iso", "--lab", str(lab))
+    assert_one_line_error(proc, "nc.yaml:1", "version: 2")
+    _no_iso(ws)
+
+
+def test_cli_user_data_without_header(tmp_path, ws, cli, lab_key):
+    (tmp_path / "ud.yaml").write_text("hostname: x\n")
+    lab = write_lab(tmp_path, LAB.replace("  broker2:\n", "  broker2:\n    user_data: ud.yaml\n"))
+    proc = cli("seed-iso", "--lab", str(lab))
+    assert_one_line_error(proc, "ud.yaml:1", "must start with #cloud-config")
+    _no_iso(ws)
+
+
+def test_cli_private_key_named_as_ssh_key(tmp_path, ws, cli, lab_key):
+    (tmp_path / "id").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nxx\n")
+    lab = write_lab(tmp_path, LAB.replace(
+        "  broker2:\n", "  broker2:\n    ssh_authorized_keys: [id]\n"))
+    proc = cli("seed-iso", "--lab", str(lab))
+    assert_one_line_error(proc, "hosts.broker2.ssh_authorized_keys[0]", "private key", ".pub")
+    _no_iso(ws)
+
+
+def test_ssh_keys_from_files_and_inline(tmp_path, ws):
+    a = make_pubkey(tmp_path / "keys" / "a.pub", "alice")
+    b = make_pubkey(tmp_path / "b.pub", "bob")
+    lab = labmod.load(write_lab(tmp_path, LAB.replace(
+        "  broker2:\n", f"  broker2:\n    ssh_authorized_keys: [keys/a.pub, \"{b}\"]\n")))
+    ud = yaml.safe_load(seediso.render(lab, ws, "broker2").files["user-data"])
+    assert ud["ssh_authorized_keys"] == [a, b]       # no lab key needed here
+
+
+def test_size_limit(tmp_path, ws, cli, lab_key, monkeypatch):
+    (tmp_path / "big.bin").write_bytes(os.urandom(64 * 1024))
+    lab = labmod.load(write_lab(tmp_path, LAB.replace(
+        'content: "hello broker1\\n"', "source: big.bin")))
+    monkeypatch.setattr(seediso, "MAX_SEED_BYTES", 32 * 1024)
+    with pytest.raises(LabError, match="over the 32 KiB limit"):
+        build_seed_isos(lab, ws)
+    _no_iso(ws)
+
+
+def test_bad_source_date_epoch(ws, cli, lab_key):
+    proc = cli("seed-iso", env={"SOURCE_DATE_EPOCH": "yesterday"})
+    assert_one_line_error(proc, "SOURCE_DATE_EPOCH", "'yesterday'")
+    proc = cli("seed-iso", "--format", "udf")
+    assert_one_line_error(proc, "--format", "'udf'")
+    _no_iso(ws)
+
+
+def test_certs_source_cannot_escape_certs(tmp_path, ws, lab_key):
+    lab = labmod.load(write_lab(tmp_path, LAB.replace(
+        'content: "hello broker1\\n"', 'source: "certs:../lab.yaml"')))
+    with pytest.raises(LabError, match="must name a file under certs/"):
+        seediso.render(lab, ws, "broker1")
+
+
+def test_seed_moves_between_public_and_secret(tmp_path, ws, lab_key):
+    (ws.certs_dir("kafka") / "k.jks").write_bytes(b"jks")
+    public_lab = labmod.load(write_lab(tmp_path, LAB, "public.yaml"))
+    secret_lab = labmod.load(write_lab(tmp_path, LAB.replace(
+        'content: "hello broker1\\n"', 'source: "certs:kafka/k.jks"'), "secret.yaml"))
+    build_seed_isos(public_lab, ws, hosts=["broker1"])
+    public = ws.artifacts / "seed" / "broker1.iso"
+    assert public.exists()
+    build_seed_isos(secret_lab, ws, hosts=["broker1"])
+    assert not public.exists() and Manifest(ws.artifacts).get("seed/broker1.iso") is None
+    assert (ws.certs / "seed" / "broker1.iso").exists()
+    build_seed_isos(public_lab, ws, hosts=["broker1"])
+    assert public.exists() and not (ws.certs / "seed" / "broker1.iso").exists()
+    assert json.loads((ws.certs / "seed" / "state.json").read_text()) == {}
+
+
+def test_lab_checks_nic_names(tmp_path):
+    with pytest.raises(LabError, match="dhcp_interface: 'eth1' is also the lab NIC"):
+        labmod.load(write_lab(tmp_path, LAB.replace(
+            "  broker2:\n", "  broker2:\n    dhcp_interface: eth1\n")))
+    with pytest.raises(LabError, match="interface: 'lab 0' is not a Linux interface name"):
+        labmod.load(write_lab(tmp_path, LAB.replace(
+            "  broker2:\n", "  broker2:\n    interface: lab 0\n")))
+    lab = labmod.load(write_lab(tmp_path, LAB.replace(
+        "  broker2:\n", "  broker2:\n    dhcp_interface: \"\"\n    interface: ens4\n")))
+    net = yaml.safe_load(seediso._dump(seediso._network_config(lab, lab.host("broker2"))))
+    assert list(net["ethernets"]) == ["ens4"]
