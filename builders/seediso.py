@@ -9,9 +9,9 @@ Content comes from lab.yaml (see docs/seed-iso.md):
 
 - meta-data: ``instance-id`` (host name + a digest of the seed's content, so
   a changed seed is a new instance to cloud-init) and ``local-hostname``;
-- network-config v2: DHCP kept on the first NIC(s), the lab NIC static,
-  matched by MAC (and renamed) when lab.yaml gives ``hosts.X.mac``, else by
-  interface name;
+- network-config v2: DHCP kept on the first NIC (by its kernel name), the
+  lab NIC static, matched by MAC (and renamed) when lab.yaml gives
+  ``hosts.X.mac``, else by interface name;
 - user-data ``#cloud-config``: hostname, fqdn, /etc/hosts, the default user
   with SSH keys, write_files (base64), packages, runcmd, and last a runcmd
   entry printing :func:`seed_marker` to the serial console.
@@ -79,7 +79,7 @@ _SSH_KEY = re.compile(r"^(?:(?:ssh-(?:rsa|ed25519|dss)|ecdsa-sha2-nistp\d+|sk-[a
 # cloud-init module reference and its config schema; names only).  A key not
 # here is reported as a warning: cloud-init ignores unknown keys silently.
 CLOUD_CONFIG_KEYS = frozenset("""
-    allow_public_ssh_keys ansible apk_repos apt apt_pipelining apt_preserve_sources_list
+    allow_public_ssh_keys allow_userdata ansible apk_repos apt apt_pipelining apt_preserve_sources_list
     apt_reboot_if_required apt_update apt_upgrade authkey_hash autoinstall bootcmd
     byobu_by_default ca-certs ca_certs chef chpasswd cloud_config_modules
     cloud_final_modules cloud_init_modules create_hostname_file datasource
@@ -641,7 +641,7 @@ def build_seed_isos(lab: Lab, ws: Workspace, *, hosts: Iterable[str] | None = No
                 pending.append((path, image, 0o600))
                 state[path.name] = {"input_digest": digest, "sha256": sha, "size": len(image),
                                     "instance_id": seed.instance_id, "host": h.name,
-                                    "format": fmt}
+                                    "marker": seed.marker, "format": fmt}
                 state_changed = True
                 detail = f"{shown}, secret: holds certs/ material, not in the manifest"
             else:
