@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""Benchmark: the full default Kafka certificate set, labforge vs openssl CLI + keytool.
+
+Both sides do the same work on the same machine, in one run:
+a CA, three brokers and a client (RSA 2048, SHA-256, SANs, EKUs), and for
+each identity PEM cert/key/chain, a PKCS#12 keystore and a JKS keystore,
+plus a PKCS#12 and a JKS truststore.
+
+* labforge: `python -m invoke certs` in a fresh process (interpreter start,
+  imports and lab.yaml validation included) on a lab with Octavia disabled,
+  so only the Kafka set (and the tiny lab SSH key) is made.
+* classic: a bash script calling `openssl` and `keytool` the way the usual
+  Kafka TLS guides do (req/x509 per identity, pkcs12 -export, keytool
+  -importkeystore for JKS, keytool -importcert for the truststores).
+
+Usage:  /work/main/.venv/bin/python benchmarks/bench_certs.py   (BENCH_ROUNDS=3)
+Each side runs BENCH_ROUNDS times, alternating; medians are compared.
+Prints a table and writes benchmarks/results/bench_certs.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+
+CLASSIC = r"""
+set -euo pipefail
+cd "$1"
+head -c 24 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' > store.password
+PW=store.password
+openssl req -x509 -newkey rsa:2048 -sha256 -nodes -days 3650 -keyout ca.key -out ca.crt \
+  -subj "/O=kafka-lab/CN=kafka-lab Kafka CA" \
+  -addext "basicConstraints=critical,CA:TRUE,pathlen:0" \
+  -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" 2>/dev/null
+issue() {  # name cn eku san
+  local n=$1 cn=$2 eku=$3 san=$4
+  openssl req -newkey rsa:2048 -sha256 -nodes -keyout "$n.key" -out "$n.csr" \
+    -subj "/O=kafka-lab/CN=$cn" 2>/dev/null
+  {
+    echo "basicConstraints=critical,CA:FALSE"
+    echo "keyUsage=critical,digitalSignature,keyEncipherment"
+    echo "extendedKeyUsage=$eku"
+    [ -n "$san" ] && echo "subjectAltName=$san"
+  } > "$n.ext"
+  openssl x509 -req -in "$n.csr" -CA ca.crt -CAkey ca.key -set_serial "0x$(openssl rand -hex 16)" \
+    -days 825 -sha256 -extfile "$n.ext" -out "$n.crt" 2>/dev/null
+  cat "$n.crt" ca.crt > "$n-chain.pem"
+  openssl pkcs12 -export -in "$n.crt" -inkey "$n.key" -certfile ca.crt -name "$n" \
+    -out "$n.keystore.p12" -passout "file:$PW"
+  keytool -importkeystore -noprompt -srckeystore "$n.keystore.p12" -srcstoretype PKCS12 \
+    -srcstorepass:file $PW -destkeystore "$n.keystore.jks" -deststoretype JKS \
+    -deststorepass:file $PW -destkeypass:file $PW -alias "$n" >/dev/null 2>&1
+  rm -f "$n.csr" "$n.ext"
+}
+for i in 1 2 3; do
+  issue "broker$i" "broker$i.lab.internal" serverAuth,clientAuth \
+    "DNS:broker$i,DNS:broker$i.lab.internal,IP:10.100.0.1$i"
+done
+issue kafka-client kafka-client clientAuth ""
+keytool -importcert -noprompt -alias ca -file ca.crt -keystore truststore.jks -storetype JKS \
+  -storepass:file $PW >/dev/null 2>&1
+keytool -importcert -noprompt -alias ca -file ca.crt -keystore truststore.p12 -storetype PKCS12 \
+  -storepass:file $PW >/dev/null 2>&1
+"""
+
+KAFKA_FILES = sorted(
+    [f"{n}{s}" for n in ("broker1", "broker2", "broker3", "kafka-client")
+     for s in (".crt", ".key", "-chain.pem", ".keystore.p12", ".keystore.jks")]
+    + ["ca.crt", "ca.key", "truststore.p12", "truststore.jks", "store.password"])
+
+
+def timed(argv, **kw) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True, **kw)
+    secs = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"bench: {argv[0]} failed: {proc.stderr.strip()[-500:]}")
+    return secs
+
+
+def keytool_summary(store: Path, pw: Path) -> str:
+    out = subprocess.run(["keytool", "-list", "-v", "-keystore", store, "-storepass:file", pw],
+                         capture_output=True, text=True).stdout
+    kinds = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("Entry type")]
+    chains = [line.split(": ", 1)[1] for line in out.splitlines()
+              if line.startswith("Certificate chain length")]
+    return f"{','.join(kinds)} chain={','.join(chains) or '-'}"
+
+
+def main() -> None:
+    for tool in ("openssl", "keytool", "bash"):
+        if not shutil.which(tool):
+            sys.exit(f"bench: {tool} not found; run scripts/setup.sh --test")
+    work = Path(tempfile.mkdtemp(prefix="bench-certs-"))
+    try:
+        lab = yaml.safe_load((ROOT / "lab.yaml").read_text())
+        lab.setdefault("octavia", {})["enabled"] = False
+        lab_file = work / "lab.yaml"
+        lab_file.write_text(yaml.safe_dump(lab, sort_keys=False))
+
+        # alternate the two sides a few times (the machine is shared; the
+        # median of each side is reported, every sample is in the JSON)
+        script = work / "classic.sh"
+        script.write_text(CLASSIC)
+        labs, classics, noops = [], [], []
+        for r in range(ROUNDS):
+            ws = work / f"labforge{r}"
+            env = dict(os.environ, LABFORGE_WORKDIR=str(ws))
+            cmd = [sys.executable, "-m", "invoke", "-r", str(ROOT), "certs", "--lab", str(lab_file)]
+            classic = work / f"classic{r}"
+            classic.mkdir()
+            sides = [("lab", lambda: labs.append(timed(cmd, env=env))),
+                     ("classic", lambda: classics.append(timed(["bash", str(script), str(classic)])))]
+            for _, fn in (sides if r % 2 == 0 else sides[::-1]):
+                fn()
+            noops.append(timed(cmd, env=env))     # labforge, nothing to do
+        t_lab, t_classic, t_noop = (statistics.median(x) for x in (labs, classics, noops))
+
+        # same outputs on both sides
+        lk = work / "labforge0" / "certs" / "kafka"
+        classic = work / "classic0"
+        for d in (lk, classic):
+            missing = [f for f in KAFKA_FILES if not (d / f).is_file()]
+            if missing:
+                sys.exit(f"bench: {d} lacks {missing}")
+        checks = {}
+        for side, d in (("labforge", lk), ("classic", classic)):
+            checks[side] = {n: keytool_summary(d / n, d / "store.password")
+                            for n in ("broker1.keystore.p12", "broker1.keystore.jks",
+                                      "truststore.p12", "truststore.jks")}
+        if checks["labforge"] != checks["classic"]:
+            sys.exit(f"bench: outputs differ: {json.dumps(checks, indent=1)}")
+
+        ratio = t_classic / t_lab
+        rows = [("labforge `invoke certs` (fresh process)", t_lab, labs),
+                ("openssl CLI + keytool (bash)", t_classic, classics),
+                ("labforge second run (up to date)", t_noop, noops)]
+        print(f"Kafka certificate set: CA + 3 brokers + client; PEM, PKCS12, JKS, truststores "
+              f"({os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f})")
+        print(f"{'':<42}{'median s':>9}   samples")
+        for name, secs, samples in rows:
+            print(f"{name:<42}{secs:>9.2f}   {' '.join(f'{x:.2f}' for x in samples)}")
+        print(f"{'speed-up labforge vs classic':<42}{ratio:>7.1f}x  (target >= 5x)")
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        out = {"benchmark": "certs-kafka-set", "labforge_s": round(t_lab, 3),
+               "classic_s": round(t_classic, 3), "labforge_noop_s": round(t_noop, 3),
+               "samples": {"labforge": labs, "classic": classics, "labforge_noop": noops},
+               "ratio": round(ratio, 2), "target_ratio": 5, "cpus": os.cpu_count(),
+               "load1": round(os.getloadavg()[0], 2), "python": platform.python_version(),
+               "keytool_views": checks["labforge"],
+               "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        (RESULTS / "bench_certs.json").write_text(json.dumps(out, indent=2) + "\n")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,319 @@
+"""The certificates as the real tools see them: openssl, keytool, a JVM, Python ssl,
+ssh-keygen, and `invoke certs` / `invoke certs-check` as a user runs them."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from builders.certs import build_certs
+from builders.workspace import Workspace
+
+from certs_helpers import changed, default_dict, lab_from, snapshot
+from conftest import assert_one_line_error
+
+pytestmark = pytest.mark.integration
+
+DATA = Path(__file__).resolve().parent / "data"
+KAFKA_IDS = ("broker1", "broker2", "broker3", "kafka-client")
+
+
+def sh(*argv: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=120, **kw)
+    if check:
+        assert proc.returncode == 0, (argv, proc.stdout, proc.stderr)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def lab_ws(tmp_path_factory) -> Workspace:
+    """The default lab's certs, built once for the read-only checks below."""
+    from builders import lab as labmod
+    ws = Workspace(tmp_path_factory.mktemp("certs") / "ws")
+    build_certs(labmod.load(), ws)
+    return ws
+
+
+@pytest.fixture(scope="module")
+def other_ws(tmp_path_factory) -> Workspace:
+    """A second lab with its own CAs: its certificates must be refused."""
+    from builders import lab as labmod
+    ws = Workspace(tmp_path_factory.mktemp("other") / "ws")
+    build_certs(labmod.load(), ws)
+    return ws
+
+
+# --------------------------------------------------------------------------
+# openssl
+# --------------------------------------------------------------------------
+def test_openssl_verifies_every_leaf(lab_ws):
+    k = lab_ws.certs / "kafka"
+    out = sh("openssl", "verify", "-CAfile", k / "ca.crt", *[k / f"{n}.crt" for n in KAFKA_IDS])
+    assert out.stdout.count(": OK") == 4
+    # the chain files verify too, with only the CA as trust anchor
+    for n in KAFKA_IDS:
+        sh("openssl", "verify", "-CAfile", k / "ca.crt", k / f"{n}-chain.pem")
+    o = lab_ws.certs / "octavia"
+    sh("openssl", "verify", "-CAfile", o / "client_ca.cert.pem", o / "client.cert-and-key.pem")
+    # ... and not by the other CA
+    bad = sh("openssl", "verify", "-CAfile", o / "server_ca.cert.pem",
+             o / "client.cert-and-key.pem", check=False)
+    assert bad.returncode != 0
+
+
+def test_openssl_text_shows_sans_and_ekus(lab_ws):
+    k = lab_ws.certs / "kafka"
+    text = sh("openssl", "x509", "-noout", "-text", "-in", k / "broker3.crt").stdout
+    assert "DNS:broker3, DNS:broker3.lab.internal, IP Address:10.100.0.13" in text
+    assert "TLS Web Server Authentication, TLS Web Client Authentication" in text
+    assert "CA:FALSE" in text and "sha256WithRSAEncryption" in text
+    assert "Public-Key: (2048 bit)" in text
+    text = sh("openssl", "x509", "-noout", "-text", "-in", k / "kafka-client.crt").stdout
+    assert "TLS Web Client Authentication" in text and "Server Authentication" not in text
+    text = sh("openssl", "x509", "-noout", "-text", "-in", k / "ca.crt").stdout
+    assert "CA:TRUE, pathlen:0" in text and "Certificate Sign, CRL Sign" in text
+
+
+def test_openssl_opens_the_pkcs12_stores(lab_ws):
+    k = lab_ws.certs / "kafka"
+    for n in (*[f"{i}.keystore.p12" for i in KAFKA_IDS], "truststore.p12"):
+        sh("openssl", "pkcs12", "-in", k / n, "-passin", f"file:{k / 'store.password'}",
+           "-noout")
+
+
+def test_octavia_ca_key_opens_only_with_its_passphrase(lab_ws, tmp_path):
+    o = lab_ws.certs / "octavia"
+    sh("openssl", "pkey", "-in", o / "server_ca.key.pem", "-passin",
+       f"file:{o / 'ca_private_key_passphrase'}", "-noout")
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not-the-passphrase\n")
+    bad = sh("openssl", "pkey", "-in", o / "server_ca.key.pem", "-passin", f"file:{wrong}",
+             "-noout", check=False)
+    assert bad.returncode != 0
+    # the combined client file loads as a key and as a certificate
+    sh("openssl", "pkey", "-in", o / "client.cert-and-key.pem", "-noout")
+    sh("openssl", "x509", "-in", o / "client.cert-and-key.pem", "-noout")
+
+
+# --------------------------------------------------------------------------
+# keytool
+# --------------------------------------------------------------------------
+def keytool_list(store: Path, password_file: Path) -> str:
+    return sh("keytool", "-list", "-v", "-keystore", store,
+              "-storepass:file", password_file).stdout
+
+
+@pytest.mark.parametrize("ext", ["p12", "jks"])
+def test_keytool_lists_keystores_and_truststores(lab_ws, ext):
+    k = lab_ws.certs / "kafka"
+    pw = k / "store.password"
+    for n in KAFKA_IDS:
+        out = keytool_list(k / f"{n}.keystore.{ext}", pw)
+        assert "Your keystore contains 1 entry" in out, out
+        assert f"Alias name: {n}" in out
+        assert "Entry type: PrivateKeyEntry" in out
+        assert "Certificate chain length: 2" in out
+    out = keytool_list(k / f"truststore.{ext}", pw)
+    assert "Your keystore contains 1 entry" in out, out
+    assert "Entry type: trustedCertEntry" in out
+    assert "Keystore type: " + ("PKCS12" if ext == "p12" else "JKS") in out
+
+
+# --------------------------------------------------------------------------
+# mutual TLS: a JVM, and Python ssl
+# --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mtls_java(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("java")
+    sh("javac", "-d", out, DATA / "MtlsCheck.java")
+    return out
+
+
+def run_java(classes: Path, server: Workspace, client: Workspace, ext: str,
+             broker="broker1", server_name="broker1.lab.internal") -> subprocess.CompletedProcess:
+    sk, ck = server.certs / "kafka", client.certs / "kafka"
+    spw, cpw = sk / "store.password", ck / "store.password"
+    return sh("java", "-cp", classes, "MtlsCheck",
+              sk / f"{broker}.keystore.{ext}", spw, sk / f"truststore.{ext}", spw,
+              ck / f"kafka-client.keystore.{ext}", cpw, sk / f"truststore.{ext}", spw,
+              server_name, check=False)
+
+
+@pytest.mark.parametrize("ext", ["jks", "p12"])
+def test_java_mutual_tls(lab_ws, mtls_java, ext):
+    proc = run_java(mtls_java, lab_ws, lab_ws, ext)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "server: OK peer=CN=kafka-client" in proc.stdout
+    assert "client: OK peer=CN=broker1.lab.internal" in proc.stdout
+
+
+def test_java_refuses_a_client_of_another_ca(lab_ws, other_ws, mtls_java):
+    proc = run_java(mtls_java, lab_ws, other_ws, "jks")
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "server: FAIL" in proc.stdout and "client: FAIL" in proc.stdout
+
+
+def test_java_checks_the_broker_name(lab_ws, mtls_java):
+    proc = run_java(mtls_java, lab_ws, lab_ws, "jks", server_name="broker2.lab.internal")
+    assert proc.returncode == 3 and "client: FAIL" in proc.stdout, proc.stdout
+
+
+def python_mtls(server: Workspace, client: Workspace, server_name="broker1") -> tuple[str, str]:
+    """One exchange over loopback; returns (server result, client result)."""
+    sk, ck = server.certs / "kafka", client.certs / "kafka"
+    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    sctx.load_cert_chain(sk / "broker1-chain.pem", sk / "broker1.key")
+    sctx.load_verify_locations(sk / "ca.crt")
+    sctx.verify_mode = ssl.CERT_REQUIRED
+    cctx = ssl.create_default_context(cafile=str(sk / "ca.crt"))
+    cctx.load_cert_chain(ck / "client-bundle.pem")      # cert + CA + key in one file
+    result = {}
+    with socket.create_server(("127.0.0.1", 0)) as lsock:
+        lsock.settimeout(30)
+        port = lsock.getsockname()[1]
+
+        def serve():
+            try:
+                conn, _ = lsock.accept()
+                conn.settimeout(30)
+                with sctx.wrap_socket(conn, server_side=True) as s:
+                    peer = dict(x[0] for x in s.getpeercert()["subject"])
+                    s.sendall(b"echo " + s.recv(64))
+                    result["server"] = f"OK peer={peer['commonName']}"
+            except (OSError, ssl.SSLError) as exc:
+                result["server"] = f"FAIL {exc}"
+
+        t = threading.Thread(target=serve)
+        t.start()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as raw, \
+                    cctx.wrap_socket(raw, server_hostname=server_name) as s:
+                s.sendall(b"hello")
+                reply = s.recv(64)
+                result["client"] = "OK" if reply == b"echo hello" else f"FAIL reply {reply!r}"
+        except (OSError, ssl.SSLError) as exc:
+            result["client"] = f"FAIL {exc}"
+        t.join(30)
+    return result.get("server", "FAIL no result"), result["client"]
+
+
+def test_python_mutual_tls(lab_ws):
+    server, client = python_mtls(lab_ws, lab_ws)
+    assert server == "OK peer=kafka-client" and client == "OK", (server, client)
+
+
+def test_python_refuses_a_client_of_another_ca(lab_ws, other_ws):
+    server, client = python_mtls(lab_ws, other_ws)
+    assert server.startswith("FAIL") and "certificate" in server.lower(), server
+
+
+# --------------------------------------------------------------------------
+# SSH keys
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("rel", ["ssh/lab_ed25519", "octavia/octavia_ssh_key"])
+def test_ssh_keygen_reads_the_keys(lab_ws, rel):
+    priv = lab_ws.certs / rel
+    derived = sh("ssh-keygen", "-y", "-f", priv).stdout.split()[:2]
+    assert derived == Path(f"{priv}.pub").read_text().split()[:2]
+    assert "(ED25519)" in sh("ssh-keygen", "-l", "-f", f"{priv}.pub").stdout
+
+
+# --------------------------------------------------------------------------
+# the CLI: good and bad input
+# --------------------------------------------------------------------------
+def test_cli_certs_and_check(cli, ws):
+    first = cli("certs", check=True)
+    assert "certs kafka: built" in first.stdout
+    before = snapshot(ws.certs)
+    again = cli("certs", check=True)
+    assert again.stdout.count("up to date") == 3, again.stdout
+    assert changed(before, snapshot(ws.certs)) == set()
+    ok = cli("certs-check", check=True)
+    assert "kafka/broker1.crt: CN=broker1.lab.internal" in ok.stdout
+    assert "IP:10.100.0.11" in ok.stdout and "days left: ok" in ok.stdout
+    warn = cli("certs-check", "--warn-days", "900")
+    assert_one_line_error(warn, "certs-check:", "certificates have problems")
+    assert "expires within 900 days" in warn.stdout
+    # nothing secret on the terminal
+    pw = (ws.certs / "kafka" / "store.password").read_text().strip()
+    assert pw not in first.stdout + first.stderr + ok.stdout
+
+
+def test_cli_wrong_store_password_file(cli, ws, tmp_path):
+    pwf = tmp_path / "store-pw.txt"
+    pwf.write_text("first-password-123\n")
+    data = default_dict()
+    data["kafka"]["password_file"] = str(pwf)
+    lab = tmp_path / "lab" / "lab.yaml"
+    lab_from(data, lab.parent)
+    cli("certs", "--lab", str(lab), check=True)
+    assert (ws.certs / "kafka" / "store.password").read_text() == "first-password-123\n"
+    before = snapshot(ws.certs)
+    pwf.write_text("another-password-456\n")
+    proc = cli("certs", "--lab", str(lab))
+    assert_one_line_error(proc, "keystore", "does not open this keystore", "--force")
+    assert "another-password" not in proc.stderr + proc.stdout
+    assert changed(before, snapshot(ws.certs)) == set()
+    # unreadable: the password file is a directory; missing
+    pwf.unlink()
+    pwf.mkdir()
+    assert_one_line_error(cli("certs", "--lab", str(lab)), "kafka.password_file", "cannot read")
+    pwf.rmdir()
+    assert_one_line_error(cli("certs", "--lab", str(lab)), "kafka.password_file", "does not exist")
+    assert changed(before, snapshot(ws.certs)) == set()
+    # deliberately switching the password: --force re-issues the stores with it
+    pwf.write_text("another-password-456\n")
+    cli("certs", "--lab", str(lab), "--force", check=True)
+    assert keytool_list(ws.certs / "kafka" / "truststore.jks", pwf)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "directory"])
+def test_cli_unreadable_ca_key(cli, ws, damage):
+    cli("certs", check=True)
+    key = ws.certs / "kafka" / "ca.key"
+    if damage == "garbage":
+        key.write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
+    else:
+        key.unlink()
+        key.mkdir()
+    before = snapshot(ws.certs)
+    proc = cli("certs")
+    assert_one_line_error(proc, "ca.key", "--rotate kafka")
+    assert changed(before, snapshot(ws.certs)) == set()
+
+
+def test_cli_bad_ip_in_lab(cli, ws, tmp_path):
+    import yaml
+    cli("certs", check=True)
+    before = snapshot(ws.certs)
+    for ip, needle in (("10.200.0.12", "lab.yaml: hosts.broker2.ip: 10.200.0.12 is not in "
+                                       "network private (10.100.0.0/24)"),
+                       ("10.100.0.300", "lab.yaml: hosts.broker2.ip: '10.100.0.300' is not an "
+                                        "IPv4 address")):
+        data = default_dict()
+        data["hosts"]["broker2"]["ip"] = ip
+        lab = tmp_path / ip / "lab.yaml"
+        lab.parent.mkdir()
+        lab.write_text(yaml.safe_dump(data))
+        assert_one_line_error(cli("certs", "--lab", str(lab)), needle)
+    assert changed(before, snapshot(ws.certs)) == set()
+
+
+def test_cli_rotate_unknown_set(cli):
+    assert_one_line_error(cli("certs", "--rotate", "nope"), "--rotate", "kafka, octavia, ssh")
+
+
+def test_cli_check_without_certs(cli):
+    assert_one_line_error(cli("certs-check"), "run `invoke certs` first")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _tools():
+    for tool in ("openssl", "keytool", "java", "javac", "ssh-keygen"):
+        assert shutil.which(tool), f"{tool} missing: run scripts/setup.sh --test"
