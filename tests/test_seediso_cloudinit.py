@@ -3,8 +3,9 @@
 `cloud-init schema --config-file` validates the generated user-data with the
 schema of the cloud-init Debian 12 guests run; cloud-init's own Python code
 (the system python that Debian's package installs into) reads the extracted
-seed the way the NoCloud datasource does and renders the network-config
-with its eni and networkd renderers.
+seed the way the NoCloud datasource does, and `cloud-init devel net-convert`
+renders the network-config with cloud-init's eni and networkd renderers for
+Debian.
 """
 
 from __future__ import annotations
@@ -45,7 +46,19 @@ def _read_like_nocloud(seed_dir: Path, work: Path) -> dict:
     proc = subprocess.run([_cloud_init_python(), str(READER), str(seed_dir), str(work)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    got = json.loads(proc.stdout)
+    got["render"] = {}
+    if "network-config" in got["files"]:
+        for kind in ("eni", "networkd"):
+            out = work / f"net-{kind}"
+            conv = subprocess.run(["cloud-init", "devel", "net-convert", "-p",
+                                   str(seed_dir / "network-config"), "-k", "yaml", "-d", str(out),
+                                   "-D", "debian", "-O", kind], capture_output=True, text=True)
+            assert conv.returncode == 0, conv.stdout + conv.stderr
+            for p in out.rglob("*"):
+                if p.is_file():
+                    got["render"][f"{kind}:{p.relative_to(out)}"] = p.read_text()
+    return got
 
 
 @pytest.fixture
@@ -87,7 +100,7 @@ def test_nocloud_reads_the_seed_and_renders_the_network(kafka_lab, ws, tmp_path)
                                                        "/etc/labforge/hello.txt"]
     assert marker in cfg["runcmd"][-1][-1]
     r = got["render"]
-    eni = r["eni:etc/network/interfaces"]
+    eni = r["eni:etc/network/interfaces.d/50-cloud-init"]
     assert "auto eth0\niface eth0 inet dhcp" in eni
     assert "iface lab0 inet static\n    address 10.100.0.11/24" in eni
     assert 'ATTR{address}=="52:54:00:64:00:0b", NAME="lab0"' in \
@@ -100,7 +113,7 @@ def test_nocloud_reads_the_seed_and_renders_the_network(kafka_lab, ws, tmp_path)
     got2 = _read_like_nocloud(_extract(seed_path(kafka_lab, ws, "broker2"), tmp_path / "s2"),
                               tmp_path / "w2")
     assert "iface eth1 inet static\n    address 10.100.0.12/24" in \
-        got2["render"]["eni:etc/network/interfaces"]
+        got2["render"]["eni:etc/network/interfaces.d/50-cloud-init"]
 
 
 def test_nat_network_gets_a_default_route(tmp_path, ws):
