@@ -143,3 +143,17 @@ def test_user_supplied_mime_user_data_is_read_by_cloud_init(tmp_path, ws):
                              tmp_path / "w")
     assert got["parts"] == ["text/cloud-config", "text/x-shellscript"]
     assert got["cloud_config"] == [{"hostname": "mime-host"}]
+
+
+def test_nocloud_reads_a_vfat_seed(kafka_lab, ws, tmp_path):
+    (o, _) = build_seed_isos(kafka_lab, ws, fmt="vfat")
+    img = o.paths[0]
+    assert img.name == "broker1.img"
+    out = tmp_path / "vfat"
+    out.mkdir()
+    subprocess.run(["mcopy", "-n", "-i", str(img), "::*", str(out)], check=True,
+                   capture_output=True)
+    got = _read_like_nocloud(out, tmp_path / "w")
+    assert got["files"] == ["meta-data", "network-config", "user-data"]
+    assert got["meta"]["instance-id"] == seed_marker(kafka_lab, "broker1", ws).split()[-1]
+    assert got["parts"] == ["text/cloud-config"]
