@@ -654,7 +654,12 @@ def build_seed_isos(lab: Lab, ws: Workspace, *, hosts: Iterable[str] | None = No
                 detail = shown
             outcomes.append(Outcome(step, "built", [path], detail,
                                     seconds=time.monotonic() - start))
-        _write_all(pending)
+        try:
+            _write_all(pending)
+        except OSError as exc:
+            where = exc.filename or (pending[0][0].parent if pending else ws.artifacts)
+            raise LabError(f"{where}: cannot write the seeds: {exc.strerror or exc}; free some "
+                           "space or fix the directory's permissions and rerun") from None
         if records:
             manifest.record_many(records)
         if state_changed:
@@ -680,8 +685,9 @@ def _write_all(outputs: list[tuple[Path, bytes, int]]) -> None:
     """Write every image atomically: temporary file, fsync, rename, then one
     directory fsync per directory.  The fsyncs run in parallel threads, so
     the file system commits them together instead of one journal commit
-    per seed.  On any failure the temporary files are removed and nothing
-    is renamed into place."""
+    per seed.  On a failure the temporary files left are removed; a seed
+    renamed into place before it is not yet in the manifest or state file,
+    so the next run rebuilds it."""
     from concurrent.futures import ThreadPoolExecutor
 
     tmps: list[tuple[Path, Path, int]] = []

@@ -450,3 +450,23 @@ def test_lab_checks_nic_names(tmp_path):
         "  broker2:\n", "  broker2:\n    dhcp_interface: \"\"\n    interface: ens4\n")))
     net = yaml.safe_load(seediso._dump(seediso._network_config(lab, lab.host("broker2"))))
     assert list(net["ethernets"]) == ["ens4"]
+
+
+def test_a_failed_write_leaves_no_partial_files(default_lab, ws, lab_key, monkeypatch):
+    real = os.fsync
+    calls = []
+
+    def failing_fsync(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(seediso.os, "fsync", failing_fsync)
+    with pytest.raises(LabError, match="cannot write the seeds: No space left on device"):
+        build_seed_isos(default_lab, ws)
+    seed_dir = ws.artifacts / "seed"
+    assert not seed_dir.exists() or list(seed_dir.iterdir()) == []
+    assert Manifest(ws.artifacts).entries() == {}
+    monkeypatch.setattr(seediso.os, "fsync", real)
+    assert {o.status for o in build_seed_isos(default_lab, ws)} == {"built"}
