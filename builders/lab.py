@@ -222,7 +222,10 @@ class Lab:
 # --------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------
-class _Loader(yaml.SafeLoader):
+_BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: 10x faster
+
+
+class _Loader(_BaseLoader):
     """SafeLoader that refuses duplicate keys (a duplicated host must not
     silently replace the first) and keeps line numbers for messages."""
 
@@ -235,7 +238,7 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = Fal
             loader.duplicates.append((key_node.start_mark.line + 1, key, seen[key]))
         else:
             seen[key] = key_node.start_mark.line + 1
-    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+    return _BaseLoader.construct_mapping(loader, node, deep=deep)
 
 
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
