@@ -30,19 +30,24 @@ class Step:
     needs: tuple[str, ...] = ()                 # steps whose outputs this one consumes
     skip_if: Callable[[Lab, Workspace], str | None] | None = None  # reason to skip, or None
     help: str = ""
+    takes_force: bool = True                    # publishers have nothing to force
 
     def run(self, lab: Lab, ws: Workspace, force: bool) -> list[Outcome]:
         module, func = self.target.split(":")
         fn = getattr(importlib.import_module(f"builders.{module}"), func)
-        result = fn(lab, ws, force=force)
+        result = fn(lab, ws, force=force) if self.takes_force else fn(lab, ws)
         return list(result) if isinstance(result, (list, tuple)) else [result]
 
 
 def _amphora_skip(lab: Lab, ws: Workspace) -> str | None:
     if not lab.octavia.enabled or not lab.octavia.amphora.build:
         return "lab.yaml octavia.amphora.build is false"
-    from .docker_engine import engine_problem
-    return engine_problem()
+    from .docker_engine import client
+    try:
+        client(ws)  # connects, or starts dockerd when root (as build-amphora would)
+    except LabError as exc:
+        return f"no Docker engine: {exc}"
+    return None
 
 
 def _glance_skip(lab: Lab, ws: Workspace) -> str | None:
@@ -59,8 +64,8 @@ STEPS: tuple[Step, ...] = (
     Step("amphora", "amphora:build_amphora", skip_if=_amphora_skip, help="Octavia amphora image"),
     Step("vagrant", "vagrant:build_lab_vagrant", needs=("base-image", "seed-iso"),
          help="Vagrant box of the base image, Vagrantfile, network XML"),
-    Step("glance", "glance:publish_lab", needs=("amphora",), skip_if=_glance_skip,
-         help="publish the amphora to Glance, tagged"),
+    Step("glance", "glance:publish_amphora", needs=("amphora",), skip_if=_glance_skip,
+         takes_force=False, help="publish the amphora to Glance, tagged"),
 )
 KINDS = tuple(s.name for s in STEPS)
 
