@@ -317,6 +317,9 @@ def failing_script(lines: Sequence[str]) -> str | None:
 def _failure(what: str, log_path: Path, code: int) -> LabError:
     lines = _read_tail(log_path)
     script = failing_script(lines)
-    tail = [ln.rstrip() for ln in lines if ln.strip() and "PROFILING" not in ln][-runner.TAIL_LINES:]
+    stamp = re.compile(r"^\d{4}-\d\d-\d\d [\d:.]+ \| ")
+    tail = [stamp.sub("", ln.rstrip()) for ln in lines
+            if ln.strip() and "PROFILING" not in ln and "INFO diskimage_builder" not in ln]
+    tail = tail[-runner.TAIL_LINES:]
     where = f"element script {script} failed" if script else f"disk-image-create exited {code}"
     return LabError(f"{what}: {where}; full log: {log_path}", tail)
