@@ -70,6 +70,19 @@ def check_lab(c, lab=None):
 
 # ---- seed ISOs -------------------------------------------------------------
 
+@labtask(iterable=["host"], help={
+    "lab": LAB_HELP,
+    "host": "build only this host's seed (repeat for more; default: every host)",
+    "format": "iso (ISO 9660 'cidata', the default) or vfat",
+    "force": "rebuild even when the seed is up to date",
+})
+def seed_iso(c, lab=None, host=None, format="iso", force=False):
+    """Build cloud-init NoCloud seeds (artifacts/seed/<host>.iso) for the lab's hosts."""
+    from builders.seediso import build_seed_isos
+    _print(build_seed_isos(_load(lab), Workspace.default(), hosts=host or None,
+                           force=force, fmt=format))
+
+
 # ---- base image, overlays, boot checks -------------------------------------
 @labtask(help={"lab": LAB_HELP,
                "force": "download or build again even when the image is up to date",
