@@ -12,7 +12,8 @@ the amphora build.  It:
   of an HTTPS-intercepting proxy (``build.ca_bundle``), an image cache under
   the workspace cache (``DIB_IMAGE_CACHE``, reused between builds) and a
   temp dir on disk;
-* on kernels without device-mapper (``/dev/mapper/control`` absent) puts
+* on kernels without device-mapper (``/dev/mapper/control`` absent, or
+  present but no device-mapper driver in ``/proc/misc``) puts
   ``dockerfiles/dib/bin`` first on PATH: stand-ins for kpartx/dmsetup built
   on ``partx -a`` (and a sudo that keeps PATH).  Where device-mapper exists
   nothing changes;
@@ -49,8 +50,22 @@ _DONE = re.compile(r"dib-run-parts (\S+) completed")
 
 
 def has_device_mapper() -> bool:
-    """True when the kernel offers device-mapper (kpartx/dmsetup work)."""
-    return Path("/dev/mapper/control").exists()
+    """True when the kernel offers device-mapper (kpartx/dmsetup work).
+
+    ``/dev/mapper/control`` alone is not proof: ``dmsetup mknodes`` (or a
+    privileged container) creates that node on kernels without
+    device-mapper too.  The kernel lists the driver in /proc/misc when it is
+    built in or loaded (/sys/module/dm_mod when it is a module).  Where
+    unsure, the partx-based stand-ins are used: they work on any kernel.
+    """
+    if not Path("/dev/mapper/control").exists():
+        return False
+    try:
+        if "device-mapper" in Path("/proc/misc").read_text():
+            return True
+    except OSError:
+        pass
+    return Path("/sys/module/dm_mod").exists()
 
 
 def dib_executable() -> Path:

@@ -353,3 +353,32 @@ def test_boot_check_without_overlay_is_one_line(cli):
 
 def test_boot_check_unknown_host_is_one_line(cli):
     assert_one_line_error(cli("boot-check", "--host", "nope"), "no host named 'nope'")
+
+
+# --------------------------------------------------------------------------
+# libvirt XML (virsh users)
+# --------------------------------------------------------------------------
+@pytest.mark.integration
+def test_libvirt_xml_is_valid_and_points_at_the_artifacts(ws, default_lab):
+    import xml.etree.ElementTree as ET
+    from builders import seediso
+    from builders.libvirtxml import build_libvirt_xml
+    outs = build_libvirt_xml(default_lab, ws, accel="tcg")    # validated by virt-xml-validate
+    assert {o.status for o in outs} == {"built"} and len(outs) == 1 + 2 * 3
+    d = ET.parse(ws.artifacts / "libvirt" / "broker1.xml").getroot()
+    assert d.get("type") == "qemu" and d.findtext("name") == "kafka-lab-broker1"
+    assert d.find("devices/disk[@device='disk']/source").get("file") == \
+        str((ws.artifacts / "vms" / "broker1.qcow2").resolve())
+    assert d.find("devices/disk[@device='disk']/driver").get("type") == "qcow2"
+    assert d.find("devices/disk[@device='cdrom']/source").get("file") == \
+        str(seediso.seed_path(default_lab, ws, "broker1").resolve())
+    nic = d.find("devices/interface")
+    assert nic.find("source").get("network") == "private"
+    assert nic.find("mac").get("address") == "52:54:00:64:00:0b"
+    v = ET.parse(ws.artifacts / "libvirt" / "broker1-volume.xml").getroot()
+    assert v.findtext("backingStore/path").endswith("images/debian-12.qcow2")
+    assert v.find("backingStore/format").get("type") == "qcow2"
+    assert v.findtext("capacity") == "20" and v.find("capacity").get("unit") == "GiB"
+    n = ET.parse(ws.artifacts / "libvirt" / "net-private.xml").getroot()
+    assert n.find("ip").get("address") == "10.100.0.1" and n.find("ip").get("netmask") == "255.255.255.0"
+    assert {o.status for o in build_libvirt_xml(default_lab, ws, accel="tcg")} == {"up to date"}
