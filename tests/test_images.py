@@ -382,3 +382,35 @@ def test_libvirt_xml_is_valid_and_points_at_the_artifacts(ws, default_lab):
     n = ET.parse(ws.artifacts / "libvirt" / "net-private.xml").getroot()
     assert n.find("ip").get("address") == "10.100.0.1" and n.find("ip").get("netmask") == "255.255.255.0"
     assert {o.status for o in build_libvirt_xml(default_lab, ws, accel="tcg")} == {"up to date"}
+
+
+@pytest.mark.integration
+def test_ubuntu_checksum_file_signature_is_checked_with_gpgv(tmp_path, ws, mirror, monkeypatch):
+    """SHA256SUMS.gpg is verified with gpgv against the cloud image keyring
+    (here a throwaway key stands in for Ubuntu's)."""
+    import hashlib
+    gnupg = tmp_path / "gnupg"
+    gnupg.mkdir(mode=0o700)
+    gpg = ["gpg", "--batch", "--homedir", str(gnupg), "--pinentry-mode", "loopback",
+           "--passphrase", ""]
+    subprocess.run([*gpg, "--quick-gen-key", "labforge test <t@example.invalid>", "ed25519",
+                    "sign", "1d"], check=True, capture_output=True)
+    keyring = tmp_path / "keyring.gpg"
+    keyring.write_bytes(subprocess.run([*gpg, "--export"], check=True,
+                                       capture_output=True).stdout)
+    monkeypatch.setattr(baseimage, "UBUNTU_KEYRINGS", (str(keyring),))
+    name = "noble-server-cloudimg-amd64.img"
+    img = make_qcow2(mirror.root / name, "1G", 1)
+    sums = mirror.root / "SHA256SUMS"
+    sums.write_text(f"{hashlib.sha256(img.read_bytes()).hexdigest()} *{name}\n")
+    subprocess.run([*gpg, "--detach-sign", "-o", str(mirror.root / "SHA256SUMS.gpg"), str(sums)],
+                   check=True, capture_output=True)
+    lab = load_lab(tmp_path, {"base_image": {"source": "download", "distro": "ubuntu",
+                                             "release": "24.04", "url": mirror.url}})
+    [out] = baseimage.build_base_image(lab, ws)
+    rec = Manifest(ws.artifacts).get(ws.artifacts / "images" / "ubuntu-24.04.qcow2")
+    assert out.status == "built" and rec["meta"]["signature"] == "good"
+    # a checksum file changed after signing is refused before any image download
+    sums.write_text(sums.read_text().replace(name, name + " "))
+    with pytest.raises(LabError, match="verifying SHA256SUMS.*gpgv.*failed"):
+        baseimage.build_base_image(lab, ws, force=True)
