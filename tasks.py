@@ -131,6 +131,54 @@ def seed_iso(c, lab=None, host=None, format="iso", force=False):
 
 
 # ---- base image, overlays, boot checks -------------------------------------
+@labtask(help={"lab": LAB_HELP,
+               "force": "download or build again even when the image is up to date",
+               "verbose": "show debug output (commands run)"})
+def base_image(c, lab=None, force=False, verbose=False):
+    """Download (verified) or build (diskimage-builder) the base cloud image."""
+    from builders.baseimage import build_base_image
+    _print(build_base_image(_load(lab), Workspace.default(), force=force))
+
+
+@labtask(iterable=["host"],
+         help={"lab": LAB_HELP,
+               "host": "only this host (repeatable; default: every host)",
+               "force": "recreate overlays even when a VM has written to them (discards its data)",
+               "verbose": "show debug output (commands run)"})
+def overlays(c, lab=None, host=None, force=False, verbose=False):
+    """Create each host's qcow2 overlay backed by the base image."""
+    from builders.overlays import build_overlays
+    _print(build_overlays(_load(lab), Workspace.default(), hosts=host or None, force=force))
+
+
+@labtask(iterable=["expect"],
+         help={"lab": LAB_HELP,
+               "host": "the host to boot (required)",
+               "timeout": "seconds to wait for cloud-init (default 900)",
+               "expect": "also require this text on the console (repeatable)",
+               "accel": "kvm or tcg (default: kvm when it can run guests here, else tcg)",
+               "memory": "guest memory in MiB, at most the host's (default 1024)",
+               "verbose": "show debug output (commands run)"})
+def boot_check(c, lab=None, host=None, timeout=900, expect=None, accel=None, memory=1024,
+               verbose=False):
+    """Boot a host's overlay with its seed under QEMU; pass when cloud-init applied the seed."""
+    from builders.bootcheck import boot_check as check
+    if not host:
+        raise LabError("boot-check: give --host NAME")
+    _print(check(_load(lab), Workspace.default(), host, timeout=float(timeout),
+                 expect=expect or (), accel=accel, memory=int(memory)))
+
+
+@labtask(iterable=["host"],
+         help={"lab": LAB_HELP,
+               "host": "only this host (repeatable; default: every host)",
+               "force": "write the files even when they are up to date",
+               "verbose": "show debug output (commands run)"})
+def libvirt_xml(c, lab=None, host=None, force=False, verbose=False):
+    """Write libvirt domain, volume and network XML per host (for virsh users)."""
+    from builders.libvirtxml import build_libvirt_xml
+    _print(build_libvirt_xml(_load(lab), Workspace.default(), hosts=host or None, force=force))
+
 
 # ---- amphora ---------------------------------------------------------------
 
