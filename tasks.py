@@ -73,6 +73,33 @@ def check_lab(c, lab=None):
 # ---- base image, overlays, boot checks -------------------------------------
 
 # ---- amphora ---------------------------------------------------------------
+@labtask(help={"lab": LAB_HELP, "force": "rebuild the base image even when it is current"})
+def builder_base(c, lab=None, force=False):
+    """Make the local Debian base image the amphora builder starts FROM (debootstrap + docker import)."""
+    from builders import amphora
+    _print(amphora.build_builder_base(_load(lab), Workspace.default(), force=force))
+
+
+@labtask(help={
+    "lab": LAB_HELP,
+    "force": "rebuild even when the image is up to date (the build cache is reused)",
+    "base_os": "debian (bookworm, buildable here) or ubuntu (noble, needs an Ubuntu mirror); "
+               "default: octavia.amphora.base_os",
+    "release": "distribution release code name (default: octavia.amphora.release)",
+    "arch": "amd64 or arm64 (default: octavia.amphora.arch)",
+    "size": "root disk size in GB, at least 2 (default: octavia.amphora.size)",
+    "agent": "source (from the Octavia sdist) or package (distro package); default: octavia.amphora.agent",
+    "no_ssh": "leave sshd out of the image (upstream's remove-sshd element)",
+    "image_type": "qcow2 or raw (default: octavia.amphora.image_type)",
+})
+def build_amphora(c, lab=None, force=False, base_os=None, release=None, arch=None, size=None,
+                  agent=None, no_ssh=False, image_type=None):
+    """Build the Octavia amphora image with diskimage-builder in a container."""
+    from builders import amphora
+    _print(amphora.build_amphora(_load(lab), Workspace.default(), force=force, base_os=base_os,
+                                 release=release, arch=arch, size=size, agent=agent,
+                                 ssh=False if no_ssh else None, image_type=image_type))
+
 
 # ---- vagrant ---------------------------------------------------------------
 
