@@ -67,6 +67,35 @@ def check_lab(c, lab=None):
 
 
 # ---- certs ---------------------------------------------------------------
+@labtask(iterable=["rotate"], help={
+    "lab": LAB_HELP,
+    "force": "re-issue every leaf key, certificate and store under the existing CAs",
+    "rotate": "replace a set's CA (or key) and everything it signed: kafka, octavia or ssh "
+              "(repeatable)",
+})
+def certs(c, lab=None, force=False, rotate=None):
+    """Issue the lab's certificates, keystores and keys under certs/ (idempotent)."""
+    from builders.certs import build_certs
+    _print(build_certs(_load(lab), Workspace.default(), force=force, rotate=rotate or ()))
+
+
+@labtask(help={
+    "lab": LAB_HELP,
+    "warn_days": "fail when a certificate expires within this many days (default 30)",
+})
+def certs_check(c, lab=None, warn_days=30):
+    """List every certificate with subject, SANs and days to expiry; fail on problems."""
+    from builders.certs import check_certs
+    ws = Workspace.default()
+    rows = check_certs(_load(lab), ws, warn_days=int(warn_days))
+    for r in rows:
+        print(r.line(ws.root))
+    bad = [r for r in rows if not r.ok]
+    if bad:
+        raise LabError(f"certs-check: {len(bad)} of {len(rows)} certificates have problems "
+                       f"(first: {bad[0].path.name}: {bad[0].problems[0]}); run "
+                       "`invoke certs` (or `--rotate SET` for a CA)")
+
 
 # ---- seed ISOs -------------------------------------------------------------
 

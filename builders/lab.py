@@ -99,6 +99,8 @@ class Kafka:
     client: str = "kafka-client"           # client identity (certificate CN)
     port: int = 9093                       # TLS listener
     password_file: str | None = None       # store/key password; default: generated
+    ssl_dir: str = "/etc/kafka/ssl"        # where the stores live on the hosts (.properties)
+    store_type: Literal["PKCS12", "JKS"] = "PKCS12"  # store type the .properties use
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,9 @@ class Octavia:
     image_name: str = "amphora-x64-haproxy"
     health_managers: tuple[str, ...] = ("10.100.0.5:5555",)  # controller_ip_port_list
     amp_ssh_key_name: str = "octavia_ssh_key"
+    certs_dir: str | None = None           # where the controller reads the cert files
+                                           # (octavia-certificates.conf); default: certs/octavia
+    cert_validity_days: int = 30           # amphora certificates ([certificates] cert_validity_time)
     amphora: Amphora = Amphora()
 
 
@@ -481,6 +486,13 @@ def _check(lab: Lab, errors: list[str]) -> None:
                       "(letters, digits, '.', '_', '-')")
     if not 1 <= lab.kafka.port <= 65535:
         errors.append(f"kafka.port: {lab.kafka.port} is not a TCP port")
+    if lab.kafka.client in names:
+        errors.append(f"kafka.client: {lab.kafka.client!r} is also a host name; the client "
+                      "identity needs its own name")
+    if lab.kafka.client in ("ca", "truststore", "store", "client-bundle"):
+        errors.append(f"kafka.client: {lab.kafka.client!r} is reserved for a file in certs/kafka")
+    if not lab.kafka.ssl_dir.startswith("/"):
+        errors.append(f"kafka.ssl_dir: {lab.kafka.ssl_dir!r} must be an absolute path on the hosts")
     if lab.pki.key_type == "rsa" and lab.pki.rsa_bits not in (2048, 3072, 4096):
         errors.append(f"pki.rsa_bits: {lab.pki.rsa_bits} is not one of 2048, 3072, 4096")
     if not 1 <= lab.pki.leaf_days <= lab.pki.ca_days:
@@ -493,6 +505,12 @@ def _check(lab: Lab, errors: list[str]) -> None:
         if not (_is_ip(ip.strip("[]")) and port.isdigit() and 0 < int(port) < 65536):
             errors.append(f"octavia.health_managers[{i}]: {hm!r} is not ADDRESS:PORT "
                           "like 10.100.0.5:5555")
+    if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", lab.octavia.amp_ssh_key_name):
+        errors.append(f"octavia.amp_ssh_key_name: {lab.octavia.amp_ssh_key_name!r} is not a valid "
+                      "key pair name (letters, digits, '.', '_', '-')")
+    if not 1 <= lab.octavia.cert_validity_days <= lab.pki.ca_days:
+        errors.append(f"octavia.cert_validity_days: {lab.octavia.cert_validity_days} must be "
+                      f"between 1 and pki.ca_days ({lab.pki.ca_days})")
     if not re.match(r"^[A-Za-z0-9_.:-]{1,255}$", lab.octavia.amp_image_tag):
         errors.append(f"octavia.amp_image_tag: {lab.octavia.amp_image_tag!r} is not a valid Glance tag")
     if not 1 <= lab.octavia.amphora.size <= 100:

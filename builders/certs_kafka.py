@@ -1,0 +1,302 @@
+"""certs/kafka/: the Kafka lab's CA, broker and client identities, stores and properties.
+
+Files (``<id>`` is a broker's host name or the client name):
+
+    ca.crt, ca.key                       the CA (key 0600)
+    <id>.crt, <id>.key, <id>-chain.pem   PEM: cert, key, cert + CA
+    <id>.keystore.p12, <id>.keystore.jks key + chain (2 certificates), alias <id>
+    truststore.p12, truststore.jks       the CA as a trusted certificate entry (alias ca)
+    store.password                       store and key password (0600)
+    server-<host>.properties             ready-to-include broker TLS settings
+    client-ssl.properties                the same for clients (kafka-console-*, ...)
+    client-bundle.pem                    client cert + CA + client key, for Python clients
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import pki
+from .certs import PUBLIC, SECRET, Plan, cert_record, exists, read_bytes
+from .errors import LabError
+from .lab import Host, Lab
+from .manifest import input_digest
+from .workspace import Workspace
+
+CA_ALIAS = "ca"
+LEAF_FILES = ("{n}.crt", "{n}.key", "{n}-chain.pem", "{n}.keystore.p12", "{n}.keystore.jks")
+
+
+def _dir(ws: Workspace) -> Path:
+    return ws.certs / "kafka"
+
+
+def identities(lab: Lab) -> list[dict]:
+    """What each identity's certificate says: name, kind, CN, SANs, EKUs."""
+    out = []
+    for h in lab.brokers():
+        out.append({"name": h.name, "kind": "broker", "cn": lab.fqdn(h),
+                    "sans": broker_sans(lab, h), "eku": ["serverAuth", "clientAuth"]})
+    out.append({"name": lab.kafka.client, "kind": "client", "cn": lab.kafka.client,
+                "sans": [], "eku": ["clientAuth"]})
+    return out
+
+
+def broker_sans(lab: Lab, h: Host) -> list[str]:
+    sans = [h.name]
+    if lab.domain:
+        sans.append(lab.fqdn(h))
+    sans.append(str(h.ip))
+    sans += [s for s in h.extra_sans if s not in sans]
+    return sans
+
+
+_EKU = {"serverAuth": pki.SERVER_AUTH, "clientAuth": pki.CLIENT_AUTH}
+
+
+def _password(lab: Lab, d: Path) -> tuple[str, str, bool]:
+    """(password, where it comes from, generated now)."""
+    if lab.kafka.password_file:
+        p = lab.path(lab.kafka.password_file)
+        where = f"kafka.password_file ({p})"
+        try:
+            text = p.read_text()
+        except FileNotFoundError:
+            raise LabError(f"{lab.source.name}: kafka.password_file: {p} does not exist; "
+                           "create it (one line) or remove the setting to generate one") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            why = getattr(exc, "strerror", None) or "not UTF-8 text"
+            raise LabError(f"{lab.source.name}: kafka.password_file: cannot read {p}: {why}"
+                           ) from None
+        pw = text.rstrip("\r\n")
+        if not pw:
+            raise LabError(f"{lab.source.name}: kafka.password_file: {p} is empty; "
+                           "put the store password on its first line")
+        return pki.check_password(pw, f"{lab.source.name}: kafka.password_file ({p})"), where, False
+    p = d / "store.password"
+    if exists(p):
+        pw = read_bytes(p, "the Kafka store password").decode("utf-8", "replace").rstrip("\r\n")
+        return pki.check_password(pw, str(p)), str(p), False
+    return pki.new_password(32), str(p), True
+
+
+def _load_ca(d: Path) -> tuple:
+    crt_p, key_p = d / "ca.crt", d / "ca.key"
+    try:
+        cert = pki.load_certs(read_bytes(crt_p, "the Kafka CA certificate"))[0]
+    except (ValueError, IndexError):
+        raise LabError(f"{crt_p}: not a PEM certificate; restore it or run "
+                       "`invoke certs --rotate kafka` to replace the CA") from None
+    try:
+        key = pki.load_key(read_bytes(key_p, "the Kafka CA key"))
+    except (ValueError, TypeError, pki.UnsupportedAlgorithm):
+        raise LabError(f"{key_p}: cannot load the Kafka CA key (not an unencrypted PEM key); "
+                       "restore it or run `invoke certs --rotate kafka` to replace the CA") from None
+    if not pki.same_public_key(key, cert):
+        raise LabError(f"{key_p}: this key does not belong to {crt_p.name}; restore the "
+                       "matching pair or run `invoke certs --rotate kafka`")
+    return cert, key
+
+
+def _issued_files(d: Path) -> list[Path]:
+    """Files signed by (or holding) a CA in ``d``: if any exist, the CA is in use."""
+    if not d.is_dir():
+        return []
+    out = [p for p in d.glob("*.crt") if p.name != "ca.crt"]
+    out += list(d.glob("*.p12")) + list(d.glob("*.jks"))
+    return sorted(out)
+
+
+def _check_stores(d: Path, password: str, where: str) -> None:
+    """Every existing keystore/truststore must open with ``password``."""
+    for p in sorted(d.glob("*.p12")) + sorted(d.glob("*.jks")) if d.is_dir() else []:
+        data = read_bytes(p, "a Kafka store")
+        try:
+            if p.suffix == ".p12":
+                pki.open_p12(data, password)
+            else:
+                pki.open_jks(data, password)
+        except ValueError:
+            raise LabError(f"{p}: the store password from {where} does not open it; put the "
+                           "right password back, or run `invoke certs --force` to re-issue "
+                           "the Kafka stores with this password") from None
+
+
+def plan(lab: Lab, ws: Workspace, st: dict | None, rotate: bool, force: bool, plan_: Plan,
+         new: dict) -> tuple[list[str], list[Path]]:
+    d = _dir(ws)
+    st = st or {}
+    notes: list[str] = []
+    paths: list[Path] = []
+    password, pw_where, pw_new = _password(lab, d)
+    pk = lab.pki
+
+    # -- the CA: kept unless rotated; never replaced silently ---------------
+    ca_cn = f"{lab.name} Kafka CA"
+    ca_digest = input_digest("kafka-ca", ca_cn, pk.key_type, pk.rsa_bits, pk.ca_days)
+    ca_crt_p, ca_key_p = d / "ca.crt", d / "ca.key"
+    ca_new = False
+    if rotate:
+        ca_new = True
+    elif exists(ca_crt_p) and exists(ca_key_p):
+        ca, ca_key = _load_ca(d)
+        if st.get("ca", {}).get("digest", ca_digest) != ca_digest:
+            notes.append("CA kept although pki settings changed (`--rotate kafka` applies them)")
+    elif not exists(ca_crt_p) and not exists(ca_key_p) and not _issued_files(d):
+        ca_new = True
+    else:
+        missing = ca_key_p if not exists(ca_key_p) else ca_crt_p
+        raise LabError(f"{missing}: missing while certificates of this CA exist in {d}; restore "
+                       "it, or run `invoke certs --rotate kafka` to replace the CA and re-issue "
+                       "every Kafka certificate")
+    if ca_new:
+        ca_key = pki.new_key(pk.key_type, pk.rsa_bits)
+        ca = pki.new_ca(ca_key, pki.name(ca_cn, lab.name), pk.ca_days)
+        notes.append("new CA" + (" (rotated)" if rotate else ""))
+        plan_.put(ca_crt_p, pki.cert_pem(ca), PUBLIC)
+        plan_.put(ca_key_p, pki.key_pem(ca_key), SECRET)
+    else:
+        plan_.put(ca_crt_p, read_bytes(ca_crt_p, "the Kafka CA certificate"), PUBLIC)
+        plan_.put(ca_key_p, read_bytes(ca_key_p, "the Kafka CA key"), SECRET)
+    paths += [ca_crt_p, ca_key_p]
+    ca_fp = pki.fingerprint(ca)
+    reissue_all = ca_new or force
+    if not reissue_all:
+        _check_stores(d, password, pw_where)
+    plan_.put(d / "store.password", password + "\n", SECRET)
+    paths.append(d / "store.password")
+    if pw_new:
+        notes.append("new store password")
+
+    # -- identities ---------------------------------------------------------
+    old_leaves = st.get("leaves", {}) if not reissue_all else {}
+    leaves: dict[str, dict] = {}
+    issued: list[str] = []
+    client_pair = None
+    for ident in identities(lab):
+        n = ident["name"]
+        f = {k: d / t.format(n=n) for k, t in zip(("crt", "key", "chain", "p12", "jks"), LEAF_FILES)}
+        digest = input_digest("kafka-leaf", ident, pk.key_type, pk.rsa_bits, pk.leaf_days, ca_fp)
+        cert = key = None
+        rec = old_leaves.get(n)
+        if rec and rec.get("digest") == digest and exists(f["crt"]) and exists(f["key"]):
+            try:
+                cert = pki.load_certs(f["crt"].read_bytes())[0]
+                key = pki.load_key(f["key"].read_bytes())
+            except (OSError, ValueError, TypeError, IndexError, pki.UnsupportedAlgorithm):
+                cert = key = None
+            if cert is not None and (pki.fingerprint(cert) != rec.get("fingerprint_sha256")
+                                     or not pki.same_public_key(key, cert)):
+                cert = key = None
+        fresh = cert is None
+        if fresh:
+            key = pki.new_key(pk.key_type, pk.rsa_bits)
+            cert = pki.issue(ca, ca_key, key, pki.name(ident["cn"], lab.name), pk.leaf_days,
+                             ident["sans"], [_EKU[e] for e in ident["eku"]])
+            issued.append(n)
+            plan_.put(f["crt"], pki.cert_pem(cert), PUBLIC)
+            plan_.put(f["key"], pki.key_pem(key), SECRET)
+        else:
+            plan_.put(f["crt"], f["crt"].read_bytes(), PUBLIC)
+            plan_.put(f["key"], f["key"].read_bytes(), SECRET)
+        plan_.put(f["chain"], pki.cert_pem(cert, ca), PUBLIC)
+        if fresh or not exists(f["p12"]):
+            plan_.put(f["p12"], pki.p12_keystore(n, key, cert, [ca], password), SECRET)
+        if fresh or not exists(f["jks"]):
+            plan_.put(f["jks"], pki.jks_keystore(n, key, cert, [ca], password), SECRET)
+        paths += list(f.values())
+        leaves[n] = cert_record(cert, digest, kind=ident["kind"])
+        if ident["kind"] == "client":
+            client_pair = (cert, key)
+    if issued:
+        notes.append("issued " + ", ".join(issued))
+
+    # -- truststores --------------------------------------------------------
+    for name, make in (("truststore.p12", pki.p12_truststore), ("truststore.jks", pki.jks_truststore)):
+        p = d / name
+        if reissue_all or not exists(p):
+            plan_.put(p, make([(CA_ALIAS, ca)], password), PUBLIC)
+        paths.append(p)
+
+    # -- config snippets ----------------------------------------------------
+    for h in lab.brokers():
+        p = d / f"server-{h.name}.properties"
+        plan_.put(p, server_properties(lab, h, password), SECRET)
+        paths.append(p)
+    p = d / "client-ssl.properties"
+    plan_.put(p, client_properties(lab, password), SECRET)
+    paths.append(p)
+    cert, key = client_pair
+    p = d / "client-bundle.pem"
+    plan_.put(p, pki.cert_pem(cert, ca) + pki.key_pem(key), SECRET)
+    paths.append(p)
+
+    # -- identities no longer in the lab ------------------------------------
+    gone = sorted(set(st.get("leaves", {})) - set(leaves))
+    for n in gone:
+        for t in LEAF_FILES:
+            plan_.removes.append(d / t.format(n=n))
+        plan_.removes.append(d / f"server-{n}.properties")
+    if gone:
+        notes.append("removed " + ", ".join(gone))
+
+    new["kafka"] = {"ca": cert_record(ca, ca_digest if ca_new else st.get("ca", {}).get(
+                        "digest", ca_digest)),
+                    "leaves": leaves,
+                    "password_source": "file" if lab.kafka.password_file else "generated"}
+    return notes, paths
+
+
+def _store(lab: Lab, base: str) -> tuple[str, str]:
+    kind = lab.kafka.store_type
+    ext = "p12" if kind == "PKCS12" else "jks"
+    return kind, f"{lab.kafka.ssl_dir.rstrip('/')}/{base}.{ext}"
+
+
+def server_properties(lab: Lab, h: Host, password: str) -> str:
+    kind, ks = _store(lab, f"{h.name}.keystore")
+    _, ts = _store(lab, "truststore")
+    return "\n".join([
+        f"# labforge: TLS settings of Kafka broker {h.name} (lab {lab.name}).",
+        "# Include in server.properties; copy the stores to "
+        f"{lab.kafka.ssl_dir}. Holds the store password: keep it private.",
+        f"listeners=SSL://:{lab.kafka.port}",
+        f"advertised.listeners=SSL://{lab.fqdn(h)}:{lab.kafka.port}",
+        "security.inter.broker.protocol=SSL",
+        f"ssl.keystore.type={kind}",
+        f"ssl.keystore.location={ks}",
+        f"ssl.keystore.password={password}",
+        f"ssl.key.password={password}",
+        f"ssl.truststore.type={kind}",
+        f"ssl.truststore.location={ts}",
+        f"ssl.truststore.password={password}",
+        "ssl.client.auth=required",
+        "ssl.endpoint.identification.algorithm=https",
+        "ssl.enabled.protocols=TLSv1.3,TLSv1.2",
+        "",
+    ])
+
+
+def client_properties(lab: Lab, password: str) -> str:
+    kind, ks = _store(lab, f"{lab.kafka.client}.keystore")
+    _, ts = _store(lab, "truststore")
+    return "\n".join([
+        f"# labforge: TLS settings of Kafka client {lab.kafka.client} (lab {lab.name}).",
+        "# Use with kafka-console-producer.sh --producer.config / --command-config ...",
+        f"security.protocol=SSL",
+        f"ssl.keystore.type={kind}",
+        f"ssl.keystore.location={ks}",
+        f"ssl.keystore.password={password}",
+        f"ssl.key.password={password}",
+        f"ssl.truststore.type={kind}",
+        f"ssl.truststore.location={ts}",
+        f"ssl.truststore.password={password}",
+        "ssl.endpoint.identification.algorithm=https",
+        "",
+    ])
+
+
+def cert_files(lab: Lab, ws: Workspace) -> list[tuple[Path, Path | None]]:
+    """(certificate, issuing CA certificate) for certs-check; the CA is self-signed."""
+    d = _dir(ws)
+    return [(d / "ca.crt", None)] + [(d / f"{i['name']}.crt", d / "ca.crt") for i in identities(lab)]
