@@ -129,6 +129,18 @@ def build_amphora(c, lab=None, force=False, base_os=None, release=None, arch=Non
                                  release=release, arch=arch, size=size, agent=agent,
                                  ssh=False if no_ssh else None, image_type=image_type))
 
+@labtask(help={
+    "lab": LAB_HELP,
+    "image": "amphora image to boot (default: artifacts/images/amphora-x64-haproxy.qcow2)",
+    "timeout": "seconds to wait for the agent to answer (default: 1200, TCG is slow)",
+    "accel": "kvm or tcg (default: KVM when it works, else TCG)",
+})
+def amphora_check(c, lab=None, image=None, timeout=1200, accel=None):
+    """Boot the amphora under QEMU with a Nova-style config drive and prove its agent (mutual TLS)."""
+    from builders import amphora_check as ac
+    _print(ac.check_amphora(_load(lab), Workspace.default(), image=image, timeout=float(timeout),
+                            accel=accel))
+
 
 # ---- vagrant ---------------------------------------------------------------
 

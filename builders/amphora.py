@@ -242,15 +242,19 @@ def builder_inputs(lab: Lab, s: dict) -> dict:
 
 def ensure_builder(lab: Lab, ws: Workspace, cli, s: dict, logfh, bar) -> str:
     """Tag of the builder image, building it when absent."""
-    base_id = _image_id(cli, BASE_TAG)
-    if base_id is None:
-        raise LabError(f"docker: base image {BASE_TAG} is missing; run `invoke builder-base` first")
     inputs = builder_inputs(lab, s)
-    tag = f"{BUILDER_REPO}:{input_digest(inputs, base_id)[:16]}"
-    if _image_id(cli, tag) is not None:
-        return tag
+    base_id = _image_id(cli, BASE_TAG)
+    if base_id is not None:
+        tag = f"{BUILDER_REPO}:{input_digest(inputs, base_id)[:16]}"
+        if _image_id(cli, tag) is not None:
+            return tag
     if not s["octavia_git"]:
         check_octavia_release(lab, s["octavia_version"])
+    if base_id is None:
+        bar.set_description(f"no {BASE_TAG} yet: builder-base")
+        build_builder_base(lab, ws)
+        base_id = _image_id(cli, BASE_TAG)
+    tag = f"{BUILDER_REPO}:{input_digest(inputs, base_id)[:16]}"
     ctx = Path(tempfile.mkdtemp(prefix="context.", dir=ws.cache_dir("amphora")))
     try:
         shutil.copy2(DOCKERFILE_DIR / "Dockerfile", ctx / "Dockerfile")
@@ -312,7 +316,8 @@ def dib_environment(lab: Lab, s: dict) -> dict[str, str]:
         "ELEMENTS_PATH": "/opt/labforge/src/octavia/elements:/opt/labforge/elements",
         "DIB_RELEASE": s["release"],
         "DIB_IMAGE_CACHE": "/cache/dib",
-        "DIB_DEBOOTSTRAP_CACHE": "1",
+        "DIB_DEBOOTSTRAP_CACHE": "1",                 # write the tarball ...
+        "DIB_DEBIAN_USE_DEBOOTSTRAP_CACHE": "1",      # ... and start from it next time
         "DIB_CLOUD_INIT_DATASOURCES": "ConfigDrive",
         "DIB_GRUB_TIMEOUT": "0",
         "DIB_OCTAVIA_AMP_USE_NFTABLES": "True",
@@ -346,7 +351,7 @@ def dib_environment(lab: Lab, s: dict) -> dict[str, str]:
 def build_command(s: dict, out_stem: str) -> str:
     """The shell line the container runs (stand-ins on PATH only without device-mapper)."""
     els = " ".join(elements(s))
-    return ("set -e; if [ ! -e /dev/mapper/control ]; then "
+    return ("set -e; if ! dmsetup version >/dev/null 2>&1; then "
             "export PATH=/opt/labforge/dib-bin:$PATH; "
             "echo 'labforge: no device-mapper: kpartx/dmsetup via partx stand-ins'; fi; "
             f"exec disk-image-create -a {s['arch']} -t {s['image_type']} "
@@ -375,8 +380,10 @@ def build_amphora(lab: Lab, ws: Workspace, *, force: bool = False, **over) -> li
     cli = docker_engine.client(ws)
     cache = ws.cache_dir("amphora")
     logpath = ws.artifact_dir("logs") / "amphora.log"
-    with BuildLock(ws), open(logpath, "w") as logfh, progress("amphora", None, "s") as bar:
+    with BuildLock(ws), open(logpath, "w") as logfh, progress("amphora", None, "s") as bar, \
+            _docker_errors("build-amphora"):
         tag = ensure_builder(lab, ws, cli, s, logfh, bar)
+        target.parent.mkdir(parents=True, exist_ok=True)
         outdir = Path(tempfile.mkdtemp(prefix=f".{IMAGE_NAME}.", suffix=".part", dir=target.parent))
         try:
             built = _run_dib(cli, tag, lab, s, cache, outdir, logfh, bar)
@@ -399,6 +406,17 @@ def build_amphora(lab: Lab, ws: Workspace, *, force: bool = False, **over) -> li
                            f"{secs / 60:.1f} min", seconds=secs)]
 
 
+@contextlib.contextmanager
+def _docker_errors(what: str):
+    """A Docker Engine API error becomes one user line."""
+    from docker.errors import DockerException
+    try:
+        yield
+    except DockerException as exc:
+        text = getattr(exc, "explanation", None) or str(exc)
+        raise LabError(f"{what}: docker: {str(text).strip().splitlines()[-1]}") from None
+
+
 def _run_dib(cli, tag: str, lab: Lab, s: dict, cache: Path, outdir: Path, logfh, bar) -> Path:
     stem = IMAGE_NAME
     env = dib_environment(lab, s)
@@ -406,9 +424,9 @@ def _run_dib(cli, tag: str, lab: Lab, s: dict, cache: Path, outdir: Path, logfh,
                str(cache): {"bind": "/cache", "mode": "rw"},
                str(outdir): {"bind": "/out", "mode": "rw"}}
     container = cli.containers.run(
-        tag, ["bash", "-c", build_command(s, stem)], detach=True, privileged=True,
+        tag, ["bash", "-c", build_command(s, stem)], detach=True,
         network_mode="host", environment=env, volumes=volumes,
-        labels={"org.labforge.kind": "amphora-build"}, working_dir="/build")
+        labels={"org.labforge.kind": "amphora-build"}, working_dir="/build", **device_access())
     lines: list[str] = []
     phase = "starting"
     try:
@@ -456,6 +474,37 @@ def _run_dib(cli, tag: str, lab: Lab, s: dict, cache: Path, outdir: Path, logfh,
         raise LabError(f"amphora: disk-image-create finished but wrote no {built.name}; "
                        f"full log: {logfh.name}")
     return built
+
+
+# Linux capability names by bit number (capability.h)
+_CAPS = ("CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID KILL SETGID SETUID SETPCAP "
+         "LINUX_IMMUTABLE NET_BIND_SERVICE NET_BROADCAST NET_ADMIN NET_RAW IPC_LOCK IPC_OWNER "
+         "SYS_MODULE SYS_RAWIO SYS_CHROOT SYS_PTRACE SYS_PACCT SYS_ADMIN SYS_BOOT SYS_NICE "
+         "SYS_RESOURCE SYS_TIME SYS_TTY_CONFIG MKNOD LEASE AUDIT_WRITE AUDIT_CONTROL SETFCAP "
+         "MAC_OVERRIDE MAC_ADMIN SYSLOG WAKE_ALARM BLOCK_SUSPEND AUDIT_READ PERFMON BPF "
+         "CHECKPOINT_RESTORE").split()
+
+
+def device_access() -> dict:
+    """Container options for loop devices, mounts and chroots.
+
+    ``privileged`` where labforge itself holds every capability.  Inside a
+    sandbox whose bounding set lacks some (then runc cannot apply "all
+    capabilities" and the container does not start), the same access is
+    granted explicitly: the capabilities we do hold, every block and char
+    device, and no seccomp/AppArmor confinement.
+    """
+    try:
+        text = Path("/proc/self/status").read_text()
+        bnd = int(re.search(r"^CapBnd:\s*([0-9a-f]+)", text, re.M).group(1), 16)
+    except (OSError, AttributeError, ValueError):
+        return {"privileged": True}
+    if all(bnd >> bit & 1 for bit in range(len(_CAPS))):
+        return {"privileged": True}
+    # the ones every Docker engine knows (20.10 predates PERFMON, BPF, ...)
+    held = [name for bit, name in enumerate(_CAPS[:38]) if bnd >> bit & 1]
+    return {"cap_add": held, "security_opt": ["apparmor=unconfined", "seccomp=unconfined"],
+            "device_cgroup_rules": ["b *:* rwm", "c *:* rwm"]}
 
 
 def _inspect(cli, tag: str, built: Path, s: dict) -> dict:
