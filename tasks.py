@@ -99,7 +99,57 @@ def certs_check(c, lab=None, warn_days=30):
 
 # ---- seed ISOs -------------------------------------------------------------
 
+@labtask(iterable=["host"], help={
+    "lab": LAB_HELP,
+    "host": "build only this host's seed (repeat for more; default: every host)",
+    "format": "iso (ISO 9660 'cidata', the default) or vfat",
+    "force": "rebuild even when the seed is up to date",
+})
+def seed_iso(c, lab=None, host=None, format="iso", force=False):
+    """Build cloud-init NoCloud seeds (artifacts/seed/<host>.iso) for the lab's hosts."""
+    from builders.seediso import build_seed_isos
+    _print(build_seed_isos(_load(lab), Workspace.default(), hosts=host or None,
+                           force=force, fmt=format))
+
+
 # ---- base image, overlays, boot checks -------------------------------------
+@labtask(help={"lab": LAB_HELP,
+               "force": "download or build again even when the image is up to date",
+               "verbose": "show debug output (commands run)"})
+def base_image(c, lab=None, force=False, verbose=False):
+    """Download (verified) or build (diskimage-builder) the base cloud image."""
+    from builders.baseimage import build_base_image
+    _print(build_base_image(_load(lab), Workspace.default(), force=force))
+
+
+@labtask(iterable=["host"],
+         help={"lab": LAB_HELP,
+               "host": "only this host (repeatable; default: every host)",
+               "force": "recreate overlays even when a VM has written to them (discards its data)",
+               "verbose": "show debug output (commands run)"})
+def overlays(c, lab=None, host=None, force=False, verbose=False):
+    """Create each host's qcow2 overlay backed by the base image."""
+    from builders.overlays import build_overlays
+    _print(build_overlays(_load(lab), Workspace.default(), hosts=host or None, force=force))
+
+
+@labtask(iterable=["expect"],
+         help={"lab": LAB_HELP,
+               "host": "the host to boot (required)",
+               "timeout": "seconds to wait for cloud-init (default 900)",
+               "expect": "also require this text on the console (repeatable)",
+               "accel": "kvm or tcg (default: kvm when it can run guests here, else tcg)",
+               "memory": "guest memory in MiB, at most the host's (default 1024)",
+               "verbose": "show debug output (commands run)"})
+def boot_check(c, lab=None, host=None, timeout=900, expect=None, accel=None, memory=1024,
+               verbose=False):
+    """Boot a host's overlay with its seed under QEMU; pass when cloud-init applied the seed."""
+    from builders.bootcheck import boot_check as check
+    if not host:
+        raise LabError("boot-check: give --host NAME")
+    _print(check(_load(lab), Workspace.default(), host, timeout=float(timeout),
+                 expect=expect or (), accel=accel, memory=int(memory)))
+
 
 # ---- amphora ---------------------------------------------------------------
 @labtask(help={"lab": LAB_HELP, "force": "rebuild the base image even when it is current"})

@@ -77,6 +77,12 @@ class Host:
     write_files: tuple[WriteFile, ...] = ()
     user_data: str | None = None           # a user-supplied user-data file, used as is
     network_config: str | None = None      # a user-supplied network-config file, used as is
+    # seed-iso: the optional vendor-data file, and the NIC names in network-config
+    vendor_data: str | None = None         # a vendor-data file put on the seed as is
+    interface: str | None = None           # lab NIC: with mac, renamed to this (default lab0);
+                                           # without mac, the kernel's name to match (default eth1)
+    dhcp_interface: str = "eth0"           # NIC kept on DHCP: its kernel name (eth0 with
+                                           # net.ifnames=0); "" for none
 
 
 @dataclass(frozen=True)
@@ -477,6 +483,7 @@ def _check(lab: Lab, errors: list[str]) -> None:
                 errors.append(f"{ww}: give exactly one of source or content")
             if not re.match(r"^0?[0-7]{3}$", wf.permissions):
                 errors.append(f"{ww}.permissions: {wf.permissions!r} is not an octal mode like 0644")
+        _check_seed_host(h, w, errors)
     names = {h.name for h in lab.hosts}
     for i, b in enumerate(lab.kafka.brokers):
         if b not in names:
@@ -517,6 +524,20 @@ def _check(lab: Lab, errors: list[str]) -> None:
         errors.append(f"octavia.amphora.size: {lab.octavia.amphora.size} GB is out of range (1-100)")
     if not re.match(r"^[a-z0-9][a-z0-9._-]*/[a-z0-9][a-z0-9._-]*$", lab.vagrant.box, re.I):
         errors.append(f"vagrant.box: {lab.vagrant.box!r} is not ORG/NAME")
+
+
+def _check_seed_host(h: Host, w: str, errors: list[str]) -> None:
+    """seed-iso: the NIC names network-config will use."""
+    nic = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+    if h.interface is not None and not nic.match(h.interface):
+        errors.append(f"{w}.interface: {h.interface!r} is not a Linux interface name "
+                      "(letters, digits, '_', '.', '-', at most 15)")
+    elif h.dhcp_interface and not nic.match(h.dhcp_interface):
+        errors.append(f"{w}.dhcp_interface: {h.dhcp_interface!r} is not a Linux interface name "
+                      "(globs are not rendered by cloud-init's eni/networkd renderers)")
+    elif h.dhcp_interface and h.dhcp_interface == (h.interface or ("lab0" if h.mac else "eth1")):
+        errors.append(f"{w}.dhcp_interface: {h.dhcp_interface!r} is also the lab NIC; "
+                      f"set hosts.{h.name}.interface to another name or dhcp_interface: \"\"")
 
 
 def _pairs(items):

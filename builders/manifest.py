@@ -160,22 +160,33 @@ class Manifest:
     def record(self, path: Path, kind: str, digest: str, *, tools: Mapping[str, Any] | None = None,
                meta: Mapping[str, Any] | None = None, sha256: str | None = None) -> dict:
         """Record the artifact at ``path`` (hashing it unless ``sha256`` is given)."""
-        rel = self.rel(path)
-        full = self.root / rel
-        rec = {
-            "kind": kind,
-            "path": rel,
-            "sha256": sha256 or sha256_file(full),
-            "size": full.stat().st_size,
-            "input_digest": digest,
-            "created": _now(),
-            "tools": {k: v for k, v in (tools or {}).items() if v is not None},
-            "meta": dict(meta or {}),
-            "stat": _stat_key(full),
-        }
-        with self._locked() as data:
-            data["artifacts"][rel] = rec
-        return rec
+        return self.record_many([dict(path=path, kind=kind, digest=digest, tools=tools,
+                                      meta=meta, sha256=sha256)])[0]
+
+    def record_many(self, items: list[Mapping[str, Any]]) -> list[dict]:
+        """:meth:`record` for several artifacts (each a mapping of record()'s
+        arguments) with one lock and one rewrite of manifest.json: builders that
+        make many small artifacts (a seed per host) avoid rewriting it each time."""
+        recs = []
+        for item in items:
+            rel = self.rel(item["path"])
+            full = self.root / rel
+            recs.append({
+                "kind": item["kind"],
+                "path": rel,
+                "sha256": item.get("sha256") or sha256_file(full),
+                "size": full.stat().st_size,
+                "input_digest": item["digest"],
+                "created": _now(),
+                "tools": {k: v for k, v in (item.get("tools") or {}).items() if v is not None},
+                "meta": dict(item.get("meta") or {}),
+                "stat": _stat_key(full),
+            })
+        if recs:
+            with self._locked() as data:
+                for rec in recs:
+                    data["artifacts"][rec["path"]] = rec
+        return recs
 
     def update_meta(self, path: Path | str, **meta: Any) -> None:
         """Merge ``meta`` into an existing record (publishers add their results)."""

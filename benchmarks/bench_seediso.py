@@ -1,0 +1,184 @@
+"""Benchmark: seed ISOs for a 50-host lab, labforge vs cloud-localds.
+
+    /work/main/.venv/bin/python benchmarks/bench_seediso.py [--hosts 50] [--repeat 3]
+
+Same content on both sides: labforge renders each host's meta-data,
+network-config and user-data; cloud-localds gets exactly those files
+(`cloud-localds -N network-config out.iso user-data meta-data`, which runs
+genisoimage -volid cidata -joliet -rock).  Wall times, best of --repeat:
+
+- labforge, one `invoke seed-iso --force` building all hosts (process start included)
+- labforge, build_seed_isos() in process
+- cloud-localds, one run per host (what a shell loop over hosts does)
+- one ISO from the command line: `invoke seed-iso --host h1 --force`
+
+Prints a table and writes benchmarks/results/seediso.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cryptography.hazmat.primitives import serialization  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ed25519  # noqa: E402
+
+from builders import lab as labmod  # noqa: E402
+from builders.seediso import build_seed_isos, read_seed, render  # noqa: E402
+from builders.workspace import Workspace  # noqa: E402
+
+
+def lab_text(n: int) -> str:
+    hosts = "".join(
+        f"  h{i}:\n    ip: 10.100.{i // 200}.{i % 200 + 10}\n"
+        f"    mac: \"52:54:00:64:{i // 256:02x}:{i % 256:02x}\"\n"
+        f"    packages: [openjdk-17-jre-headless]\n"
+        f"    runcmd: [\"systemctl enable --now kafka\"]\n"
+        f"    write_files:\n"
+        f"      - {{path: /etc/kafka/server.properties, content: \"broker.id={i}\\n\"}}\n"
+        for i in range(1, n + 1))
+    return (f"name: bench\ndomain: lab.internal\nnetworks:\n  private: {{cidr: 10.100.0.0/16}}\n"
+            f"hosts:\n{hosts}")
+
+
+def best(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hosts", type=int, default=50)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    localds = shutil.which("cloud-localds")
+    if not localds:
+        print("cloud-localds not found: apt-get install cloud-image-utils genisoimage",
+              file=sys.stderr)
+        return 1
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-seediso-"))
+    try:
+        ws = Workspace(tmp / "ws")
+        key = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        (ws.certs / "ssh").mkdir(parents=True)
+        (ws.certs / "ssh" / "lab_ed25519.pub").write_bytes(key + b" bench\n")
+        lab_file = tmp / "lab.yaml"
+        lab_file.write_text(lab_text(args.hosts))
+        lab = labmod.load(lab_file)
+        names = [h.name for h in lab.hosts]
+
+        # the same content for cloud-localds
+        src = tmp / "src"
+        for h in names:
+            d = src / h
+            d.mkdir(parents=True)
+            for fname, data in render(lab, ws, h).files.items():
+                (d / fname).write_bytes(data)
+
+        env = dict(os.environ, LABFORGE_WORKDIR=str(ws.root))
+        invoke = [sys.executable, "-m", "invoke", "-r", str(ROOT)]
+
+        def lf_cli_all():
+            subprocess.run([*invoke, "seed-iso", "--lab", str(lab_file), "--force"], env=env,
+                           check=True, capture_output=True)
+
+        def lf_lib_all():
+            build_seed_isos(lab, ws, force=True)
+
+        def lf_cli_one():
+            subprocess.run([*invoke, "seed-iso", "--lab", str(lab_file), "--host", "h1",
+                            "--force"], env=env, check=True, capture_output=True)
+
+        def invoke_floor():
+            subprocess.run([*invoke, "--list"], env=env, check=True, capture_output=True)
+
+        def lf_lib_one():
+            build_seed_isos(lab, ws, hosts=["h1"], force=True)
+
+        out = tmp / "localds"
+        out.mkdir()
+
+        def localds_all():
+            for h in names:
+                d = src / h
+                subprocess.run([localds, "-N", str(d / "network-config"), str(out / f"{h}.iso"),
+                                str(d / "user-data"), str(d / "meta-data")],
+                               check=True, capture_output=True)
+
+        t_cli = best(lf_cli_all, args.repeat)
+        t_lib = best(lf_lib_all, args.repeat)
+        t_ds = best(localds_all, args.repeat)
+        one = [best(lf_cli_one, 1) for _ in range(max(5, args.repeat))]
+        t_one = statistics.median(one)
+        t_floor = statistics.median([best(invoke_floor, 1) for _ in range(max(5, args.repeat))])
+        t_lib_one = best(lf_lib_one, max(5, args.repeat))
+        t_ds_one = statistics.median([best(lambda: subprocess.run(
+            [localds, "-N", str(src / "h1" / "network-config"), str(out / "one.iso"),
+             str(src / "h1" / "user-data"), str(src / "h1" / "meta-data")],
+            check=True, capture_output=True), 1) for _ in range(max(5, args.repeat))])
+
+        # sanity: both sides hold the same files
+        for h in (names[0], names[-1]):
+            ours = read_seed(ws.artifacts / "seed" / f"{h}.iso")
+            theirs = read_seed(out / f"{h}.iso")
+            assert ours == theirs, f"{h}: contents differ"
+
+        rows = [
+            (f"labforge CLI, {len(names)} ISOs (one invoke)", t_cli, t_ds / t_cli),
+            (f"labforge library, {len(names)} ISOs", t_lib, t_ds / t_lib),
+            (f"cloud-localds, {len(names)} runs", t_ds, 1.0),
+            ("labforge CLI, one ISO (median)", t_one, t_ds_one / t_one),
+            ("  of which `invoke --list` alone (median)", t_floor, None),
+            ("labforge library, one ISO", t_lib_one, t_ds_one / t_lib_one),
+            ("cloud-localds, one run (median)", t_ds_one, 1.0),
+        ]
+        load = os.getloadavg()[0]
+        print(f"\nseed ISOs for a {len(names)}-host lab, best of {args.repeat} "
+              f"({platform.node()}, {os.cpu_count()} CPUs, load average {load:.1f})\n")
+        print(f"{'what':<42} {'wall s':>8} {'cloud-localds / this':>21}")
+        for what, secs, ratio in rows:
+            r = f"{ratio:.1f}x" if ratio is not None else "-"
+            print(f"{what:<42} {secs:>8.3f} {r:>21}")
+        print(f"\ntarget: CLI >= 3x faster than cloud-localds: "
+              f"{'met' if t_ds / t_cli >= 3 else 'NOT met'}; one ISO <= 0.3 s: "
+              f"{'met' if t_one <= 0.3 else 'NOT met'}")
+        result = {
+            "hosts": len(names), "repeat": args.repeat,
+            "labforge_cli_all_s": t_cli, "labforge_lib_all_s": t_lib,
+            "cloud_localds_all_s": t_ds, "labforge_cli_one_s": t_one,
+            "invoke_list_s": t_floor, "labforge_lib_one_s": t_lib_one,
+            "cloud_localds_one_s": t_ds_one, "load_average": os.getloadavg(),
+            "ratio_cli": t_ds / t_cli, "ratio_lib": t_ds / t_lib,
+            "cloud_localds": subprocess.run(["dpkg-query", "-W", "-f=${Version}",
+                                             "cloud-image-utils"], capture_output=True,
+                                            text=True).stdout,
+        }
+        res_dir = ROOT / "benchmarks" / "results"
+        res_dir.mkdir(parents=True, exist_ok=True)
+        (res_dir / "seediso.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {res_dir / 'seediso.json'}")
+        return 0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Boot a host's disk under QEMU and prove that cloud-init applied its seed.
+
+``boot_check`` boots a throwaway overlay on top of the host's overlay
+(``artifacts/vms/<host>.qcow2`` is only read, never written) with the
+host's seed ISO as a CD-ROM, watches the serial console and passes when
+
+* cloud-init reports its final stage done (``Cloud-init v. ... finished at``),
+* the seed's marker line (:func:`builders.seediso.seed_marker`, printed by
+  the seed's last runcmd) appeared, and
+* every ``expect`` text appeared (for checks a lab adds to runcmd, e.g. the
+  hostname or a written file printed to the console).
+
+It times out with the last console lines.  KVM is used when it can run a
+guest here (probed once per process with a tiny SeaBIOS-only guest),
+otherwise TCG; ``LABFORGE_ACCEL=kvm|tcg`` overrides the probe.  The
+console of the last boot is kept in ``artifacts/logs/boot-<host>.console.log``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import re
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+from . import runner
+from .console import progress
+from .errors import LabError
+from .lab import Host, Lab
+from .outcome import Outcome
+from .overlays import overlay_path
+from .workspace import Workspace
+
+FINAL = re.compile(r"Cloud-init v\. \S+ finished at .*?Up ([\d.]+) seconds")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+TAIL = 15
+
+
+@functools.lru_cache(maxsize=None)
+def detect_accel() -> str:
+    """``kvm`` when KVM can run a guest here, else ``tcg``.
+
+    ``/dev/kvm`` existing is not enough (nested or restricted hosts abort or
+    hang): a firmware-only guest with ``-cpu host`` must reach SeaBIOS's
+    "no bootable device" and exit within seconds.
+    """
+    forced = os.environ.get("LABFORGE_ACCEL", "").strip().lower()
+    if forced in ("kvm", "tcg"):
+        return forced
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK) or shutil.which("qemu-system-x86_64") is None:
+        return "tcg"
+    with tempfile.TemporaryDirectory(prefix="labforge-kvm-") as tmp:
+        log = Path(tmp) / "bios.log"
+        try:
+            proc = runner.run(["qemu-system-x86_64", "-accel", "kvm", "-cpu", "host",
+                               "-machine", "q35", "-m", "64", "-nodefaults", "-display", "none",
+                               "-no-reboot", "-boot", "reboot-timeout=0",
+                               "-chardev", f"file,id=dbg,path={log}",
+                               "-device", "isa-debugcon,iobase=0x402,chardev=dbg"],
+                              timeout=20, check=False, what="probing KVM")
+        except LabError:
+            return "tcg"
+        text = log.read_text(errors="replace") if log.exists() else ""
+        return "kvm" if proc.returncode == 0 and "No bootable device" in text else "tcg"
+
+
+def _seed(lab: Lab, ws: Workspace, host: Host) -> tuple[Path, str]:
+    try:
+        from . import seediso
+    except ImportError:  # pragma: no cover - the seed module is another feature
+        raise LabError("boot-check: the seed ISO builder (builders/seediso.py) is missing") from None
+    path = seediso.seed_path(lab, ws, host)
+    if not path.is_file():
+        raise LabError(f"{path}: no seed for {host.name}; run `invoke seed-iso` first")
+    return path, seediso.seed_marker(lab, host, ws)
+
+
+def _clean(text: str) -> str:
+    return ANSI.sub("", text).replace("\r", "")
+
+
+def _tail(text: str, n: int = TAIL) -> list[str]:
+    lines = [ln.rstrip() for ln in _clean(text).splitlines() if ln.strip()]
+    return lines[-n:]
+
+
+def boot_check(lab: Lab, ws: Workspace, host: str, *, timeout: float = 900,
+               expect: Sequence[str] = (), accel: str | None = None,
+               memory: int = 1024) -> list[Outcome]:
+    """Boot ``host`` from a throwaway overlay and wait for cloud-init and the marker."""
+    h = lab.host(host)
+    overlay = overlay_path(ws, h)
+    if not overlay.is_file():
+        raise LabError(f"{overlay}: no overlay for {h.name}; run `invoke overlays` first")
+    seed, marker = _seed(lab, ws, h)
+    runner.require("qemu-system-x86_64")
+    runner.require("qemu-img")
+    accel = accel or detect_accel()
+    if accel not in ("kvm", "tcg"):
+        raise LabError(f"--accel: {accel!r} is not kvm or tcg")
+    console = ws.artifact_dir("logs") / f"boot-{h.name}.console.log"
+    console.unlink(missing_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=f"boot-{h.name}.", dir=ws.cache_dir("boot-check")))
+    disk = workdir / "disk.qcow2"
+    pidfile = workdir / "qemu.pid"
+    try:
+        runner.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", overlay.resolve(),
+                    "-F", "qcow2", disk], what="creating the throwaway overlay")
+        argv = ["qemu-system-x86_64", "-name", f"labforge-boot-{h.name}",
+                "-accel", accel, *(["-cpu", "host"] if accel == "kvm" else []),
+                "-smp", str(min(h.cpus, os.cpu_count() or 1, 2)), "-m", str(min(memory, h.memory)),
+                "-nodefaults", "-display", "none", "-no-reboot",
+                "-serial", f"file:{console}",
+                "-drive", f"file={disk},if=virtio,format=qcow2,cache=unsafe",
+                "-drive", f"file={seed},media=cdrom,readonly=on,format=raw",
+                "-nic", "user,model=virtio-net-pci" + (f",mac={h.mac}" if h.mac else ""),
+                "-pidfile", str(pidfile)]
+        return [_watch(h, argv, console, pidfile, marker, list(expect), timeout, accel)]
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _watch(h: Host, argv: list[str], console: Path, pidfile: Path, marker: str,
+           expect: list[str], timeout: float, accel: str) -> Outcome:
+    result: dict = {}
+
+    def work() -> None:
+        try:
+            result["proc"] = runner.run(argv, timeout=timeout + 120, check=False,
+                                        what=f"boot-check {h.name}")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            result["error"] = exc
+
+    thread = threading.Thread(target=work, daemon=True)
+    start = time.monotonic()
+    thread.start()
+    step = f"boot-check {h.name}"
+    text = ""
+    final_at = None
+    try:
+        with progress(f"{step} ({accel})", None, unit="s") as bar:
+            stage = None
+            while True:
+                thread.join(1.0)
+                with contextlib.suppress(OSError):
+                    text = _clean(console.read_text(errors="replace"))
+                now = _stage(text)
+                if now != stage:
+                    stage = now
+                    bar.set_description(now)
+                final = FINAL.search(text)
+                if final and final_at is None:
+                    final_at = time.monotonic()
+                missing = [e for e in [marker, *expect] if e not in text]
+                if final and not missing:
+                    secs = time.monotonic() - start
+                    return Outcome(step, "passed", [console],
+                                   f"cloud-init done, marker seen, {accel}, booted in {secs:.0f}s "
+                                   f"(guest uptime {float(final.group(1)):.0f}s)", secs)
+                if final_at is not None and time.monotonic() - final_at > 15:
+                    raise LabError(f"{step}: cloud-init finished but {missing[0]!r} never appeared "
+                                   "on the console: the seed was not applied as expected; "
+                                   f"console: {console}", _tail(text))
+                if not thread.is_alive():
+                    proc = result.get("proc")
+                    if "error" in result:
+                        raise result["error"]
+                    code = proc.returncode if proc else "?"
+                    err = _tail(proc.stderr.decode("utf-8", "replace"), 3) if proc and proc.stderr else []
+                    raise LabError(f"{step}: qemu exited (status {code}) before cloud-init finished; "
+                                   f"console: {console}", [*err, *_tail(text)])
+                if time.monotonic() - start > timeout:
+                    raise LabError(f"{step}: no cloud-init result within {timeout:.0f}s ({accel}); "
+                                   f"last console lines follow, full console: {console}",
+                                   _tail(text))
+    finally:
+        _stop(pidfile, thread)
+
+
+def _stage(text: str) -> str:
+    for needle, label in (("running 'modules:final'", "cloud-init final"),
+                          ("running 'modules:config'", "cloud-init config"),
+                          ("running 'init'", "cloud-init init"),
+                          ("running 'init-local'", "cloud-init init-local"),
+                          ("Linux version", "kernel booting"),
+                          ("GRUB", "bootloader")):
+        if needle in text:
+            return label
+    return "starting qemu"
+
+
+def _stop(pidfile: Path, thread: threading.Thread) -> None:
+    """Stop the QEMU this check started (by its pid file), then wait for it."""
+    if not thread.is_alive():
+        return
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(pidfile.read_text().strip())
+        os.kill(pid, signal.SIGTERM)
+    thread.join(30)
+    if thread.is_alive():
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
+        thread.join(10)
+

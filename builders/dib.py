@@ -1,0 +1,325 @@
+"""Run diskimage-builder (``disk-image-create``) the way labforge needs it.
+
+One function, :func:`disk_image_create`, used by the base image build and
+the amphora build.  It:
+
+* finds ``disk-image-create`` (the project's ``.venv-dib`` made by
+  ``scripts/setup.d/dib.sh``, else PATH) and puts its bin dir on PATH, so
+  DIB's helpers (dib-run-parts, dib-block-device, element-info) resolve;
+* sets the environment DIB needs on these machines: the Debian mirror and
+  security mirror of the machine's apt sources (or lab.yaml
+  ``build.debian_mirror`` / ``build.debian_security_mirror``), the CA bundle
+  of an HTTPS-intercepting proxy (``build.ca_bundle``), an image cache under
+  the workspace cache (``DIB_IMAGE_CACHE``, reused between builds) and a
+  temp dir on disk;
+* on kernels without device-mapper (``/dev/mapper/control`` absent) puts
+  ``dockerfiles/dib/bin`` first on PATH: stand-ins for kpartx/dmsetup built
+  on ``partx -a`` (and a sudo that keeps PATH).  Where device-mapper exists
+  nothing changes;
+* streams DIB's output to ``artifacts/logs/<name>.log`` and shows the
+  current phase (root.d, install.d, finalise.d, ...) as progress;
+* on failure raises one LabError naming the failing element script and
+  the log, with DIB's last lines, and leaves no partial output behind.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from . import runner
+from .console import progress
+from .errors import LabError
+from .lab import Lab
+from .workspace import PROJECT_DIR, Workspace
+
+STANDIN_DIR = PROJECT_DIR / "dockerfiles" / "dib" / "bin"
+DIB_VENV = PROJECT_DIR / ".venv-dib"
+DEFAULT_DATASOURCES = "NoCloud, ConfigDrive, OpenStack"
+
+_PHASE = re.compile(r"Running hooks from \S*/([a-z-]+)\.d\b")
+_SCRIPT = re.compile(r"dib-run-parts Running (\S+)")
+_DONE = re.compile(r"dib-run-parts (\S+) completed")
+
+
+def has_device_mapper() -> bool:
+    """True when the kernel offers device-mapper (kpartx/dmsetup work)."""
+    return Path("/dev/mapper/control").exists()
+
+
+def dib_executable() -> Path:
+    """``disk-image-create``: the project's .venv-dib, else PATH."""
+    candidate = DIB_VENV / "bin" / "disk-image-create"
+    if candidate.exists():
+        return candidate
+    found = shutil.which("disk-image-create")
+    if found:
+        return Path(found)
+    raise LabError("disk-image-create: not found; run `bash scripts/setup.sh` (its hook "
+                   "scripts/setup.d/dib.sh installs diskimage-builder into .venv-dib)")
+
+
+def dib_version() -> str | None:
+    """diskimage-builder's version (for manifests and input digests)."""
+    try:
+        exe = dib_executable()
+    except LabError:
+        return None
+    py = exe.parent / "python"
+    if not py.exists():
+        return runner.tool_version("disk-image-create")
+    try:
+        proc = runner.run([py, "-c", "import importlib.metadata as m;"
+                           "print(m.version('diskimage-builder'))"], check=False)
+    except LabError:
+        return None
+    out = proc.stdout.decode().strip()
+    return out or None
+
+
+# --------------------------------------------------------------------------
+# mirrors
+# --------------------------------------------------------------------------
+def apt_sources(root: Path = Path("/")) -> list[tuple[str, list[str]]]:
+    """(uri, suites) of every ``deb`` source of the machine's apt configuration."""
+    out: list[tuple[str, list[str]]] = []
+    listd = root / "etc/apt/sources.list.d"
+    for f in sorted(listd.glob("*.sources")) if listd.is_dir() else []:
+        try:
+            text = f.read_text()
+        except OSError:
+            continue
+        for stanza in re.split(r"\n\s*\n", text):
+            fields: dict[str, str] = {}
+            for line in stanza.splitlines():
+                if line.startswith("#") or ":" not in line or line[:1].isspace():
+                    continue
+                k, _, v = line.partition(":")
+                fields[k.strip().lower()] = v.strip()
+            if "deb" not in fields.get("types", "").split() or fields.get("enabled", "yes") == "no":
+                continue
+            for uri in fields.get("uris", "").split():
+                out.append((uri, fields.get("suites", "").split()))
+    lists = [root / "etc/apt/sources.list"]
+    lists += sorted(listd.glob("*.list")) if listd.is_dir() else []
+    for f in lists:
+        try:
+            lines = f.read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            parts = re.sub(r"\[[^]]*\]", "", line.split("#", 1)[0]).split()
+            if len(parts) >= 3 and parts[0] == "deb":
+                out.append((parts[1], [parts[2]]))
+    return out
+
+
+def debian_mirrors(lab: Lab, root: Path = Path("/")) -> tuple[str, str]:
+    """(main mirror, security mirror) for Debian builds.
+
+    lab.yaml ``build.debian_mirror`` / ``build.debian_security_mirror`` win;
+    else the machine's apt sources; else deb.debian.org.  A security mirror
+    not given is the main mirror's ``-security`` sibling (the layout of
+    deb.debian.org and most mirrors), never security.debian.org, which
+    machines behind a proxy often cannot reach.
+    """
+    main = lab.build.debian_mirror
+    sec = lab.build.debian_security_mirror
+    sources = apt_sources(root)
+    if main is None:
+        for uri, suites in sources:
+            if any(not s.endswith("-security") for s in suites) and "ubuntu" not in uri:
+                main = uri
+                break
+    if sec is None:
+        for uri, suites in sources:
+            if any(s.endswith("-security") for s in suites) and "ubuntu" not in uri:
+                sec = uri
+                break
+    main = (main or "http://deb.debian.org/debian").rstrip("/")
+    if sec is None:
+        sec = main + "-security" if main.endswith("/debian") else "http://deb.debian.org/debian-security"
+    return main, sec.rstrip("/")
+
+
+def ca_bundle(lab: Lab) -> Path | None:
+    """The CA bundle builds trust (build.ca_bundle); None when unset."""
+    value = lab.build.ca_bundle
+    if not value:
+        return None
+    path = lab.path(value)
+    if not path.is_file():
+        raise LabError(f"{lab.source.name}: build.ca_bundle: {path} does not exist; "
+                       "give the CA bundle of your HTTPS proxy or set it to null")
+    return path
+
+
+def dib_env(lab: Lab, ws: Workspace, elements: Sequence[str],
+            extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for one disk-image-create run (without PATH)."""
+    main, sec = debian_mirrors(lab)
+    env = {
+        "DIB_DISTRIBUTION_MIRROR": main,
+        "DIB_DEBIAN_MIRROR": main,                      # older DIB releases
+        "DIB_DEBIAN_SECURITY_MIRROR": sec,
+        "DIB_IMAGE_CACHE": str(ws.cache_dir("dib", "image-cache")),
+        "TMP_DIR": str(ws.cache_dir("dib", "tmp")),
+        "DIB_NO_TMPFS": "1",                            # machines are shared: disk, not RAM
+        "DIB_SHOW_IMAGE_USAGE": "0",
+        "LANG": "C.UTF-8",
+    }
+    if "cloud-init-datasources" in elements:
+        env["DIB_CLOUD_INIT_DATASOURCES"] = DEFAULT_DATASOURCES
+    if lab.build.ubuntu_mirror:
+        env["DIB_UBUNTU_MIRROR"] = lab.build.ubuntu_mirror
+    bundle = ca_bundle(lab)
+    if bundle is not None:
+        for var in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "PIP_CERT"):
+            env[var] = str(bundle)
+    if lab.build.pip_index:
+        env["PIP_INDEX_URL"] = lab.build.pip_index
+    env.update(extra or {})
+    return env
+
+
+# --------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------
+def disk_image_create(lab: Lab, ws: Workspace, *, name: str, elements: Sequence[str],
+                      output: Path, image_type: str = "qcow2", packages: Sequence[str] = (),
+                      image_size: int | None = None, elements_path: Sequence[Path] = (),
+                      env: Mapping[str, str] | None = None, extra_args: Sequence[str] = (),
+                      label: str | None = None) -> Path:
+    """Build ``output`` with disk-image-create; return the log path.
+
+    ``name`` names the log (``artifacts/logs/<name>.log``).  ``output`` is
+    written atomically: DIB builds into a temporary directory next to it
+    and the image is renamed into place only when DIB succeeded.
+    """
+    exe = dib_executable()
+    if os.geteuid() != 0:
+        raise LabError(f"{name}: diskimage-builder needs root (loop devices, chroot, mount); "
+                       "run the task as root")
+    for tool in ("qemu-img", "debootstrap"):
+        runner.require(tool)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    log_path = ws.artifact_dir("logs") / f"{name}.log"
+
+    full_env = dib_env(lab, ws, elements, env)
+    path = [str(exe.parent), os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")]
+    if not has_device_mapper():
+        path.insert(0, str(STANDIN_DIR))
+    full_env["PATH"] = os.pathsep.join(path)
+    if elements_path:
+        full_env["ELEMENTS_PATH"] = os.pathsep.join(str(p) for p in elements_path)
+
+    workdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".dib", dir=output.parent))
+    argv = [str(exe), "-t", image_type, "-o", str(workdir / "image"), "--no-tmpfs"]
+    if image_size:
+        argv += ["--image-size", str(image_size)]
+    if packages:
+        argv += ["-p", ",".join(packages)]
+    argv += [*extra_args, *elements]
+    built = workdir / f"image.{image_type}"
+
+    result: dict = {}
+
+    def work() -> None:
+        with open(log_path, "wb") as fh:
+            fh.write(("# " + runner.display(argv) + "\n").encode())
+            fh.flush()
+            try:
+                result["proc"] = runner.run(argv, env=full_env, stdout=fh,
+                                            stderr=subprocess.STDOUT, check=False,
+                                            what=label or name)
+            except BaseException as exc:  # noqa: BLE001 - reported by the caller thread
+                result["error"] = exc
+
+    try:
+        thread = threading.Thread(target=work, daemon=True)
+        with progress(label or f"{name}: diskimage-builder", None, unit="phase") as bar:
+            thread.start()
+            phase = None
+            while thread.is_alive():
+                thread.join(2.0)
+                now = _current_phase(log_path)
+                if now and now != phase:
+                    phase = now
+                    bar.set_description(phase)
+        if "error" in result:
+            raise result["error"]
+        proc = result["proc"]
+        if proc.returncode != 0 or not built.exists():
+            raise _failure(label or name, log_path, proc.returncode)
+        os.replace(built, output)
+    finally:
+        # DIB's own temp dirs are under TMP_DIR (cache/dib/tmp) and removed by
+        # DIB; ours holds only the image being built.  A previous good output
+        # is never touched on failure.
+        shutil.rmtree(workdir, ignore_errors=True)
+    return log_path
+
+
+def _read_tail(path: Path, size: int = 256 * 1024) -> list[str]:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            end = fh.tell()
+            fh.seek(max(0, end - size))
+            data = fh.read()
+    except OSError:
+        return []
+    return data.decode("utf-8", "replace").splitlines()
+
+
+def _current_phase(log_path: Path) -> str | None:
+    """'install.d: 50-cloud-init' from the last lines of a DIB log."""
+    phase = script = None
+    for line in _read_tail(log_path, 64 * 1024):
+        m = _PHASE.search(line)
+        if m:
+            phase, script = m.group(1) + ".d", None
+        m = _SCRIPT.search(line)
+        if m:
+            script = Path(m.group(1)).name
+            phase = Path(m.group(1)).parent.name or phase
+        if "Converting image using qemu-img" in line:
+            phase, script = "converting the image (qemu-img convert)", None
+    if phase is None:
+        return None
+    return f"{phase}: {script}" if script else phase
+
+
+def failing_script(lines: Sequence[str]) -> str | None:
+    """The element script that was running when DIB stopped (no 'completed')."""
+    running: str | None = None
+    for line in lines:
+        m = _SCRIPT.search(line)
+        if m:
+            running = m.group(1)
+            continue
+        m = _DONE.search(line)
+        if m and running and Path(running).name == m.group(1):
+            running = None
+    if running is None:
+        return None
+    p = Path(running)
+    return f"{p.parent.name}/{p.name}"
+
+
+def _failure(what: str, log_path: Path, code: int) -> LabError:
+    lines = _read_tail(log_path)
+    script = failing_script(lines)
+    stamp = re.compile(r"^\d{4}-\d\d-\d\d [\d:.]+ \| ")
+    tail = [stamp.sub("", ln.rstrip()) for ln in lines
+            if ln.strip() and "PROFILING" not in ln and "INFO diskimage_builder" not in ln]
+    tail = tail[-runner.TAIL_LINES:]
+    where = f"element script {script} failed" if script else f"disk-image-create exited {code}"
+    return LabError(f"{what}: {where}; full log: {log_path}", tail)

@@ -1,0 +1,157 @@
+"""Per-VM copy-on-write disks: ``artifacts/vms/<host>.qcow2``.
+
+Each host's overlay is a qcow2 backed by its base image
+(``artifacts/images/<host.image>.qcow2``) with an explicit backing format
+(``-F qcow2``: qemu never probes a backing file's format) and the host's
+disk size from lab.yaml, as ``qemu-img create -b`` or ``virsh vol-create-as
+--backing-vol`` make it.  The backing file is recorded relative to the
+overlay (``../images/debian-12.qcow2``), so artifacts/ can be moved or
+published as a tree.
+
+Creating an overlay writes only qcow2 metadata, so it takes the same time
+for a 1 GB and a 100 GB base.
+
+An overlay a VM has written to holds the user's data: when its inputs
+change (a new base image, another disk size) it is not recreated unless
+``force`` is given.  "Written to" is read from the overlay itself: a fresh
+overlay has no data clusters of its own (``qemu-img map``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from . import runner
+from .baseimage import qemu_info
+from .errors import LabError
+from .fsutil import atomic_path, sha256_file
+from .lab import Host, Lab
+from .manifest import Manifest, input_digest
+from .outcome import Outcome
+from .workspace import BuildLock, Workspace
+
+GiB = 1 << 30
+
+
+def overlay_path(ws: Workspace, host: Host | str) -> Path:
+    name = host if isinstance(host, str) else host.name
+    return ws.artifacts / "vms" / f"{name}.qcow2"
+
+
+def base_path(ws: Workspace, host: Host) -> Path:
+    return ws.artifacts / "images" / f"{host.image}.qcow2"
+
+
+def written_bytes(path: Path) -> int:
+    """Bytes of guest data stored in the overlay itself (not in its backing chain)."""
+    proc = runner.run(["qemu-img", "map", "-U", "--output=json", path],
+                      what=f"reading {path.name}")
+    total = 0
+    for ext in json.loads(proc.stdout):
+        if ext.get("depth") == 0 and ext.get("data"):
+            total += int(ext["length"])
+    return total
+
+
+def _check_base(lab: Lab, ws: Workspace, host: Host, manifest: Manifest) -> tuple[Path, dict, str]:
+    base = base_path(ws, host)
+    where = f"{lab.source.name}: hosts.{host.name}"
+    if not base.is_file():
+        raise LabError(f"{where}.image: {base} does not exist; run `invoke base-image` "
+                       f"(or put a qcow2 named {host.image}.qcow2 there)")
+    info = qemu_info(base)
+    fmt = info.get("format")
+    if fmt != "qcow2":
+        raise LabError(f"{where}.image: {base} is {fmt}, not qcow2; convert it with "
+                       f"`qemu-img convert -O qcow2 {base.name} ...` or rebuild it with "
+                       "`invoke base-image`")
+    vsize = int(info["virtual-size"])
+    if host.disk * GiB < vsize:
+        raise LabError(f"{where}.disk: {host.disk} GiB is smaller than the base image "
+                       f"{base.name} ({vsize / GiB:.1f} GiB); set it to at least "
+                       f"{-(-vsize // GiB)}")
+    rec = manifest.get(base)
+    if rec is not None and manifest.intact(base, rec):
+        sha = rec["sha256"]
+    else:
+        sha = sha256_file(base)
+    return base, info, sha
+
+
+def build_overlays(lab: Lab, ws: Workspace, *, hosts: list[str] | None = None,
+                   force: bool = False) -> list[Outcome]:
+    """Create the overlay of each host (default: all); see the module doc."""
+    names = list(dict.fromkeys(hosts)) if hosts else [h.name for h in lab.hosts]
+    chosen = [lab.host(n) for n in names]
+    if not chosen:
+        raise LabError(f"{lab.source.name}: hosts: the lab has no hosts; nothing to do")
+    runner.require("qemu-img")
+    manifest = Manifest(ws.artifacts)
+    outcomes = []
+    with BuildLock(ws):
+        # check every host before writing anything
+        plans = []
+        for h in chosen:
+            base, info, sha = _check_base(lab, ws, h, manifest)
+            # only this host's own settings and the base's content
+            digest = input_digest("overlay", h.name, h.image, h.disk, sha)
+            plans.append((h, base, sha, digest))
+        for h, base, sha, digest in plans:
+            outcomes.append(_one(lab, ws, manifest, h, base, sha, digest, force))
+    return outcomes
+
+
+def _one(lab: Lab, ws: Workspace, manifest: Manifest, h: Host, base: Path, sha: str,
+         digest: str, force: bool) -> Outcome:
+    target = overlay_path(ws, h)
+    step = f"overlay {h.name}"
+    rec = manifest.get(target)
+    if target.exists():
+        used = written_bytes(target)
+        same = rec is not None and rec.get("input_digest") == digest
+        if same and (used or manifest.intact(target, rec)) and not force:
+            detail = f"a VM has written {used / 2**20:.0f} MiB, kept" if used else ""
+            return Outcome(step, "up to date", [target], detail)
+        if used and not force:
+            why = "its base image changed" if rec and rec.get("meta", {}).get(
+                "backing_sha256") != sha else "its settings changed"
+            raise LabError(f"{target}: a VM has written {used / 2**20:.0f} MiB to this overlay "
+                           f"and {why}; it holds that VM's data: rerun with --force to discard "
+                           "it and start from the base image")
+    start = time.monotonic()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    backing = os.path.relpath(base, target.parent)
+    with atomic_path(target) as tmp:
+        runner.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2",
+                    tmp, f"{h.disk}G"], cwd=target.parent, what=f"creating {target.name}")
+        chain = [target.name, *check_chain(tmp, base, h.disk * GiB)[1:]]
+    secs = time.monotonic() - start
+    manifest.record(target, "overlay", digest, tools={"qemu-img": runner.tool_version("qemu-img")},
+                    meta={"host": h.name, "backing": backing, "backing_format": "qcow2",
+                          "backing_sha256": sha, "virtual_size": h.disk * GiB,
+                          "chain": chain})
+    return Outcome(step, "built", [target], f"{h.disk} GiB, backed by {base.name}", secs)
+
+
+def check_chain(overlay: Path, base: Path, size: int) -> list[str]:
+    """Confirm with ``qemu-img info --backing-chain`` that ``overlay`` is a
+    qcow2 of ``size`` bytes backed by the qcow2 ``base``; return the chain."""
+    proc = runner.run(["qemu-img", "info", "-U", "--backing-chain", "--output=json", overlay],
+                      what=f"checking {overlay.name}")
+    chain = json.loads(proc.stdout)
+    top = chain[0]
+    problems = []
+    if top.get("format") != "qcow2":
+        problems.append(f"format {top.get('format')}")
+    if int(top.get("virtual-size", 0)) != size:
+        problems.append(f"virtual size {top.get('virtual-size')} != {size}")
+    if top.get("backing-filename-format") != "qcow2":
+        problems.append("no explicit backing format")
+    if len(chain) < 2 or Path(chain[1]["filename"]).resolve() != base.resolve():
+        problems.append(f"backing file is {top.get('full-backing-filename')}, not {base}")
+    if problems:
+        raise LabError(f"{overlay}: qemu-img reports a wrong chain: {'; '.join(problems)}")
+    return [Path(c["filename"]).name for c in chain]

@@ -1,0 +1,128 @@
+"""Helpers for the image tests: a local HTTP image mirror and lab files."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import http.server
+import subprocess
+import threading
+from pathlib import Path
+
+import yaml
+
+from builders import lab as labmod
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class MirrorHandler(http.server.BaseHTTPRequestHandler):
+    """Serves files from ``server.root``; honours ``Range: bytes=N-``; can
+    drop the connection once, after ``server.drop_after`` bytes of a file."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+    def do_GET(self):  # noqa: N802 - http.server API
+        self.server.requests.append((self.path, self.headers.get("Range")))
+        path = self.server.root / self.path.lstrip("/")
+        if not path.is_file():
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        start = 0
+        rng = self.headers.get("Range")
+        if rng and self.server.ranges:
+            start = int(rng.split("=", 1)[1].split("-", 1)[0])
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+        drop = self.server.drop_after
+        if drop is not None and path.suffix in (".qcow2", ".img") and len(body) > drop:
+            self.server.drop_after = None               # only once
+            self.wfile.write(body[:drop])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
+        self.wfile.write(body)
+
+
+class Mirror(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, root: Path):
+        super().__init__(("127.0.0.1", 0), MirrorHandler)
+        self.root = root
+        self.drop_after: int | None = None
+        self.ranges = True
+        self.requests: list = []
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/"
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+def make_qcow2(path: Path, size: str = "64M", data_mib: int = 0) -> Path:
+    """A small qcow2 (``data_mib`` MiB of random data written into it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), size], check=True)
+    if data_mib:
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a 0 {data_mib}M", str(path)],
+                       check=True, capture_output=True)
+    return path
+
+
+def publish_debian(root: Path, version: str = "12", data_mib: int = 3,
+                   wrong_sum: bool = False) -> tuple[Path, str]:
+    """Lay out a Debian cloud image directory like cloud.debian.org's."""
+    name = f"debian-{version}-genericcloud-amd64.qcow2"
+    img = make_qcow2(root / name, "1G", data_mib)
+    digest = hashlib.sha512(img.read_bytes()).hexdigest()
+    listed = ("0" * 128) if wrong_sum else digest
+    (root / "SHA512SUMS").write_text(f"{'1' * 128}  debian-{version}-generic-amd64.qcow2\n"
+                                     f"{listed}  {name}\n")
+    return img, digest
+
+
+def lab_file(tmp_path: Path, changes: dict, name: str = "lab.yaml") -> Path:
+    """The default lab with ``changes`` merged in (one level deep per section)."""
+    data = yaml.safe_load((ROOT / "lab.yaml").read_text())
+    data = copy.deepcopy(data)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            merged = dict(data[key])
+            for k, v in value.items():
+                if isinstance(v, dict) and isinstance(merged.get(k), dict):
+                    merged[k] = {**merged[k], **v}
+                else:
+                    merged[k] = v
+            data[key] = merged
+        else:
+            data[key] = value
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data, sort_keys=False))
+    return p
+
+
+def load_lab(tmp_path: Path, changes: dict, name: str = "lab.yaml") -> labmod.Lab:
+    return labmod.load(lab_file(tmp_path, changes, name))

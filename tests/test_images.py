@@ -1,0 +1,357 @@
+"""Base images (download source), overlays, the DIB runner and its
+device-mapper stand-ins, boot-check plumbing.  Real qemu-img, a real HTTP
+server on 127.0.0.1, real loop devices; the minutes-long DIB build and VM
+boot are in test_images_e2e.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from builders import baseimage, dib, overlays
+from builders.errors import LabError
+from builders.fsutil import sha256_file
+from builders.manifest import Manifest
+from conftest import assert_one_line_error
+from imagetools import Mirror, lab_file, load_lab, make_qcow2, publish_debian
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def mirror(tmp_path):
+    root = tmp_path / "mirror"
+    root.mkdir()
+    srv = Mirror(root)
+    yield srv
+    srv.close()
+
+
+@pytest.fixture(autouse=True)
+def fast_retries(monkeypatch):
+    monkeypatch.setattr(baseimage, "BACKOFF", 0.05)
+
+
+def _download_lab(tmp_path, url, release="12"):
+    return load_lab(tmp_path, {"base_image": {"source": "download", "distro": "debian",
+                                              "release": release, "url": url}})
+
+
+# --------------------------------------------------------------------------
+# download
+# --------------------------------------------------------------------------
+@pytest.mark.integration
+def test_download_verifies_and_records(tmp_path, ws, mirror):
+    img, digest = publish_debian(mirror.root)
+    lab = _download_lab(tmp_path, mirror.url)
+    [out] = baseimage.build_base_image(lab, ws)
+    target = ws.artifacts / "images" / "debian-12.qcow2"
+    assert out.status == "built" and out.paths == [target]
+    assert sha256_file(target) == sha256_file(img)
+    rec = Manifest(ws.artifacts).get(target)
+    assert rec["sha256"] == sha256_file(target)
+    assert rec["meta"]["virtual_size"] == 1 << 30 and rec["meta"]["sha512"] == digest
+    assert rec["meta"]["source"] == "download" and rec["kind"] == "base-image"
+    assert not list((ws.cache / "downloads").rglob("*.part"))
+    # unchanged inputs: no network at all
+    n = len(mirror.requests)
+    [again] = baseimage.build_base_image(lab, ws)
+    assert again.status == "up to date" and len(mirror.requests) == n
+
+
+@pytest.mark.integration
+def test_dropped_connection_is_resumed_with_range(tmp_path, ws, mirror):
+    img, _ = publish_debian(mirror.root, data_mib=3)
+    mirror.drop_after = 1 << 20                  # the first transfer dies after 1 MiB
+    lab = _download_lab(tmp_path, mirror.url)
+    baseimage.build_base_image(lab, ws)
+    target = ws.artifacts / "images" / "debian-12.qcow2"
+    assert sha256_file(target) == sha256_file(img)
+    image_requests = [r for r in mirror.requests if r[0].endswith(".qcow2")]
+    assert image_requests[0][1] is None
+    assert image_requests[1][1] == f"bytes={1 << 20}-"     # resumed, not restarted
+
+
+@pytest.mark.integration
+def test_part_file_from_an_interrupted_run_is_resumed(tmp_path, ws, mirror):
+    img, digest = publish_debian(mirror.root, data_mib=2)
+    dest = ws.cache_dir("downloads") / img.name
+    part = dest.with_name(dest.name + ".part")
+    part.write_bytes(img.read_bytes()[:500_000])   # what a killed run left
+    baseimage.download(mirror.url + img.name, dest, expected=digest, algo="sha512")
+    assert sha256_file(dest) == sha256_file(img) and not part.exists()
+    assert mirror.requests[-1][1] == "bytes=500000-"
+
+
+@pytest.mark.integration
+def test_server_without_range_support_starts_over(tmp_path, ws, mirror):
+    img, digest = publish_debian(mirror.root, data_mib=2)
+    mirror.ranges = False
+    mirror.drop_after = 700_000
+    dest = ws.cache_dir("downloads") / img.name
+    baseimage.download(mirror.url + img.name, dest, expected=digest, algo="sha512",
+                       backoff=0.05)
+    assert sha256_file(dest) == sha256_file(img)
+
+
+@pytest.mark.integration
+def test_wrong_checksum_is_rejected_and_nothing_is_left(tmp_path, ws, mirror, cli):
+    publish_debian(mirror.root, wrong_sum=True)
+    lab = lab_file(tmp_path, {"base_image": {"source": "download", "url": mirror.url}})
+    proc = cli("base-image", "--lab", str(lab))
+    # download progress lines come first; then exactly one error line
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and proc.stderr.rstrip().splitlines()[-1] == errors[0]
+    assert "sha512 checksum mismatch" in errors[0] and "deleted" in errors[0]
+    assert not (ws.artifacts / "images" / "debian-12.qcow2").exists()
+    leftovers = [p for p in ws.root.rglob("*") if p.is_file() and p.suffix in (".part", ".qcow2")]
+    assert leftovers == []
+
+
+def test_unknown_release_is_one_line(tmp_path, cli):
+    lab = lab_file(tmp_path, {"base_image": {"source": "download", "release": "7"}})
+    assert_one_line_error(cli("base-image", "--lab", str(lab)),
+                          "base_image.release: '7' is not a known debian release", "12 (bookworm)")
+
+
+def test_unreachable_mirror_is_one_line(tmp_path, cli):
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()                                    # nothing listens there now
+    lab = lab_file(tmp_path, {"base_image": {"source": "download",
+                                             "url": f"http://127.0.0.1:{port}/debian/"}})
+    proc = cli("base-image", "--lab", str(lab))
+    assert_one_line_error(proc, f"127.0.0.1:{port}", "connection refused", "base_image.url")
+
+
+def test_release_names_and_upstream_urls():
+    rel = baseimage.Release("debian", "12", "bookworm")
+    assert baseimage.remote_names(rel) == ("debian-12-genericcloud-amd64.qcow2", "SHA512SUMS", "sha512")
+    u = baseimage.Release("ubuntu", "24.04", "noble")
+    assert baseimage.remote_names(u) == ("noble-server-cloudimg-amd64.img", "SHA256SUMS", "sha256")
+
+
+def test_release_accepts_codename(tmp_path):
+    lab = load_lab(tmp_path, {"base_image": {"distro": "ubuntu", "release": "noble"}})
+    assert baseimage.release(lab).name == "ubuntu-24.04"
+    assert baseimage._base_url(lab, baseimage.release(lab)) == \
+        "https://cloud-images.ubuntu.com/noble/current/"
+
+
+# --------------------------------------------------------------------------
+# overlays
+# --------------------------------------------------------------------------
+def _base(ws, name="debian-12", size="1G", fmt="qcow2"):
+    path = ws.artifacts / "images" / f"{name}.qcow2"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "qcow2":
+        make_qcow2(path, size)
+    else:
+        subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(path), size], check=True)
+    return path
+
+
+def _info(path):
+    out = subprocess.run(["qemu-img", "info", "-U", "--backing-chain", "--output=json", str(path)],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+@pytest.mark.integration
+def test_overlays_for_the_default_lab(ws, default_lab):
+    base = _base(ws)
+    outs = overlays.build_overlays(default_lab, ws)
+    assert [o.status for o in outs] == ["built"] * 3
+    for h in default_lab.hosts:
+        ov = ws.artifacts / "vms" / f"{h.name}.qcow2"
+        chain = _info(ov)
+        assert chain[0]["format"] == "qcow2" and chain[0]["virtual-size"] == h.disk << 30
+        assert chain[0]["backing-filename"] == "../images/debian-12.qcow2"
+        assert chain[0]["backing-filename-format"] == "qcow2"
+        assert Path(chain[1]["filename"]).resolve() == base.resolve()
+        rec = Manifest(ws.artifacts).get(ov)
+        assert rec["kind"] == "overlay" and rec["meta"]["backing_sha256"] == sha256_file(base)
+    assert [o.status for o in overlays.build_overlays(default_lab, ws)] == ["up to date"] * 3
+
+
+@pytest.mark.integration
+def test_changing_one_host_rebuilds_only_its_overlay(tmp_path, ws):
+    _base(ws)
+    lab = load_lab(tmp_path, {})
+    overlays.build_overlays(lab, ws)
+    lab2 = load_lab(tmp_path, {"hosts": {"broker2": {"ip": "10.100.0.12", "disk": 30,
+                                                     "mac": "52:54:00:64:00:0c"}}}, "lab2.yaml")
+    assert [(o.step, o.status) for o in overlays.build_overlays(lab2, ws)] == [
+        ("overlay broker1", "up to date"), ("overlay broker2", "built"),
+        ("overlay broker3", "up to date")]
+    assert _info(ws.artifacts / "vms" / "broker2.qcow2")[0]["virtual-size"] == 30 << 30
+
+
+@pytest.mark.integration
+def test_new_base_invalidates_overlays(ws, default_lab):
+    base = _base(ws)
+    overlays.build_overlays(default_lab, ws)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 0 64k", str(base)],
+                   check=True, capture_output=True)
+    assert {o.status for o in overlays.build_overlays(default_lab, ws)} == {"built"}
+
+
+@pytest.mark.integration
+def test_overlay_a_vm_wrote_to_is_kept_unless_forced(ws, default_lab):
+    base = _base(ws)
+    overlays.build_overlays(default_lab, ws, hosts=["broker1"])
+    ov = ws.artifacts / "vms" / "broker1.qcow2"
+    # the VM writes 1 MiB
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 7 0 1M", str(ov)],
+                   check=True, capture_output=True)
+    [same] = overlays.build_overlays(default_lab, ws, hosts=["broker1"])
+    assert same.status == "up to date" and "written" in same.detail
+    # a new base would discard the VM's data: refused
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 0 64k", str(base)],
+                   check=True, capture_output=True)
+    with pytest.raises(LabError, match="a VM has written 1 MiB.*--force"):
+        overlays.build_overlays(default_lab, ws, hosts=["broker1"])
+    assert overlays.written_bytes(ov) == 1 << 20
+    [forced] = overlays.build_overlays(default_lab, ws, hosts=["broker1"], force=True)
+    assert forced.status == "built" and overlays.written_bytes(ov) == 0
+
+
+@pytest.mark.integration
+def test_overlay_creation_does_not_copy_the_base(ws, default_lab):
+    _base(ws, size="10G")
+    make_qcow2(ws.artifacts / "images" / "debian-12.qcow2", "10G", data_mib=8)
+    overlays.build_overlays(default_lab, ws, hosts=["broker1"])
+    assert (ws.artifacts / "vms" / "broker1.qcow2").stat().st_size < 1 << 20
+
+
+@pytest.mark.integration
+def test_base_not_qcow2_is_one_line(ws, cli):
+    _base(ws, fmt="raw")
+    assert_one_line_error(cli("overlays"), "debian-12.qcow2 is raw, not qcow2", "qemu-img convert")
+    assert not (ws.artifacts / "vms").exists() or not list((ws.artifacts / "vms").iterdir())
+
+
+@pytest.mark.integration
+def test_disk_smaller_than_base_is_one_line(ws, cli):
+    _base(ws, size="25G")
+    assert_one_line_error(cli("overlays"), "hosts.broker1.disk: 20 GiB is smaller than the base "
+                          "image debian-12.qcow2 (25.0 GiB)", "at least 25")
+    assert not (ws.artifacts / "vms").exists() or not list((ws.artifacts / "vms").iterdir())
+
+
+def test_missing_base_is_one_line(cli):
+    assert_one_line_error(cli("overlays"), "debian-12.qcow2 does not exist", "invoke base-image")
+
+
+# --------------------------------------------------------------------------
+# diskimage-builder runner and the device-mapper stand-ins
+# --------------------------------------------------------------------------
+def test_mirrors_come_from_apt_sources(tmp_path):
+    root = tmp_path / "root"
+    (root / "etc/apt/sources.list.d").mkdir(parents=True)
+    (root / "etc/apt/sources.list.d/debian.sources").write_text(
+        "Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\n"
+        "Components: main\n\nTypes: deb\nURIs: http://mirror.example/debian-security\n"
+        "Suites: bookworm-security\nComponents: main\n")
+    lab = load_lab(tmp_path, {})
+    assert dib.debian_mirrors(lab, root) == ("http://mirror.example/debian",
+                                             "http://mirror.example/debian-security")
+    (root / "etc/apt/sources.list.d/debian.sources").unlink()
+    (root / "etc/apt/sources.list").write_text("deb [arch=amd64] http://m.example/debian bookworm main\n")
+    assert dib.debian_mirrors(lab, root) == ("http://m.example/debian",
+                                             "http://m.example/debian-security")
+    lab = load_lab(tmp_path, {"build": {"debian_mirror": "http://x/debian",
+                                        "debian_security_mirror": "http://y/sec"}})
+    assert dib.debian_mirrors(lab, root) == ("http://x/debian", "http://y/sec")
+
+
+def test_dib_env_has_what_debian_minimal_needs(tmp_path, ws):
+    lab = load_lab(tmp_path, {})
+    env = dib.dib_env(lab, ws, ["debian-minimal", "cloud-init-datasources"])
+    assert env["DIB_DEBIAN_SECURITY_MIRROR"].endswith("-security")
+    assert env["DIB_CLOUD_INIT_DATASOURCES"] == "NoCloud, ConfigDrive, OpenStack"
+    assert env["DIB_IMAGE_CACHE"].startswith(str(ws.cache))
+    assert env["REQUESTS_CA_BUNDLE"] == "/etc/ssl/certs/ca-certificates.crt"
+
+
+def test_dib_failure_names_the_script():
+    log = ["2026 | dib-run-parts Running /tmp/in_target.d/install.d/01-package-installs",
+           "2026 | dib-run-parts 01-package-installs completed",
+           "2026 | dib-run-parts Running /tmp/in_target.d/install.d/50-cloud-init",
+           "E: Unable to locate package nope"]
+    assert dib.failing_script(log) == "install.d/50-cloud-init"
+    assert dib.failing_script(log[:2]) is None
+
+
+@pytest.mark.integration
+def test_dib_failure_is_one_line_with_the_log(tmp_path, ws):
+    lab = load_lab(tmp_path, {})
+    out = ws.artifacts / "images" / "x.qcow2"
+    with pytest.raises(LabError) as err:
+        dib.disk_image_create(lab, ws, name="bad", elements=["no-such-element"], output=out)
+    assert "artifacts/logs/bad.log" in str(err.value) or "bad.log" in str(err.value)
+    assert (ws.artifacts / "logs" / "bad.log").exists()
+    assert not out.exists() and list((ws.artifacts / "images").iterdir()) == []
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0, reason="loop devices need root")
+def test_kpartx_dmsetup_standins_map_loop_partitions(tmp_path):
+    """The stand-ins do what DIB asks of kpartx/dmsetup, with partx."""
+    img = tmp_path / "disk.img"
+    with open(img, "wb") as fh:
+        fh.truncate(48 << 20)
+    subprocess.run(["sgdisk", str(img), "-n", "1:0:+16M", "-t", "1:8300", "-n", "2:0:+16M",
+                    "-t", "2:8300"], check=True, capture_output=True)
+    loop = subprocess.run(["losetup", "--show", "-f", str(img)], check=True, capture_output=True,
+                          text=True).stdout.strip()
+    name = loop.removeprefix("/dev/")
+    env = dict(os.environ, PATH=f"{dib.STANDIN_DIR}:{os.environ['PATH']}")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        out = subprocess.run(["sudo", "kpartx", "-uvs", loop], env=env, check=True,
+                             capture_output=True, text=True).stdout
+        assert f"add map {name}p1" in out and f"add map {name}p2" in out
+        p1 = Path(f"/dev/mapper/{name}p1")
+        assert p1.is_block_device()
+        subprocess.run(["mkfs.ext4", "-q", str(p1)], check=True)
+        subprocess.run(["mount", str(p1), str(mnt)], check=True)
+        (mnt / "hello").write_text("hi")
+        subprocess.run(["umount", str(mnt)], check=True)
+        subprocess.run(["dmsetup", "--noudevsync", "mknodes"], env=env, check=True)
+        subprocess.run(["dmsetup", "remove", f"{name}p2"], env=env, check=True)
+        assert not Path(f"/dev/mapper/{name}p2").exists()
+        subprocess.run(["kpartx", "-d", loop], env=env, check=True)
+        assert not p1.exists() and not Path(f"/sys/block/{name}/{name}p1").exists()
+        bad = subprocess.run(["dmsetup", "create", "x"], env=env, capture_output=True, text=True)
+        assert bad.returncode != 0 and "not supported" in bad.stderr
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+        subprocess.run([str(dib.STANDIN_DIR / "kpartx"), "-d", loop], capture_output=True)
+        subprocess.run(["losetup", "-d", loop], capture_output=True)
+
+
+# --------------------------------------------------------------------------
+# boot-check plumbing (the boot itself is in test_images_e2e.py)
+# --------------------------------------------------------------------------
+@pytest.mark.integration
+def test_accel_detection_picks_a_working_accelerator():
+    from builders.bootcheck import detect_accel
+    assert detect_accel() in ("kvm", "tcg")
+
+
+def test_boot_check_without_overlay_is_one_line(cli):
+    assert_one_line_error(cli("boot-check", "--host", "broker1"), "broker1.qcow2",
+                          "invoke overlays")
+
+
+def test_boot_check_unknown_host_is_one_line(cli):
+    assert_one_line_error(cli("boot-check", "--host", "nope"), "no host named 'nope'")
