@@ -27,6 +27,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -89,6 +90,20 @@ def agent_conf(lab: Lab, amphora_id: str, heartbeat_key: str) -> str:
     ])
 
 
+MGMT_MAC = "fa:16:3e:4c:00:01"     # Nova's MAC prefix; the management port
+
+
+def network_data() -> dict:
+    """Nova's network_data.json for one management port using DHCP (QEMU user net)."""
+    return {
+        "links": [{"id": "tap-lb-mgmt", "type": "ovs", "vif_id": str(uuid.uuid4()),
+                   "ethernet_mac_address": MGMT_MAC, "mtu": 1500}],
+        "networks": [{"id": "network0", "type": "ipv4_dhcp", "link": "tap-lb-mgmt",
+                      "network_id": str(uuid.uuid4())}],
+        "services": [],
+    }
+
+
 def config_drive(path: Path, amphora_id: str, files: dict[str, bytes]) -> Path:
     """Write a Nova-style config drive (ISO 9660 + Rock Ridge + Joliet, label config-2)."""
     import pycdlib
@@ -114,8 +129,7 @@ def config_drive(path: Path, amphora_id: str, files: dict[str, bytes]) -> Path:
         "files": entries,
     }
     for fname, short, body in (("meta_data.json", "META_DAT.JSO;1", meta),
-                               ("network_data.json", "NETWORK_.JSO;1",
-                                {"links": [], "networks": [], "services": []})):
+                               ("network_data.json", "NETWORK_.JSO;1", network_data())):
         data = json.dumps(body, indent=1).encode()
         iso.add_fp(io.BytesIO(data), len(data), f"/OPENSTAC/LATEST/{short}", rr_name=fname,
                    joliet_path=f"/openstack/latest/{fname}")
@@ -165,11 +179,9 @@ def _qemu_argv(accel: str, overlay: Path, iso: Path, port: int, console: Path) -
             "-drive", f"file={overlay},format=qcow2,if=virtio,cache=unsafe",
             "-drive", f"file={iso},format=raw,if=ide,media=cdrom,readonly=on",
             "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:{AGENT_PORT}",
-            "-device", "virtio-net-pci,netdev=n0",
+            "-device", f"virtio-net-pci,netdev=n0,mac={MGMT_MAC}",
             "-serial", f"file:{console}",
             "-device", "virtio-rng-pci"]
-    if accel == "kvm":
-        argv[1:1] = ["-cpu", "host"]
     return argv
 
 
@@ -291,8 +303,7 @@ def check_amphora(lab: Lab, ws: Workspace, *, image: str | None = None,
                                      foreign, timeout, KVM_GRACE if fallback else None)
             if result is not None:
                 break
-            log.info("amphora-check: %s showed no kernel output in %.0fs; falling back to TCG",
-                     acc, KVM_GRACE)
+            log.info("amphora-check: no usable %s boot; falling back to TCG", acc)
             runner.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", path, overlay],
                        what="amphora-check: overlay")
     acc, boot_s, version, refused = result
@@ -321,6 +332,10 @@ def _boot_and_probe(accel, overlay, iso, console, amphora_id, client_pem, chain,
                 elapsed = time.monotonic() - t0
                 if proc.poll() is not None:
                     err = proc.stderr.read().decode(errors="replace").strip().splitlines()
+                    if grace is not None:       # KVM attempt: it aborted; TCG is next
+                        log.info("amphora-check: KVM is not usable here (%s)",
+                                 err[-1] if err else f"qemu exited {proc.returncode}")
+                        return None
                     raise LabError(f"amphora-check: qemu exited with status {proc.returncode} "
                                    f"after {elapsed:.0f}s; console: {console}", err[-8:] + _tail(console))
                 text = _read(console)
@@ -374,7 +389,8 @@ def _foreign_refused(port, amphora_id, foreign, chain) -> str:
     try:
         resp = agent_get(port, amphora_id, foreign, chain, timeout=15)
     except requests.exceptions.SSLError as exc:
-        return f"TLS alert: {_short(exc)[:80]}"
+        m = re.search(r"\[SSL: ([A-Z0-9_]+)\]", str(exc))
+        return f"TLS alert {m.group(1).lower()}" if m else f"TLS error: {_short(exc)[:80]}"
     except requests.exceptions.ConnectionError as exc:
         return f"connection closed: {_short(exc)[:80]}"
     raise LabError(f"amphora-check: the agent accepted a client certificate from a foreign CA "
