@@ -48,7 +48,7 @@ log = logging.getLogger("labforge")
 
 AGENT_PORT = 9443
 BOOT_TIMEOUT = 1200.0      # TCG on a shared 2-core machine
-KVM_GRACE = 90.0           # KVM must show kernel output within this, else TCG
+KVM_GRACE = 45.0           # KVM must show kernel output within this, else TCG
 
 
 # --------------------------------------------------------------------------
