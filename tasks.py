@@ -170,14 +170,21 @@ def builder_base(c, lab=None, force=False):
     "agent": "source (from the Octavia sdist) or package (distro package); default: octavia.amphora.agent",
     "no_ssh": "leave sshd out of the image (upstream's remove-sshd element)",
     "image_type": "qcow2 or raw (default: octavia.amphora.image_type)",
+    "apt_mirror": "distribution mirror URL (default: build.debian_mirror / ubuntu_mirror, "
+                  "else the machine's apt sources)",
+    "pip_index": "PyPI index URL for the builder and the image (default: build.pip_index, else PyPI)",
+    "ca_bundle": "CA bundle (PEM) of an HTTPS proxy, used during the build only "
+                 "(default: build.ca_bundle, the host's bundle)",
 })
 def build_amphora(c, lab=None, force=False, base_os=None, release=None, arch=None, size=None,
-                  agent=None, no_ssh=False, image_type=None):
+                  agent=None, no_ssh=False, image_type=None, apt_mirror=None, pip_index=None,
+                  ca_bundle=None):
     """Build the Octavia amphora image with diskimage-builder in a container."""
     from builders import amphora
     _print(amphora.build_amphora(_load(lab), Workspace.default(), force=force, base_os=base_os,
                                  release=release, arch=arch, size=size, agent=agent,
-                                 ssh=False if no_ssh else None, image_type=image_type))
+                                 ssh=False if no_ssh else None, image_type=image_type,
+                                 apt_mirror=apt_mirror, pip_index=pip_index, ca_bundle=ca_bundle))
 
 @labtask(help={
     "lab": LAB_HELP,

@@ -121,6 +121,31 @@ def settings(lab: Lab, **over) -> dict:
     return s
 
 
+def with_build_settings(lab: Lab, *, apt_mirror: str | None = None, pip_index: str | None = None,
+                        ca_bundle: str | None = None, base_os: str | None = None) -> Lab:
+    """The lab with command-line mirror / pip index / CA bundle overrides applied."""
+    import dataclasses
+    changes = {}
+    if apt_mirror:
+        if not re.match(r"^(https?|file)://", apt_mirror):
+            raise LabError(f"--apt-mirror {apt_mirror}: give a URL (http://deb.debian.org/debian)")
+        key = "ubuntu_mirror" if (base_os or lab.octavia.amphora.base_os) == "ubuntu" else "debian_mirror"
+        changes[key] = apt_mirror.rstrip("/")
+    if pip_index:
+        if not re.match(r"^(https?|file)://", pip_index):
+            raise LabError(f"--pip-index {pip_index}: give a URL (https://pypi.org/simple)")
+        changes["pip_index"] = pip_index.rstrip("/")
+    if ca_bundle:
+        p = Path(ca_bundle).expanduser().resolve()
+        if not p.is_file():
+            raise LabError(f"--ca-bundle {ca_bundle}: no such file; give the PEM bundle of your "
+                           "HTTPS proxy's CA")
+        changes["ca_bundle"] = str(p)
+    if not changes:
+        return lab
+    return dataclasses.replace(lab, build=dataclasses.replace(lab.build, **changes))
+
+
 def artifact_path(ws: Workspace, s: dict) -> Path:
     ext = "qcow2" if s["image_type"] == "qcow2" else "raw"
     return ws.artifacts / "images" / f"{IMAGE_NAME}.{ext}"
@@ -371,6 +396,10 @@ def build_amphora(lab: Lab, ws: Workspace, *, force: bool = False, **over) -> li
     arch, size, agent, ssh, image_type); None keeps lab.yaml's value.
     """
     t0 = time.monotonic()
+    lab = with_build_settings(lab, apt_mirror=over.pop("apt_mirror", None),
+                              pip_index=over.pop("pip_index", None),
+                              ca_bundle=over.pop("ca_bundle", None),
+                              base_os=over.get("base_os"))
     s = settings(lab, **over)
     target = artifact_path(ws, s)
     digest = image_digest(lab, s)

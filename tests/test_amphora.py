@@ -238,3 +238,16 @@ def test_build_boot_and_rebuild(default_lab, ws, tmp_path):
     assert Manifest(ws.artifacts).get(image)["sha256"] != "" and sha_before
     print(f"\namphora: cold build {cold / 60:.1f} min, forced warm rebuild {warm / 60:.1f} min, "
           f"boot {check[-1].seconds:.0f}s")
+
+
+def test_cli_overrides_reach_the_dib_environment(default_lab, tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    lb = amphora.with_build_settings(default_lab, apt_mirror="http://mirror.example/debian/",
+                                     pip_index="https://pypi.example/simple", ca_bundle=str(ca))
+    env = amphora.dib_environment(lb, amphora.settings(lb))
+    assert env["DIB_DISTRIBUTION_MIRROR"] == "http://mirror.example/debian"
+    assert env["PIP_INDEX_URL"] == "https://pypi.example/simple"
+    assert amphora.builder_inputs(lb, amphora.settings(lb))["ca_bundle"] == ca
+    with pytest.raises(LabError, match="--ca-bundle"):
+        amphora.with_build_settings(default_lab, ca_bundle=str(tmp_path / "missing.pem"))
