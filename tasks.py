@@ -181,6 +181,52 @@ def libvirt_xml(c, lab=None, host=None, force=False, verbose=False):
 
 
 # ---- amphora ---------------------------------------------------------------
+@labtask(help={"lab": LAB_HELP, "force": "rebuild the base image even when it is current"})
+def builder_base(c, lab=None, force=False):
+    """Make the local Debian base image the amphora builder starts FROM (debootstrap + docker import)."""
+    from builders import amphora
+    _print(amphora.build_builder_base(_load(lab), Workspace.default(), force=force))
+
+
+@labtask(help={
+    "lab": LAB_HELP,
+    "force": "rebuild even when the image is up to date (the build cache is reused)",
+    "base_os": "debian (bookworm, buildable here) or ubuntu (noble, needs an Ubuntu mirror); "
+               "default: octavia.amphora.base_os",
+    "release": "distribution release code name (default: octavia.amphora.release)",
+    "arch": "amd64 or arm64 (default: octavia.amphora.arch)",
+    "size": "root disk size in GB, at least 2 (default: octavia.amphora.size)",
+    "agent": "source (from the Octavia sdist) or package (distro package); default: octavia.amphora.agent",
+    "no_ssh": "leave sshd out of the image (upstream's remove-sshd element)",
+    "image_type": "qcow2 or raw (default: octavia.amphora.image_type)",
+    "apt_mirror": "distribution mirror URL (default: build.debian_mirror / ubuntu_mirror, "
+                  "else the machine's apt sources)",
+    "pip_index": "PyPI index URL for the builder and the image (default: build.pip_index, else PyPI)",
+    "ca_bundle": "CA bundle (PEM) of an HTTPS proxy, used during the build only "
+                 "(default: build.ca_bundle, the host's bundle)",
+})
+def build_amphora(c, lab=None, force=False, base_os=None, release=None, arch=None, size=None,
+                  agent=None, no_ssh=False, image_type=None, apt_mirror=None, pip_index=None,
+                  ca_bundle=None):
+    """Build the Octavia amphora image with diskimage-builder in a container."""
+    from builders import amphora
+    _print(amphora.build_amphora(_load(lab), Workspace.default(), force=force, base_os=base_os,
+                                 release=release, arch=arch, size=size, agent=agent,
+                                 ssh=False if no_ssh else None, image_type=image_type,
+                                 apt_mirror=apt_mirror, pip_index=pip_index, ca_bundle=ca_bundle))
+
+@labtask(help={
+    "lab": LAB_HELP,
+    "image": "amphora image to boot (default: artifacts/images/amphora-x64-haproxy.qcow2)",
+    "timeout": "seconds to wait for the agent to answer (default: 1200, TCG is slow)",
+    "accel": "kvm or tcg (default: KVM when it works, else TCG)",
+})
+def amphora_check(c, lab=None, image=None, timeout=1200, accel=None):
+    """Boot the amphora under QEMU with a Nova-style config drive and prove its agent (mutual TLS)."""
+    from builders import amphora_check as ac
+    _print(ac.check_amphora(_load(lab), Workspace.default(), image=image, timeout=float(timeout),
+                            accel=accel))
+
 
 # ---- vagrant ---------------------------------------------------------------
 

@@ -118,7 +118,7 @@ class Amphora:
     agent: Literal["source", "package"] = "source"
     ssh: bool = True
     image_type: Literal["qcow2", "raw"] = "qcow2"
-    octavia_version: str = "16.0.0"        # Octavia sdist on PyPI the elements come from
+    octavia_version: str = "19.0.0"        # Octavia sdist on PyPI the elements come from
     octavia_git: str | None = None         # or a git URL ...
     octavia_ref: str | None = None         # ... and ref (branch, tag, sha)
     build: bool = True                     # `invoke all` builds the amphora

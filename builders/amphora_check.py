@@ -1,0 +1,426 @@
+"""Prove an amphora image: boot it the way Nova would and talk to its agent.
+
+The image boots under QEMU (KVM when it works, else TCG) from a throwaway
+qcow2 overlay, with a config drive like Nova's (ISO 9660 labelled
+``config-2``; ``openstack/latest/meta_data.json`` whose ``files`` list the
+files Octavia injects, their bodies under ``openstack/content/``):
+
+* ``/etc/octavia/amphora-agent.conf`` rendered with the keys of Octavia's
+  ``amphora_agent_conf.template``,
+* ``/etc/octavia/certs/server.pem``: certificate + key for a test amphora id,
+  issued by the Octavia server CA (``builders.certs.issue_amphora_cert``),
+* ``/etc/octavia/certs/client_ca.pem``: the client CA the agent trusts.
+
+The agent port 9443 is forwarded to an ephemeral port on 127.0.0.1.  The
+check passes when ``GET /`` answers the agent's API version using
+``certs/octavia/client.cert-and-key.pem`` and verifying the agent's
+certificate against the server CA chain with the amphora id as host name (as
+Octavia's controller does), and when a client certificate from another CA is
+refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from . import runner
+from .console import progress
+from .errors import LabError
+from .lab import Lab
+from .manifest import Manifest
+from .outcome import Outcome
+from .workspace import Workspace
+
+log = logging.getLogger("labforge")
+
+AGENT_PORT = 9443
+BOOT_TIMEOUT = 1200.0      # TCG on a shared 2-core machine
+KVM_GRACE = 45.0           # KVM must show kernel output within this, else TCG
+
+
+# --------------------------------------------------------------------------
+# config drive
+# --------------------------------------------------------------------------
+def agent_conf(lab: Lab, amphora_id: str, heartbeat_key: str) -> str:
+    """amphora-agent.conf with the keys of Octavia's template (controller defaults)."""
+    return "\n".join([
+        "[DEFAULT]",
+        "debug = True",
+        "use_syslog = True",
+        "syslog_log_facility = LOG_LOCAL1",
+        "",
+        "[haproxy_amphora]",
+        "base_cert_dir = /var/lib/octavia/certs",
+        "base_path = /var/lib/octavia",
+        "bind_host = 0.0.0.0",
+        f"bind_port = {AGENT_PORT}",
+        "haproxy_cmd = /usr/sbin/haproxy",
+        "user_log_facility = 0",
+        "administrative_log_facility = 1",
+        "",
+        "[health_manager]",
+        f"controller_ip_port_list = {', '.join(lab.octavia.health_managers)}",
+        "heartbeat_interval = 10",
+        f"heartbeat_key = {heartbeat_key}",
+        "",
+        "[amphora_agent]",
+        "agent_server_ca = /etc/octavia/certs/client_ca.pem",
+        "agent_server_cert = /etc/octavia/certs/server.pem",
+        "agent_request_read_timeout = 180",
+        f"amphora_id = {amphora_id}",
+        "amphora_udp_driver = keepalived_lvs",
+        "agent_tls_protocol = TLSv1.2",
+        "",
+        "[controller_worker]",
+        "loadbalancer_topology = SINGLE",
+        "",
+    ])
+
+
+MGMT_MAC = "fa:16:3e:4c:00:01"     # Nova's MAC prefix; the management port
+
+
+def network_data() -> dict:
+    """Nova's network_data.json for one management port using DHCP (QEMU user net)."""
+    return {
+        "links": [{"id": "tap-lb-mgmt", "type": "ovs", "vif_id": str(uuid.uuid4()),
+                   "ethernet_mac_address": MGMT_MAC, "mtu": 1500}],
+        "networks": [{"id": "network0", "type": "ipv4_dhcp", "link": "tap-lb-mgmt",
+                      "network_id": str(uuid.uuid4())}],
+        "services": [],
+    }
+
+
+def config_drive(path: Path, amphora_id: str, files: dict[str, bytes]) -> Path:
+    """Write a Nova-style config drive (ISO 9660 + Rock Ridge + Joliet, label config-2)."""
+    import pycdlib
+    iso = pycdlib.PyCdlib()
+    iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident="config-2",
+            sys_ident="LINUX", pub_ident_str="labforge")
+    dirs = [("/OPENSTAC", "openstack"), ("/OPENSTAC/LATEST", "latest"),
+            ("/OPENSTAC/CONTENT", "content")]
+    for iso_path, rr in dirs:
+        joliet = "/" + "/".join(d[1] for d in dirs[:dirs.index((iso_path, rr)) + 1]
+                                if iso_path.startswith(d[0]))
+        iso.add_directory(iso_path, rr_name=rr, joliet_path=joliet)
+    entries = []
+    for i, (dest, data) in enumerate(files.items()):
+        name = f"{i:04d}"
+        iso.add_fp(io.BytesIO(data), len(data), f"/OPENSTAC/CONTENT/{name}.;1", rr_name=name,
+                   joliet_path=f"/openstack/content/{name}")
+        entries.append({"path": dest, "content_path": f"/content/{name}"})
+    meta = {
+        "uuid": amphora_id, "name": f"amphora-{amphora_id}",
+        "hostname": f"amphora-{amphora_id[:8]}", "launch_index": 0,
+        "availability_zone": "nova", "project_id": "labforge", "meta": {},
+        "files": entries,
+    }
+    for fname, short, body in (("meta_data.json", "META_DAT.JSO;1", meta),
+                               ("network_data.json", "NETWORK_.JSO;1", network_data())):
+        data = json.dumps(body, indent=1).encode()
+        iso.add_fp(io.BytesIO(data), len(data), f"/OPENSTAC/LATEST/{short}", rr_name=fname,
+                   joliet_path=f"/openstack/latest/{fname}")
+    iso.write(str(path))
+    iso.close()
+    return path
+
+
+# --------------------------------------------------------------------------
+# QEMU
+# --------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kvm_usable() -> bool:
+    """True when /dev/kvm opens and runs firmware (SeaBIOS reaches its boot menu)."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        return False
+    with tempfile.TemporaryDirectory() as td:
+        out = Path(td) / "debugcon"
+        try:
+            subprocess.run([qemu, "-accel", "kvm", "-M", "pc", "-nodefaults", "-display", "none",
+                            "-no-reboot", "-m", "64", "-chardev", f"file,id=d,path={out}",
+                            "-device", "isa-debugcon,iobase=0x402,chardev=d"],
+                           capture_output=True, timeout=8)
+        except subprocess.TimeoutExpired:
+            pass
+        except OSError:
+            return False
+        try:
+            text = out.read_text(errors="replace")
+        except OSError:
+            return False
+    return "Running on KVM" in text and "No bootable device" in text
+
+
+def _qemu_argv(accel: str, overlay: Path, iso: Path, port: int, console: Path) -> list[str]:
+    argv = ["qemu-system-x86_64", "-accel", accel, "-M", "pc", "-m", "1024",
+            "-smp", "1" if accel == "tcg" else "2",
+            "-nodefaults", "-display", "none", "-no-reboot",
+            "-drive", f"file={overlay},format=qcow2,if=virtio,cache=unsafe",
+            "-drive", f"file={iso},format=raw,if=ide,media=cdrom,readonly=on",
+            "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:{AGENT_PORT}",
+            "-device", f"virtio-net-pci,netdev=n0,mac={MGMT_MAC}",
+            "-serial", f"file:{console}",
+            "-device", "virtio-rng-pci"]
+    return argv
+
+
+# --------------------------------------------------------------------------
+# TLS client as Octavia's controller
+# --------------------------------------------------------------------------
+def _session(amphora_id: str):
+    import requests
+    from requests.adapters import HTTPAdapter
+
+    class AmphoraAdapter(HTTPAdapter):
+        """Verify the agent's certificate for the amphora id, not 127.0.0.1."""
+        def cert_verify(self, conn, url, verify, cert):
+            conn.assert_hostname = amphora_id
+            return super().cert_verify(conn, url, verify, cert)
+
+    s = requests.Session()
+    s.mount("https://", AmphoraAdapter(max_retries=0))
+    return s
+
+
+def agent_get(port: int, amphora_id: str, client_pem: Path, server_chain: Path,
+              timeout: float = 20.0):
+    s = _session(amphora_id)
+    try:
+        return s.get(f"https://127.0.0.1:{port}/", cert=str(client_pem), verify=str(server_chain),
+                     timeout=timeout)
+    finally:
+        s.close()
+
+
+def foreign_client(directory: Path) -> Path:
+    """A client cert+key from a throwaway CA that Octavia never saw (0600)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "labforge foreign CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "octavia-controller")]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    path = directory / "foreign-client.pem"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption()))
+        fh.write(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+# --------------------------------------------------------------------------
+# the check
+# --------------------------------------------------------------------------
+def _image(ws: Workspace, image: str | None) -> Path:
+    if image:
+        p = Path(image)
+        if p.is_file():
+            return p.resolve()
+        return Manifest(ws.artifacts).find(image, kinds=("amphora",))[0]
+    for ext in ("qcow2", "raw"):
+        p = ws.artifacts / "images" / f"amphora-x64-haproxy.{ext}"
+        if p.is_file():
+            return p
+    raise LabError(f"{ws.artifacts / 'images' / 'amphora-x64-haproxy.qcow2'}: no amphora image; "
+                   "run `invoke build-amphora` first")
+
+
+def check_amphora(lab: Lab, ws: Workspace, *, image: str | None = None,
+                  timeout: float = BOOT_TIMEOUT, accel: str | None = None) -> list[Outcome]:
+    """Boot the amphora with a config drive and prove its agent (see module doc)."""
+    from . import certs
+    runner.require("qemu-system-x86_64")
+    runner.require("qemu-img")
+    path = _image(ws, image)
+    outcomes = certs.build_certs(lab, ws)
+    cdir = ws.certs / "octavia"
+    client_pem = cdir / "client.cert-and-key.pem"
+    chain = cdir / "server_ca-chain.cert.pem"
+    if not chain.is_file():
+        chain = cdir / "server_ca.cert.pem"
+    client_ca = (cdir / "client_ca.cert.pem").read_bytes()
+    hb_file = cdir / "heartbeat_key"
+    heartbeat = hb_file.read_text().strip() if hb_file.is_file() else "labforge-check"
+    amphora_id = str(uuid.uuid4())
+    cert_pem, key_pem = certs.issue_amphora_cert(lab, ws, amphora_id)
+    files = {
+        "/etc/octavia/amphora-agent.conf": agent_conf(lab, amphora_id, heartbeat).encode(),
+        "/etc/octavia/certs/server.pem": cert_pem + key_pem,
+        "/etc/octavia/certs/client_ca.pem": client_ca,
+    }
+    console = ws.artifact_dir("logs") / "amphora-check-console.log"
+    fmt = "raw" if path.suffix == ".raw" else "qcow2"
+    # the config drive holds a private key: build it in a private temp dir
+    with tempfile.TemporaryDirectory(prefix="amphora-check.", dir=ws.cache_dir()) as td:
+        tdp = Path(td)
+        os.chmod(tdp, 0o700)
+        iso = config_drive(tdp / "config-2.iso", amphora_id, files)
+        overlay = tdp / "overlay.qcow2"
+        runner.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", path, overlay],
+                   what="amphora-check: overlay")
+        foreign = foreign_client(tdp)
+        accels = [accel] if accel else (["kvm", "tcg"] if kvm_usable() else ["tcg"])
+        result = None
+        for i, acc in enumerate(accels):
+            fallback = i + 1 < len(accels)
+            result = _boot_and_probe(acc, overlay, iso, console, amphora_id, client_pem, chain,
+                                     foreign, timeout, KVM_GRACE if fallback else None)
+            if result is not None:
+                break
+            log.info("amphora-check: no usable %s boot; falling back to TCG", acc)
+            runner.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", path, overlay],
+                       what="amphora-check: overlay")
+    acc, boot_s, version, refused = result
+    return outcomes + [Outcome(
+        "amphora-check", "passed", [path],  # type: ignore[arg-type]  (a check, not a build)
+        detail=f"{path.name}: agent API {version} answered over mutual TLS after {boot_s:.0f}s "
+               f"({acc.upper()} boot); a client certificate from another CA was refused ({refused})",
+        seconds=boot_s)]
+
+
+def _boot_and_probe(accel, overlay, iso, console, amphora_id, client_pem, chain, foreign,
+                    timeout, grace):
+    import requests
+    port = free_port()
+    argv = _qemu_argv(accel, overlay, iso, port, console)
+    console.write_text("")
+    log.debug("run: %s", runner.display(argv))
+    t0 = time.monotonic()
+    proc = subprocess.Popen([runner.require(argv[0]), *argv[1:]], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    last_err = "no answer yet"
+    try:
+        with progress(f"amphora-check ({accel})", None, "s") as bar:
+            stage = None
+            while True:
+                elapsed = time.monotonic() - t0
+                if proc.poll() is not None:
+                    err = proc.stderr.read().decode(errors="replace").strip().splitlines()
+                    if grace is not None:       # KVM attempt: it aborted; TCG is next
+                        log.info("amphora-check: KVM is not usable here (%s)",
+                                 err[-1] if err else f"qemu exited {proc.returncode}")
+                        return None
+                    raise LabError(f"amphora-check: qemu exited with status {proc.returncode} "
+                                   f"after {elapsed:.0f}s; console: {console}", err[-8:] + _tail(console))
+                text = _read(console)
+                if grace is not None and elapsed > grace and "Linux version" not in text:
+                    return None
+                now_stage = _stage(text)
+                if now_stage != stage:
+                    stage = now_stage
+                    bar.set_description(stage)
+                if elapsed > timeout:
+                    raise LabError(f"amphora-check: the agent did not answer on 127.0.0.1:{port} "
+                                   f"within {timeout:.0f}s ({last_err}); console: {console}",
+                                   _tail(console))
+                if "Linux version" in text:
+                    try:
+                        resp = agent_get(port, amphora_id, client_pem, chain, timeout=15)
+                    except requests.exceptions.SSLError as exc:
+                        # the agent answered TLS but we refused it: that is a failure
+                        # unless the port is still the QEMU forwarder without a listener
+                        last_err = f"TLS: {_short(exc)}"
+                        if "CERTIFICATE_VERIFY_FAILED" in str(exc) or "hostname" in str(exc):
+                            raise LabError(f"amphora-check: the agent's certificate did not verify "
+                                           f"against {chain.name} for {amphora_id}: {_short(exc)}") from None
+                    except requests.RequestException as exc:
+                        last_err = _short(exc)
+                    else:
+                        boot_s = time.monotonic() - t0
+                        if resp.status_code != 200:
+                            raise LabError(f"amphora-check: GET / answered HTTP {resp.status_code}: "
+                                           f"{resp.text[:200]}")
+                        try:
+                            version = resp.json()["api_version"]
+                        except (ValueError, KeyError, TypeError):
+                            raise LabError(f"amphora-check: GET / did not answer the agent's API "
+                                           f"versions: {resp.text[:200]!r}") from None
+                        refused = _foreign_refused(port, amphora_id, foreign, chain)
+                        return accel, boot_s, version, refused
+                time.sleep(3)
+    finally:
+        with contextlib.suppress(OSError):
+            proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _foreign_refused(port, amphora_id, foreign, chain) -> str:
+    import requests
+    try:
+        resp = agent_get(port, amphora_id, foreign, chain, timeout=15)
+    except requests.exceptions.SSLError as exc:
+        m = re.search(r"\[SSL: ([A-Z0-9_]+)\]", str(exc))
+        return f"TLS alert {m.group(1).lower()}" if m else f"TLS error: {_short(exc)[:80]}"
+    except requests.exceptions.ConnectionError as exc:
+        return f"connection closed: {_short(exc)[:80]}"
+    raise LabError(f"amphora-check: the agent accepted a client certificate from a foreign CA "
+                   f"(HTTP {resp.status_code}); its client_ca.pem is not enforced")
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc)
+    for marker in ("SSLError(", "NewConnectionError(", "ProtocolError("):
+        if marker in text:
+            text = text[text.index(marker):]
+    return text.replace("\n", " ")[:160]
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _tail(path: Path, n: int = 10) -> list[str]:
+    return [ln for ln in _read(path).splitlines() if ln.strip()][-n:]
+
+
+def _stage(text: str) -> str:
+    for needle, label in (("amphora-agent", "amphora agent"),
+                          ("Cloud-init", "cloud-init"), ("cloud-init", "cloud-init"),
+                          ("Reached target", "systemd"), ("Linux version", "kernel"),
+                          ("GRUB", "bootloader"), ("SeaBIOS", "firmware")):
+        if needle in text[-4000:]:
+            return label
+    return "starting"

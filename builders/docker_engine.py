@@ -1,0 +1,94 @@
+"""A Docker Engine to talk to, through the docker SDK (Engine API).
+
+``client(ws)`` returns a connected ``docker.DockerClient``.  When no engine
+answers on the default socket and the user is root, it starts ``dockerd``
+(Debian's docker.io package) in the background, logging to
+``cache/dockerd.log``, and waits for its socket.  When ``DOCKER_HOST`` names
+an engine explicitly, labforge never starts one: the user asked for that
+engine, so an unreachable one is an error with one clear line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import subprocess
+import time
+
+from .errors import LabError
+from .workspace import Workspace
+
+log = logging.getLogger("labforge")
+
+DEFAULT_SOCKET = "/var/run/docker.sock"
+START_TIMEOUT = 60.0
+
+
+def _connect(base_url: str | None):
+    import docker
+    from docker.errors import DockerException
+    try:
+        if base_url:
+            cli = docker.DockerClient(base_url=base_url, timeout=600)
+        else:
+            cli = docker.from_env(timeout=600)
+        cli.ping()
+        return cli
+    except (DockerException, OSError, ValueError) as exc:
+        log.debug("docker: no engine: %s", exc)
+        return None
+
+
+def client(ws: Workspace, *, start: bool = True):
+    """A connected DockerClient, starting dockerd when allowed (see module doc)."""
+    host = os.environ.get("DOCKER_HOST")
+    cli = _connect(None)
+    if cli is not None:
+        return cli
+    if host:
+        raise LabError(f"docker: no engine answers at DOCKER_HOST={host}; start it or unset "
+                       "DOCKER_HOST to use the local engine")
+    if not start or os.geteuid() != 0:
+        raise LabError(f"docker: no engine answers at {DEFAULT_SOCKET}; start it "
+                       "(`sudo systemctl start docker` or `sudo dockerd &`) or set DOCKER_HOST")
+    dockerd = shutil.which("dockerd")
+    if dockerd is None:
+        raise LabError("dockerd: not found on PATH; install it (Debian package: docker.io) "
+                       "or run scripts/setup.sh")
+    logpath = ws.cache_dir() / "dockerd.log"
+    log.info("docker: no engine running; starting dockerd (log: %s)", logpath)
+    with open(logpath, "ab") as fh:
+        proc = subprocess.Popen([dockerd], stdout=fh, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = _tail(logpath)
+            raise LabError(f"dockerd: exited with status {proc.returncode} while starting; "
+                           f"see {logpath}", tail)
+        if os.path.exists(DEFAULT_SOCKET):
+            cli = _connect(None)
+            if cli is not None:
+                log.info("docker: dockerd %s is up (pid %d)", cli.version().get("Version", "?"), proc.pid)
+                return cli
+        time.sleep(0.5)
+    with contextlib.suppress(OSError):
+        proc.terminate()
+    raise LabError(f"dockerd: did not answer within {START_TIMEOUT:.0f}s; see {logpath}",
+                   _tail(logpath))
+
+
+def _tail(path, n: int = 8) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()[-n:]
+    except OSError:
+        return []
+
+
+def engine_version(cli) -> str:
+    try:
+        return str(cli.version().get("Version", "unknown"))
+    except Exception:  # noqa: BLE001 - version is informational only
+        return "unknown"

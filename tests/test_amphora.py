@@ -1,0 +1,253 @@
+"""Amphora: settings, config drive, bad input; the slow end-to-end build + boot."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from builders import amphora, amphora_check
+from builders.errors import LabError
+from builders.manifest import Manifest
+from tests.conftest import assert_one_line_error
+
+
+# --------------------------------------------------------------------------
+# fast: settings, element list, agent config, config drive
+# --------------------------------------------------------------------------
+def test_settings_defaults_come_from_lab(default_lab):
+    s = amphora.settings(default_lab)
+    assert (s["base_os"], s["release"], s["size"], s["image_type"]) == ("debian", "bookworm", 2, "qcow2")
+    assert s["octavia_version"] == default_lab.octavia.amphora.octavia_version
+
+
+def test_ubuntu_defaults_to_noble(default_lab):
+    s = amphora.settings(default_lab, base_os="ubuntu")
+    assert s["release"] == "noble"
+    els = amphora.elements(s)
+    assert "ubuntu-minimal" in els and "amphora-apparmor" in els and "labforge-debian" not in els
+
+
+def test_elements_keep_upstreams_list(default_lab):
+    els = amphora.elements(amphora.settings(default_lab))
+    for e in ("base", "vm", "debian-minimal", "haproxy-octavia", "rebind-sshd", "no-resolvconf",
+              "amphora-agent", "octavia-lib", "sos", "cloud-init-datasources", "remove-default-ints",
+              "keepalived-octavia", "ipvsadmin", "pip-cache", "certs-ramfs",
+              "labforge-debian", "labforge-build-ca"):
+        assert e in els
+    assert "remove-sshd" not in els
+    assert "remove-sshd" in amphora.elements(amphora.settings(default_lab, ssh=False))
+
+
+def test_local_elements_exist_and_are_executable():
+    root = amphora.DOCKERFILE_DIR / "elements"
+    for e in amphora.LOCAL_ELEMENTS + amphora.DEBIAN_ELEMENTS:
+        assert (root / e / "README.rst").is_file()
+        for hook in (root / e).glob("*.d/*"):
+            if not hook.name.endswith(".bash"):
+                assert os.access(hook, os.X_OK), hook
+
+
+def test_dib_environment_uses_host_mirrors_and_local_sources(default_lab):
+    env = amphora.dib_environment(default_lab, amphora.settings(default_lab))
+    assert env["DIB_RELEASE"] == "bookworm"
+    assert env["DIB_DEBIAN_SECURITY_MIRROR"].endswith("-security")
+    assert "security.debian.org" not in env["DIB_DEBIAN_SECURITY_MIRROR"]
+    assert env["DIB_REPOLOCATION_amphora_agent"].startswith("/opt/labforge/src/")
+    assert env["DIB_CLOUD_INIT_DATASOURCES"] == "ConfigDrive"
+    assert env["LABFORGE_KEEP_CA_BUNDLE"] == "0"
+
+
+def test_digest_changes_with_inputs(default_lab):
+    s = amphora.settings(default_lab)
+    d1 = amphora.image_digest(default_lab, s)
+    assert d1 == amphora.image_digest(default_lab, amphora.settings(default_lab))
+    assert d1 != amphora.image_digest(default_lab, amphora.settings(default_lab, size=3))
+    assert d1 != amphora.image_digest(default_lab, amphora.settings(default_lab, ssh=False))
+
+
+@pytest.mark.parametrize("over,needle", [
+    ({"base_os": "gentoo"}, "unknown base OS"),
+    ({"size": 1}, "at least 2 GB"),
+    ({"image_type": "vhd"}, "qcow2 or raw"),
+    ({"arch": "sparc"}, "unknown architecture"),
+])
+def test_bad_settings(default_lab, over, needle):
+    with pytest.raises(LabError, match=needle):
+        amphora.settings(default_lab, **over)
+
+
+def test_agent_conf_has_the_templates_keys(default_lab):
+    text = amphora_check.agent_conf(default_lab, "a1b2", "hb")
+    for key in ("base_cert_dir", "base_path", "bind_host", "bind_port", "haproxy_cmd",
+                "controller_ip_port_list", "heartbeat_key", "agent_server_ca", "agent_server_cert",
+                "agent_request_read_timeout", "amphora_id", "amphora_udp_driver",
+                "agent_tls_protocol", "loadbalancer_topology"):
+        assert f"\n{key} = " in text
+    assert "amphora_id = a1b2" in text
+
+
+def test_config_drive_is_novas_layout(tmp_path):
+    import pycdlib
+    files = {"/etc/octavia/amphora-agent.conf": b"[DEFAULT]\n",
+             "/etc/octavia/certs/server.pem": b"PEM"}
+    iso_path = amphora_check.config_drive(tmp_path / "cd.iso", "abc", files)
+    iso = pycdlib.PyCdlib()
+    iso.open(str(iso_path))
+    try:
+        assert iso.pvd.volume_identifier.decode().strip() == "config-2"
+        import io
+        buf = io.BytesIO()
+        iso.get_file_from_iso_fp(buf, rr_path="/openstack/latest/meta_data.json")
+        meta = json.loads(buf.getvalue())
+        assert meta["uuid"] == "abc"
+        paths = {f["path"]: f["content_path"] for f in meta["files"]}
+        assert set(paths) == set(files)
+        for dest, content_path in paths.items():
+            buf = io.BytesIO()
+            iso.get_file_from_iso_fp(buf, rr_path="/openstack" + content_path)
+            assert buf.getvalue() == files[dest]
+    finally:
+        iso.close()
+
+
+# --------------------------------------------------------------------------
+# bad input through the CLI
+# --------------------------------------------------------------------------
+def test_cli_unknown_base_os(cli):
+    assert_one_line_error(cli("build-amphora", "--base-os", "gentoo"), "--base-os gentoo", "unknown base OS")
+
+
+def test_cli_size_below_need(cli):
+    assert_one_line_error(cli("build-amphora", "--size", "1"), "--size 1", "at least 2 GB")
+
+
+@pytest.mark.integration
+def test_cli_docker_not_reachable(cli, ws):
+    proc = cli("build-amphora", env={"DOCKER_HOST": "unix:///nonexistent/docker.sock"})
+    assert_one_line_error(proc, "DOCKER_HOST=unix:///nonexistent/docker.sock")
+    assert not (ws.cache / "dockerd.log").exists()      # no dockerd started for an explicit host
+
+
+@pytest.mark.integration
+def test_octavia_release_that_does_not_exist(default_lab):
+    with pytest.raises(LabError, match="no such Octavia release"):
+        amphora.check_octavia_release(default_lab, "0.0.1")
+    amphora.check_octavia_release(default_lab, default_lab.octavia.amphora.octavia_version)
+
+
+@pytest.mark.integration
+def test_cli_octavia_release_that_does_not_exist(cli, tmp_path):
+    lab = tmp_path / "lab.yaml"
+    text = (Path(__file__).resolve().parent.parent / "lab.yaml").read_text()
+    lab.write_text(text.replace("    size: 2\n", "    size: 2\n    octavia_version: \"1.99.0\"\n"))
+    proc = cli("build-amphora", "--lab", str(lab))
+    assert_one_line_error(proc, "octavia 1.99.0", "no such Octavia release")
+
+
+# --------------------------------------------------------------------------
+# slow: the real build and boot
+# --------------------------------------------------------------------------
+def _image_tree(image: Path, tmp: Path):
+    """Yield a function listing/reading paths inside the image's root filesystem
+    (raw copy, root partition on a read-only loop device, debugfs)."""
+    raw = tmp / "amphora.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(raw)], check=True)
+    table = json.loads(subprocess.run(["sfdisk", "-J", str(raw)], check=True,
+                                      capture_output=True, text=True).stdout)["partitiontable"]
+    part = max(table["partitions"], key=lambda p: p["size"])
+    sector = table.get("sectorsize", 512)
+    loop = subprocess.run(["losetup", "--find", "--show", "--read-only",
+                           "--offset", str(part["start"] * sector),
+                           "--sizelimit", str(part["size"] * sector), str(raw)],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    return loop, raw
+
+
+def _debugfs(loop: str, cmd: str) -> str:
+    return subprocess.run(["debugfs", "-R", cmd, loop], capture_output=True, text=True).stdout
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_build_boot_and_rebuild(default_lab, ws, tmp_path):
+    """Cold build from a clean cache, image contents, amphora-check, up to date, forced warm."""
+    import time
+    t0 = time.monotonic()
+    out = amphora.build_amphora(default_lab, ws)
+    cold = time.monotonic() - t0
+    assert out[-1].status == "built"
+    image = ws.artifacts / "images" / "amphora-x64-haproxy.qcow2"
+    assert image.is_file()
+    assert not list(image.parent.glob(".*.part"))
+    rec = Manifest(ws.artifacts).get(image)
+    assert rec["kind"] == "amphora"
+    meta = rec["meta"]
+    assert meta["base_os"] == "debian" and meta["release"] == "bookworm"
+    assert meta["octavia_version"] == default_lab.octavia.amphora.octavia_version
+    assert meta["dib_version"] == amphora.DIB_VERSION
+    assert "amphora-agent" in meta["elements"]
+    assert meta["virtual_size"] == 2 * 1000**3 or meta["virtual_size"] >= 2 * 2**30 - 2**20
+
+    # qemu-img check is clean
+    subprocess.run(["qemu-img", "check", str(image)], check=True, capture_output=True)
+
+    # contents: haproxy, the agent and its unit; no build CA, no pip cache
+    loop, raw = _image_tree(image, tmp_path)
+    try:
+        assert "haproxy" in _debugfs(loop, "ls -l /usr/sbin")
+        assert "amphora-agent" in _debugfs(loop, "ls -l /opt/amphora-agent-venv/bin")
+        assert "amphora-agent.service" in _debugfs(loop, "ls -l /usr/lib/systemd/system")
+        assert "build-ca.crt" not in _debugfs(loop, "ls -l /usr/local/share/labforge")
+        assert "File not found" in subprocess.run(
+            ["debugfs", "-R", "stat /usr/local/share/labforge/build-ca.crt", loop],
+            capture_output=True, text=True).stderr
+        root_cache = _debugfs(loop, "ls -l /root/.cache")
+        assert "pip" not in root_cache
+        assert "http" not in _debugfs(loop, "ls -l /tmp/pip")
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=False)
+        raw.unlink()
+
+    # the cache now holds the debootstrap tarball, apt archives and the pip cache
+    dib_cache = ws.cache / "amphora" / "dib"
+    assert list(dib_cache.glob("debian-bookworm-*.tar.gz")) or list(dib_cache.rglob("*.tar.gz"))
+    assert (dib_cache / "pip").is_dir()
+
+    # boot it the way Nova would and talk to the agent
+    check = amphora_check.check_amphora(default_lab, ws)
+    assert check[-1].status == "passed"
+    assert "refused" in check[-1].detail
+
+    # unchanged inputs: up to date
+    again = amphora.build_amphora(default_lab, ws)
+    assert again[-1].status == "up to date"
+
+    # forced: rebuilt with the cache (debootstrap tarball reused)
+    sha_before = Manifest(ws.artifacts).get(image)["sha256"]
+    t1 = time.monotonic()
+    forced = amphora.build_amphora(default_lab, ws, force=True)
+    warm = time.monotonic() - t1
+    assert forced[-1].status == "built"
+    log = (ws.artifacts / "logs" / "amphora.log").read_text()
+    assert "found in cache. Using." in log
+    assert Manifest(ws.artifacts).get(image)["sha256"] != "" and sha_before
+    print(f"\namphora: cold build {cold / 60:.1f} min, forced warm rebuild {warm / 60:.1f} min, "
+          f"boot {check[-1].seconds:.0f}s")
+
+
+def test_cli_overrides_reach_the_dib_environment(default_lab, tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    lb = amphora.with_build_settings(default_lab, apt_mirror="http://mirror.example/debian/",
+                                     pip_index="https://pypi.example/simple", ca_bundle=str(ca))
+    env = amphora.dib_environment(lb, amphora.settings(lb))
+    assert env["DIB_DISTRIBUTION_MIRROR"] == "http://mirror.example/debian"
+    assert env["PIP_INDEX_URL"] == "https://pypi.example/simple"
+    assert amphora.builder_inputs(lb, amphora.settings(lb))["ca_bundle"] == ca
+    with pytest.raises(LabError, match="--ca-bundle"):
+        amphora.with_build_settings(default_lab, ca_bundle=str(tmp_path / "missing.pem"))
