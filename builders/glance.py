@@ -142,7 +142,7 @@ def connect(cloud: str | None = None, *, cacert: str | None = None,
         conn = openstack.connection.Connection(config=region)
         conn.session.get_token()
         project_id = conn.current_project_id
-        endpoint = conn.image.get_endpoint()
+        endpoint = _image_endpoint(conn, auth_url, where, secrets)
     except ka.Unauthorized:
         raise fail(f"glance: Keystone {auth_url} refused {who} (HTTP 401): check the password or "
                    f"application credential secret in {where}") from None
@@ -164,6 +164,25 @@ def connect(cloud: str | None = None, *, cacert: str | None = None,
         raise fail(f"glance: no image endpoint in the catalog of {auth_url}: check {where}")
     return Cloud(conn=conn, label=region.name or "envvars", auth_url=auth_url,
                  project_id=project_id or "", endpoint=endpoint.rstrip("/"), secrets=secrets)
+
+
+def _image_endpoint(conn, auth_url: str, where: str, secrets: tuple[str, ...]) -> str:
+    """The versioned image endpoint (catalog lookup + version discovery)."""
+    from openstack import exceptions as osexc
+    ka = _kaexc()
+    try:
+        catalog_url = conn.session.get_endpoint(service_type="image", interface=conn.config.get_interface(),
+                                                region_name=conn.config.get_region_name("image"),
+                                                skip_discovery=True)
+    except ka.EndpointNotFound:
+        raise
+    try:
+        return conn.image.get_endpoint()
+    except (ka.ConnectFailure, ka.ConnectTimeout, ka.DiscoveryFailure, osexc.SDKException,
+            ka.ClientException) as exc:
+        raise LabError(mask(f"glance: Glance at {catalog_url} (image endpoint in the catalog of "
+                            f"{auth_url}) does not answer ({_reason(exc)}): check that it runs "
+                            "and rerun", secrets)) from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -191,11 +210,27 @@ class Api:
         self.image = cloud.conn.image
 
     def call(self, method: str, path: str, *, ok: Sequence[int] = (200, 201, 202, 204),
-             what: str = "", **kw):
+             what: str = "", retries: int = 0, **kw):
+        """One request; ``retries`` repeats an idempotent metadata change that
+        met a conflict or a server error (an import task finishing can hold
+        the image row for a moment)."""
+        for attempt in range(retries + 1):
+            resp = self._call(method, path, what=what, **kw)
+            if resp.status_code in ok or resp.status_code not in (409, 500, 503) \
+                    or attempt == retries:
+                break
+            time.sleep(0.5 * (attempt + 1))
+        if resp.status_code not in ok:
+            raise LabError(self.cloud.err(
+                f"glance: {what or method + ' ' + path} failed: HTTP {resp.status_code}: "
+                f"{_glance_message(resp)}"))
+        return resp
+
+    def _call(self, method: str, path: str, *, what: str = "", **kw):
         ka = _kaexc()
         kw.setdefault("raise_exc", False)
         try:
-            resp = self.image.request(path, method, **kw)
+            return self.image.request(path, method, **kw)
         except (ka.ConnectFailure, ka.ConnectTimeout, ka.ConnectionError) as exc:
             raise LabError(self.cloud.err(
                 f"glance: {what or method + ' ' + path}: Glance at {self.cloud.endpoint} is "
@@ -203,11 +238,6 @@ class Api:
         except ka.ClientException as exc:
             raise LabError(self.cloud.err(
                 f"glance: {what or method + ' ' + path}: {_first_line(exc)}")) from None
-        if resp.status_code not in ok:
-            raise LabError(self.cloud.err(
-                f"glance: {what or method + ' ' + path} failed: HTTP {resp.status_code}: "
-                f"{_glance_message(resp)}"))
-        return resp
 
     def get_image(self, image_id: str) -> dict:
         return self.call("GET", f"/images/{image_id}", what=f"read image {image_id}").json()
@@ -232,17 +262,18 @@ class Api:
                   connect_retries=0, **({"timeout": timeout} if timeout else {}))
 
     def add_tag(self, image_id: str, tag: str) -> None:
-        self.call("PUT", f"/images/{image_id}/tags/{_q(tag)}", what=f"tag image {image_id}")
+        self.call("PUT", f"/images/{image_id}/tags/{_q(tag)}", what=f"tag image {image_id}",
+                  retries=4)
 
     def remove_tag(self, image_id: str, tag: str) -> None:
         self.call("DELETE", f"/images/{image_id}/tags/{_q(tag)}", ok=(204, 404),
-                  what=f"untag image {image_id}")
+                  what=f"untag image {image_id}", retries=4)
 
     def patch(self, image_id: str, ops: list[dict]) -> dict:
         return self.call(
             "PATCH", f"/images/{image_id}", data=json.dumps(ops),
             headers={"Content-Type": "application/openstack-images-v2.1-json-patch"},
-            what=f"update image {image_id}").json()
+            what=f"update image {image_id}", retries=4).json()
 
     def import_methods(self) -> list[str]:
         resp = self.call("GET", "/info/import", ok=(200, 404), what="discover import methods")
@@ -711,10 +742,10 @@ def _upload(api: Api, src: Source, *, name: str, disk_format: str, visibility: s
                            f"{str(img.get('os_hash_value'))[:16]}… differs from the local "
                            f"{local[:16]}… of {src.path}: the upload was corrupted; the image was "
                            "deleted; rerun")
+        ops = [{"op": "remove", "path": f"/{OWNER}"}]
         if src.sha256 is None and "sha256" in stream.hashes:
-            api.patch(image_id, [{"op": "add", "path": f"/{SHA256}",
-                                  "value": stream.hexdigest("sha256")}])
-        api.patch(image_id, [{"op": "remove", "path": f"/{OWNER}"}])
+            ops.append({"op": "add", "path": f"/{SHA256}", "value": stream.hexdigest("sha256")})
+        api.patch(image_id, ops)
         return Result(api.get_image(image_id), False, method, seconds, local)
     except BaseException as exc:
         if stream is not None:

@@ -223,7 +223,7 @@ class OpenStackServices:
     def admin_connection(self, project: str = "admin"):
         import openstack
         return openstack.connect(
-            auth_url=self.auth_url, username="admin", password=self.admin_password,
+            load_yaml_config=False, load_envvars=False, auth_url=self.auth_url, username="admin", password=self.admin_password,
             project_name=project, user_domain_name="Default", project_domain_name="Default",
             region_name=REGION, identity_api_version="3")
 
