@@ -82,7 +82,8 @@ _GLANCE_AUTH_HELP = {
     "cloud": "clouds.yaml cloud to use (default: lab.yaml glance.cloud, OS_CLOUD, or OS_* variables)",
     "os_cacert": "CA bundle to verify Keystone/Glance TLS with (like openstack --os-cacert)",
     "insecure": "do not verify TLS certificates (like openstack --insecure; labs only)",
-    "method": "upload flow: auto (glance-direct import when Glance offers it), direct, glance-direct",
+    "method": "upload flow: auto (glance-direct import when Glance offers it), direct, "
+              "glance-direct (default: lab.yaml glance.method)",
     "keep": "with --rotate-tag: keep the N newest images of the rotation, delete older ones",
     "deactivate_old": "with --rotate-tag: deactivate older images of the rotation instead of deleting",
     "visibility": "private | shared | community | public (default: lab.yaml glance.visibility)",
@@ -103,7 +104,7 @@ _GLANCE_AUTH_HELP = {
     **_GLANCE_AUTH_HELP,
 })
 def glance_upload(c, image, name=None, tag=None, property=None, visibility=None, cloud=None,
-                  rotate_tag=None, keep=None, deactivate_old=False, method="auto",
+                  rotate_tag=None, keep=None, deactivate_old=False, method=None,
                   disk_format=None, min_disk=None, min_ram=None, os_cacert=None,
                   insecure=False, lab=None, verbose=False):
     """Upload an image to Glance: streamed, sha512-verified, idempotent, optional tag rotation."""
@@ -116,15 +117,22 @@ def glance_upload(c, image, name=None, tag=None, property=None, visibility=None,
         min_ram=_int(min_ram, "--min-ram"), cacert=os_cacert, insecure=insecure))
 
 
-@labtask(iterable=["property"], auto_shortflags=False, help=_GLANCE_AUTH_HELP)
+@labtask(iterable=["property"], auto_shortflags=False, help={
+    **_GLANCE_AUTH_HELP,
+    "keep": "keep the N newest amphora images (the tag moves to the new one), delete older ones "
+            "(default: lab.yaml glance.keep; none deleted)",
+    "deactivate_old": "deactivate older amphora images instead of deleting them "
+                      "(default: lab.yaml glance.deactivate_old)",
+    "min_ram": "minimum RAM in MiB (default 1024, Octavia's amphora flavor)",
+})
 def publish_amphora(c, cloud=None, property=None, keep=None, deactivate_old=False,
-                    method="auto", visibility=None, min_ram=None, os_cacert=None,
+                    method=None, visibility=None, min_ram=None, os_cacert=None,
                     insecure=False, lab=None, verbose=False):
     """Publish the amphora image to Glance as Octavia expects it (name, tag rotation, properties)."""
     from builders import glance
     _print(glance.publish_amphora(
         _load(lab), Workspace.default(), cloud=cloud, properties=property or [],
-        keep=_int(keep, "--keep"), deactivate_old=deactivate_old, method=method,
+        keep=_int(keep, "--keep"), deactivate_old=deactivate_old or None, method=method,
         visibility=visibility, min_ram=_int(min_ram, "--min-ram") or 1024,
         cacert=os_cacert, insecure=insecure))
 

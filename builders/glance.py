@@ -569,13 +569,14 @@ def upload_image(lab: Lab, ws: Workspace, *, image: str, name: str | None = None
                  tags: Sequence[str] = (), properties: Mapping[str, Any] | Iterable[str] | None = None,
                  visibility: str | None = None, cloud: str | None = None,
                  rotate_tag: str | None = None, keep: int | None = None,
-                 deactivate_old: bool = False, method: str = "auto",
+                 deactivate_old: bool = False, method: str | None = None,
                  disk_format: str | None = None, min_disk: int | None = None,
                  min_ram: int | None = None, cacert: str | None = None,
                  insecure: bool = False, kinds: tuple[str, ...] = (),
                  timeout: float = 3600, step: str = "glance-upload") -> list[Outcome]:
     """Upload one image to Glance (or reuse an identical one); see the module doc."""
     t0 = time.monotonic()
+    method = method or lab.glance.method
     if method not in METHODS:
         raise LabError(f"--method {method}: expected one of {', '.join(METHODS)}")
     visibility = visibility or lab.glance.visibility
@@ -792,7 +793,7 @@ def _wait_active(api: Api, image_id: str, timeout: float) -> dict:
             raise LabError(f"glance: image {image_id} still {status} after {timeout:.0f}s; "
                            "check Glance's import tasks")
         time.sleep(delay)
-        delay = min(delay * 1.5, 3.0)
+        delay = min(delay * 1.5, 1.0)
 
 
 def _rotate(api: Api, new: dict, tag: str, keep: int | None, deactivate_old: bool) -> list[str]:
@@ -876,8 +877,8 @@ def find_amphora(lab: Lab, ws: Workspace) -> str:
 
 def publish_amphora(lab: Lab, ws: Workspace, *, cloud: str | None = None,
                     properties: Iterable[str] | Mapping[str, Any] | None = None,
-                    keep: int | None = None, deactivate_old: bool = False, method: str = "auto",
-                    min_ram: int = 1024, cacert: str | None = None, insecure: bool = False,
+                    keep: int | None = None, deactivate_old: bool | None = None,
+                    method: str | None = None, min_ram: int = 1024, cacert: str | None = None, insecure: bool = False,
                     visibility: str | None = None) -> list[Outcome]:
     """Upload the amphora artifact as ``octavia.image_name`` tagged
     ``octavia.amp_image_tag`` (rotated), with Octavia's image properties."""
@@ -888,6 +889,8 @@ def publish_amphora(lab: Lab, ws: Workspace, *, cloud: str | None = None,
     return upload_image(
         lab, ws, image=str(ws.artifacts / rel), name=lab.octavia.image_name,
         properties=props, visibility=visibility, cloud=cloud,
-        rotate_tag=lab.octavia.amp_image_tag, keep=keep, deactivate_old=deactivate_old,
+        rotate_tag=lab.octavia.amp_image_tag,
+        keep=keep if keep is not None else lab.glance.keep,
+        deactivate_old=lab.glance.deactivate_old if deactivate_old is None else deactivate_old,
         method=method, min_disk=lab.octavia.amphora.size, min_ram=min_ram, cacert=cacert,
         insecure=insecure, kinds=("amphora",), step="publish-amphora")

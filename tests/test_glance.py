@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -24,7 +25,7 @@ from builders import glance
 from builders.errors import LabError
 from builders.manifest import Manifest, input_digest
 from builders.workspace import Workspace
-from tests.conftest import assert_one_line_error
+from tests.conftest import INVOKE, assert_one_line_error
 from tests.openstack_services import OpenStackServices, venv_ready
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -72,15 +73,15 @@ def clouds(services, tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def kill_glance_mid_upload(services):
-    """Start a watcher that SIGKILLs Glance's uWSGI process group as soon as
-    an image file in its file store or staging dir has grown past
-    ``threshold`` bytes (an upload is under way).  Returns a function to arm it;
-    the watcher's result says whether it fired."""
-    state = {"fired": False}
+def on_upload(services):
+    """``arm(action, threshold)``: a watcher thread runs ``action()`` as soon as
+    a new file in Glance's file store or staging dir has grown past
+    ``threshold`` bytes (an upload is under way).  The returned dict says
+    whether it fired."""
     stop = threading.Event()
 
-    def arm(threshold: int = 16 << 20) -> dict:
+    def arm(action, threshold: int = 16 << 20) -> dict:
+        state = {"fired": False}
         old = {f for d in (services.store, services.staging) for f in d.glob("*")}
 
         def watch():
@@ -91,7 +92,7 @@ def kill_glance_mid_upload(services):
                             continue
                         try:
                             if f.stat().st_size >= threshold:
-                                services.kill_glance()
+                                action()
                                 state["fired"] = True
                                 return
                         except FileNotFoundError:
@@ -101,6 +102,20 @@ def kill_glance_mid_upload(services):
         return state
     yield arm
     stop.set()
+
+
+@pytest.fixture
+def kill_glance_mid_upload(services, on_upload):
+    """Arm a SIGKILL of Glance's uWSGI process group once an upload is under way."""
+    return lambda threshold=16 << 20: on_upload(services.kill_glance, threshold)
+
+
+def sparse_image(path: Path, gib: int = 1) -> Path:
+    """A raw image that is fast to read (sparse) and slow enough to send."""
+    with open(path, "wb") as fh:
+        fh.truncate(gib << 30)
+        fh.write(os.urandom(1 << 20))
+    return path
 
 
 def make_qcow2(path: Path, mib: int = 24) -> Path:
@@ -268,10 +283,7 @@ def test_wrong_password_one_line_no_image(clouds, services, cli, tmp_path):
 @pytest.mark.parametrize("method", ["direct", "glance-direct"])
 def test_glance_killed_mid_upload_then_cleaned(clouds, services, cli, tmp_path,
                                                kill_glance_mid_upload, method):
-    big = tmp_path / "big.raw"
-    with open(big, "wb") as fh:           # 1 GiB, sparse: fast to read, slow enough to send
-        fh.truncate(1 << 30)
-        fh.write(os.urandom(1 << 20))
+    big = sparse_image(tmp_path / "big.raw")
     state = kill_glance_mid_upload(threshold=16 << 20)
     proc = cli("glance-upload", "--image", str(big), "--name", f"lf-killed-{method}",
                "--cloud", "lab", "--method", method, env={"OS_CLIENT_CONFIG_FILE": str(clouds)})
@@ -294,6 +306,20 @@ def test_glance_killed_mid_upload_then_cleaned(clouds, services, cli, tmp_path,
              if i["status"] in ("queued", "saving", "uploading", "importing", "killed")]
     assert stuck == []
     assert images_by_name(conn, f"lf-killed-{method}") == []
+
+
+def test_ctrl_c_mid_upload_deletes_image(clouds, services, tmp_path, on_upload):
+    big = sparse_image(tmp_path / "big.raw")
+    env = dict(os.environ, LABFORGE_WORKDIR=str(tmp_path / "ws"))
+    proc = subprocess.Popen(
+        [*INVOKE, "glance-upload", "--image", str(big), "--name", "lf-ctrl-c", "--cloud", "lab",
+         "--method", "direct"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = on_upload(lambda: proc.send_signal(signal.SIGINT))
+    out, err = proc.communicate(timeout=600)
+    assert state["fired"], "the upload finished before Ctrl-C"
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: interrupted")
+    assert images_by_name(admin_api(services), "lf-ctrl-c") == []
 
 
 def test_hash_mismatch_deletes_image(clouds, services, ws, default_lab, tmp_path, monkeypatch):
