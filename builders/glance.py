@@ -242,7 +242,8 @@ class Api:
     def get_image(self, image_id: str) -> dict:
         return self.call("GET", f"/images/{image_id}", what=f"read image {image_id}").json()
 
-    def list_images(self, **filters: str) -> list[dict]:
+    def list_images(self, *, first_page: bool = False, **filters: str) -> list[dict]:
+        """Images matching Glance's list filters (all pages unless ``first_page``)."""
         out: list[dict] = []
         params = {"limit": "200", **filters}
         path = "/images"
@@ -250,7 +251,7 @@ class Api:
             data = self.call("GET", path, params=params, what="list images").json()
             out += data.get("images", [])
             nxt = data.get("next")
-            if not nxt:
+            if not nxt or first_page:
                 return out
             # "next" is /v2/images?marker=...; keep the filters, take the marker
             from urllib.parse import parse_qs, urlparse
@@ -695,7 +696,8 @@ def _upload(api: Api, src: Source, *, name: str, disk_format: str, visibility: s
                        "(see /v2/info/import); use --method direct")
     # the hash Glance will compute: what its images report, sha512 by default
     algo = DEFAULT_HASH
-    for img in api.list_images(owner=api.cloud.project_id, status="active", limit="5"):
+    for img in api.list_images(owner=api.cloud.project_id, status="active", limit="5",
+                               first_page=True):
         if img.get("os_hash_algo") and img["os_hash_algo"] in hashlib.algorithms_available:
             algo = img["os_hash_algo"]
             break
