@@ -29,6 +29,9 @@ import textwrap
 import time
 from pathlib import Path
 
+import threading
+
+import pytest
 import requests
 import yaml
 
@@ -338,3 +341,70 @@ class OpenStackServices:
         cred = conn.identity.create_application_credential(user=user_id, name=name)
         conn.close()
         return cred.id, cred.secret
+
+
+# --------------------------------------------------------------------------
+# pytest fixtures: import them into a test module
+#   from tests.openstack_services import openstack_services, services, ...
+# --------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def openstack_services(tmp_path_factory):
+    """Keystone + Glance for the whole session; stopped (process groups killed) at the end."""
+    why = venv_ready()
+    if why:
+        pytest.fail(why)
+    svc = OpenStackServices(tmp_path_factory.mktemp("openstack"))
+    t0 = time.monotonic()
+    with svc:
+        print(f"\nKeystone + Glance started in {time.monotonic() - t0:.1f}s")
+        yield svc
+
+
+@pytest.fixture
+def services(openstack_services):
+    """The services, with Glance running again after a test that killed it."""
+    if not openstack_services.glance.running:
+        openstack_services.start_glance()
+    yield openstack_services
+    if not openstack_services.glance.running:
+        openstack_services.start_glance()
+
+
+@pytest.fixture
+def on_upload(services):
+    """``arm(action, threshold)``: a watcher thread runs ``action()`` as soon as
+    a new file in Glance's file store or staging dir has grown past
+    ``threshold`` bytes (an upload is under way).  The returned dict says
+    whether it fired."""
+    stop = threading.Event()
+
+    def arm(action, threshold: int = 16 << 20) -> dict:
+        state = {"fired": False}
+        old = {f for d in (services.store, services.staging) for f in d.glob("*")}
+
+        def watch():
+            while not stop.is_set():
+                for d in (services.store, services.staging):
+                    for f in d.glob("*"):
+                        if f in old:
+                            continue
+                        try:
+                            if f.stat().st_size >= threshold:
+                                action()
+                                state["fired"] = True
+                                return
+                        except FileNotFoundError:
+                            pass
+                time.sleep(0.02)
+        threading.Thread(target=watch, daemon=True).start()
+        return state
+    yield arm
+    stop.set()
+
+
+@pytest.fixture
+def kill_glance_mid_upload(services, on_upload):
+    """Arm a SIGKILL of Glance's uWSGI process group once an upload is under way."""
+    return lambda threshold=16 << 20: on_upload(services.kill_glance, threshold)
+
+

@@ -15,8 +15,6 @@ import json
 import os
 import signal
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -26,7 +24,8 @@ from builders.errors import LabError
 from builders.manifest import Manifest, input_digest
 from builders.workspace import Workspace
 from tests.conftest import INVOKE, assert_one_line_error
-from tests.openstack_services import OpenStackServices, venv_ready
+from tests.openstack_services import (  # noqa: F401 - pytest fixtures
+    kill_glance_mid_upload, on_upload, openstack_services, services)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -34,29 +33,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 # --------------------------------------------------------------------------
 # fixtures
 # --------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def openstack_services(tmp_path_factory):
-    """Keystone + Glance for the whole session; stopped (process groups killed) at the end."""
-    why = venv_ready()
-    if why:
-        pytest.fail(why)
-    svc = OpenStackServices(tmp_path_factory.mktemp("openstack"))
-    t0 = time.monotonic()
-    with svc:
-        print(f"\nKeystone + Glance started in {time.monotonic() - t0:.1f}s")
-        yield svc
-
-
-@pytest.fixture
-def services(openstack_services):
-    """The services, with Glance running again after a test that killed it."""
-    if not openstack_services.glance.running:
-        openstack_services.start_glance()
-    yield openstack_services
-    if not openstack_services.glance.running:
-        openstack_services.start_glance()
-
-
 @pytest.fixture
 def clouds(services, tmp_path, monkeypatch):
     """A clouds.yaml with cloud `lab` (admin on the service project) and
@@ -70,44 +46,6 @@ def clouds(services, tmp_path, monkeypatch):
     })
     monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(path))
     return path
-
-
-@pytest.fixture
-def on_upload(services):
-    """``arm(action, threshold)``: a watcher thread runs ``action()`` as soon as
-    a new file in Glance's file store or staging dir has grown past
-    ``threshold`` bytes (an upload is under way).  The returned dict says
-    whether it fired."""
-    stop = threading.Event()
-
-    def arm(action, threshold: int = 16 << 20) -> dict:
-        state = {"fired": False}
-        old = {f for d in (services.store, services.staging) for f in d.glob("*")}
-
-        def watch():
-            while not stop.is_set():
-                for d in (services.store, services.staging):
-                    for f in d.glob("*"):
-                        if f in old:
-                            continue
-                        try:
-                            if f.stat().st_size >= threshold:
-                                action()
-                                state["fired"] = True
-                                return
-                        except FileNotFoundError:
-                            pass
-                time.sleep(0.02)
-        threading.Thread(target=watch, daemon=True).start()
-        return state
-    yield arm
-    stop.set()
-
-
-@pytest.fixture
-def kill_glance_mid_upload(services, on_upload):
-    """Arm a SIGKILL of Glance's uWSGI process group once an upload is under way."""
-    return lambda threshold=16 << 20: on_upload(services.kill_glance, threshold)
 
 
 def sparse_image(path: Path, gib: int = 1) -> Path:

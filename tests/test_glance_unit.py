@@ -6,7 +6,6 @@ import hashlib
 import os
 import resource
 import subprocess
-from pathlib import Path
 
 import pytest
 
