@@ -114,7 +114,12 @@ def connect(cloud: str | None = None, *, cacert: str | None = None,
                            "Keystone's and Glance's certificates")
         kwargs["cacert"] = str(cacert)
     if insecure:
-        kwargs["insecure"] = True
+        kwargs["verify"] = False
+    # the SDK's and keystoneauth's own warnings would print beside our one-line error
+    for name in ("keystoneauth", "openstack", "urllib3"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(h, logging.NullHandler) for h in lg.handlers):
+            lg.addHandler(logging.NullHandler())
     where = (f"clouds.yaml cloud {cloud!r}" if cloud else
              f"clouds.yaml cloud {os.environ['OS_CLOUD']!r} (OS_CLOUD)" if os.environ.get("OS_CLOUD")
              else "the OS_* environment variables")

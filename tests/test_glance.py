@@ -289,3 +289,16 @@ def test_bad_input_one_line(clouds, cli, tmp_path):
     assert_one_line_error(proc, "--rotate-tag")
     proc = cli("publish-amphora", "--cloud", "lab", env=env)
     assert_one_line_error(proc, "invoke amphora")
+    proc = cli("glance-upload", "--image", str(f), "--cloud", "lab", "--os-cacert",
+               str(tmp_path / "no-ca.pem"), env=env)
+    assert_one_line_error(proc, "--os-cacert", "no-ca.pem")
+    # Keystone down / wrong auth_url: one line naming the URL, no library warnings beside it
+    dead = {**dict(os.environ), "OS_CLIENT_CONFIG_FILE": str(tmp_path / "none.yaml"),
+            "OS_AUTH_URL": "http://127.0.0.1:9/v3", "OS_USERNAME": "admin",
+            "OS_PASSWORD": "pw-not-shown-7", "OS_PROJECT_NAME": "service",
+            "OS_USER_DOMAIN_NAME": "Default", "OS_PROJECT_DOMAIN_NAME": "Default"}
+    dead.pop("OS_CLOUD", None)
+    proc = cli("glance-upload", "--image", str(f), env=dead)
+    assert_one_line_error(proc, "cannot reach Keystone at http://127.0.0.1:9/v3")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "pw-not-shown-7" not in proc.stderr
