@@ -13,6 +13,10 @@ Usable without pytest (benchmarks import it)::
     with OpenStackServices(tmpdir) as svc:
         svc.clouds_yaml(...)
 
+Both serve HTTPS (uWSGI ``--https-socket``) with a throwaway CA (``svc.ca``;
+``OpenStackServices(dir, tls=False)`` for plain HTTP); clouds.yaml entries and
+OS_* variables made here carry it as ``cacert``/``OS_CACERT``.
+
 Each uWSGI server runs in its own process group with 1 process and 2 threads
 (the machine is small and shared); stop kills the group.
 """
@@ -49,6 +53,51 @@ def venv_ready() -> str | None:
     return None
 
 
+def make_tls(directory: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1: (ca, cert, key)."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "labforge test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=2))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+                         critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+                critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = (directory / "ca.pem", directory / "server.pem", directory / "server.key")
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    os.chmod(paths[2], 0o600)
+    return paths
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -58,19 +107,25 @@ def free_port() -> int:
 class UwsgiServer:
     """One uWSGI server for a WSGI module, in its own process group."""
 
-    def __init__(self, name: str, module: str, port: int, workdir: Path, env: dict[str, str]):
+    def __init__(self, name: str, module: str, port: int, workdir: Path, env: dict[str, str],
+                 tls: tuple[Path, Path, Path] | None = None):
         self.name, self.module, self.port, self.workdir, self.env = name, module, port, workdir, env
+        self.tls = tls
         self.log = workdir / f"{name}-uwsgi.log"
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def start(self, probe: str, timeout: float = 180) -> None:
+        if self.tls:
+            socket_args = ["--https-socket", f"127.0.0.1:{self.port},{self.tls[1]},{self.tls[2]}"]
+        else:
+            socket_args = ["--http-socket", f"127.0.0.1:{self.port}"]
         argv = [
             str(VENV / "bin" / "uwsgi"),
-            "--http-socket", f"127.0.0.1:{self.port}",
+            *socket_args,
             "--module", self.module,
             "--virtualenv", str(VENV),
             "--master", "--processes", "1", "--threads", "2", "--enable-threads",
@@ -90,7 +145,8 @@ class UwsgiServer:
                 raise RuntimeError(f"{self.name} under uWSGI exited ({self.proc.returncode}); "
                                    f"log: {self.log}:\n{self.tail()}")
             try:
-                r = requests.get(self.url + probe, timeout=5)
+                r = requests.get(self.url + probe, timeout=5,
+                                 verify=str(self.tls[0]) if self.tls else True)
                 if r.status_code < 500:
                     return
             except requests.RequestException:
@@ -128,8 +184,12 @@ class UwsgiServer:
 class OpenStackServices:
     """Keystone + Glance in ``workdir``; a context manager."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, tls: bool = True):
+        """``tls``: both services on HTTPS with a throwaway CA (``self.ca``)."""
         self.dir = Path(workdir)
+        self.tls = make_tls(self.dir / "tls") if tls else None
+        self.ca = self.tls[0] if self.tls else None
+        self.scheme = "https" if tls else "http"
         self.admin_password = secrets.token_urlsafe(18)
         self.glance_password = secrets.token_urlsafe(18)
         self.keystone: UwsgiServer | None = None
@@ -171,7 +231,7 @@ class OpenStackServices:
 
     @property
     def glance_url(self) -> str:
-        return f"http://127.0.0.1:{self.glance_port}"
+        return f"{self.scheme}://127.0.0.1:{self.glance_port}"
 
     def _manage(self, tool: str, conf: Path, *args: str, env: dict | None = None) -> None:
         proc = subprocess.run([str(VENV / "bin" / tool), "--config-file", str(conf), *args],
@@ -211,7 +271,7 @@ class OpenStackServices:
                      "--keystone-group", gname)
         self._manage("keystone-manage", conf, "credential_setup", "--keystone-user", uname,
                      "--keystone-group", gname)
-        url = f"http://127.0.0.1:{port}/v3"
+        url = f"{self.scheme}://127.0.0.1:{port}/v3"
         # the password goes through the environment, not argv
         self._manage("keystone-manage", conf, "bootstrap",
                      "--bootstrap-username", "admin", "--bootstrap-project-name", "admin",
@@ -220,7 +280,7 @@ class OpenStackServices:
                      "--bootstrap-public-url", url, "--bootstrap-internal-url", url,
                      env={"OS_BOOTSTRAP_PASSWORD": self.admin_password})
         self.keystone = UwsgiServer("keystone", "keystone.wsgi.api:application", port, kdir,
-                                    {"OS_KEYSTONE_CONFIG_FILES": str(conf)})
+                                    {"OS_KEYSTONE_CONFIG_FILES": str(conf)}, self.tls)
         self.keystone.start("/v3")
 
     def admin_connection(self, project: str = "admin"):
@@ -228,7 +288,8 @@ class OpenStackServices:
         return openstack.connect(
             load_yaml_config=False, load_envvars=False, auth_url=self.auth_url, username="admin", password=self.admin_password,
             project_name=project, user_domain_name="Default", project_domain_name="Default",
-            region_name=REGION, identity_api_version="3")
+            region_name=REGION, identity_api_version="3",
+            **({"cacert": str(self.ca)} if self.ca else {}))
 
     def _register_glance(self) -> None:
         conn = self.admin_connection()
@@ -288,6 +349,7 @@ class OpenStackServices:
             user_domain_name = Default
             project_domain_name = Default
             region_name = {REGION}
+            {f"cafile = {self.ca}" if self.ca else ""}
             [oslo_policy]
             enforce_new_defaults = true
             [wsgi]
@@ -299,7 +361,7 @@ class OpenStackServices:
     def start_glance(self) -> None:
         self.glance = UwsgiServer("glance", "glance.wsgi.api:application", self.glance_port,
                                   self.dir / "glance",
-                                  {"OS_GLANCE_CONFIG_DIR": str(self.glance_conf.parent)})
+                                  {"OS_GLANCE_CONFIG_DIR": str(self.glance_conf.parent)}, self.tls)
         self.glance.start("/versions")
 
     def kill_glance(self) -> None:
@@ -316,6 +378,7 @@ class OpenStackServices:
                 "project_domain_name": "Default",
             },
             "region_name": REGION, "identity_api_version": 3, "interface": "public",
+            **({"cacert": str(self.ca)} if self.ca else {}),
         }
 
     def write_clouds_yaml(self, path: Path, clouds: dict[str, dict]) -> Path:
@@ -332,6 +395,7 @@ class OpenStackServices:
             "OS_PROJECT_NAME": project, "OS_USER_DOMAIN_NAME": "Default",
             "OS_PROJECT_DOMAIN_NAME": "Default", "OS_REGION_NAME": REGION,
             "OS_IDENTITY_API_VERSION": "3", "OS_INTERFACE": "public",
+            **({"OS_CACERT": str(self.ca)} if self.ca else {}),
         }
 
     def application_credential(self, name: str = "labforge-test") -> tuple[str, str]:

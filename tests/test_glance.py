@@ -163,7 +163,7 @@ def test_application_credential_auth(services, ws, default_lab, tmp_path, monkey
         "auth_type": "v3applicationcredential",
         "auth": {"auth_url": services.auth_url, "application_credential_id": cred_id,
                  "application_credential_secret": secret},
-        "region_name": "RegionOne"}})
+        "region_name": "RegionOne", "cacert": str(services.ca)}})
     monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(path))
     monkeypatch.setenv("OS_CLOUD", "appcred")
     img_path = make_qcow2(tmp_path / "appcred.qcow2", 2)
@@ -206,6 +206,26 @@ def test_publish_amphora_rotation(clouds, services, ws, default_lab):
     assert [i.id for i in conn.image.images(tag=[tag])] == [third_id]
     assert conn.image.get_image(second_id).status == "deactivated"
     assert conn.image.get_image(first_id).status == "deactivated"
+
+
+def test_tls_cacert_and_insecure(clouds, services, cli, tmp_path):
+    """Keystone and Glance serve HTTPS with a test CA: without the CA the
+    upload is refused with one line; --os-cacert or --insecure make it work."""
+    assert services.auth_url.startswith("https://")
+    plain = services.cloud_config()
+    plain.pop("cacert")
+    clouds = services.write_clouds_yaml(tmp_path / "clouds.yaml", {"lab-tls": plain})
+    env = {"OS_CLIENT_CONFIG_FILE": str(clouds)}
+    f = make_qcow2(tmp_path / "tls.qcow2", 1)
+    proc = cli("glance-upload", "--image", str(f), "--name", "lf-tls", "--cloud", "lab-tls", env=env)
+    assert_one_line_error(proc, "TLS verification", "--os-cacert")
+    proc = cli("glance-upload", "--image", str(f), "--name", "lf-tls", "--cloud", "lab-tls",
+               "--os-cacert", str(services.ca), env=env)
+    assert proc.returncode == 0, proc.stderr
+    proc = cli("glance-upload", "--image", str(f), "--name", "lf-tls", "--cloud", "lab-tls",
+               "--insecure", env=env)
+    assert proc.returncode == 0 and "up to date" in proc.stdout, proc.stderr
+    assert len(images_by_name(admin_api(services), "lf-tls")) == 1
 
 
 def test_wrong_password_one_line_no_image(clouds, services, cli, tmp_path):

@@ -10,11 +10,18 @@ cd "$(dirname "$0")/../.."
 VENV=.venv-openstack
 PINS=(keystone==30.0.0 glance==33.0.0 uwsgi==2.0.31 python-openstackclient==10.5.0)
 stamp="$VENV/.labforge-pins"
-if [ -x "$VENV/bin/uwsgi" ] && [ "$(cat "$stamp" 2>/dev/null)" = "${PINS[*]}" ]; then
+has_tls() { "$VENV/bin/uwsgi" --help 2>/dev/null | grep -q -- '--https-socket '; }
+if [ -x "$VENV/bin/uwsgi" ] && [ "$(cat "$stamp" 2>/dev/null)" = "${PINS[*]}" ] && has_tls; then
   exit 0
 fi
 echo "setup: installing Keystone, Glance, uWSGI into $VENV" >&2
 python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -U pip
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${PINS[@]}"
+if ! has_tls; then
+  # a uwsgi wheel built (or cached) without libssl-dev: rebuild it with TLS support
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir \
+    --force-reinstall --no-deps "${PINS[2]}"
+  has_tls || { echo "error: uwsgi in $VENV has no HTTPS support; install libssl-dev and rerun" >&2; exit 1; }
+fi
 echo "${PINS[*]}" > "$stamp"
