@@ -463,7 +463,16 @@ class Source:
 
 
 def resolve_image(ws: Workspace, image: str, kinds: tuple[str, ...] = ()) -> Source:
-    """An image argument: a file path, or a manifest name (``debian-12``)."""
+    """An image argument: a file path, or a manifest name (``debian-12``).
+    An artifact must match its manifest record (nothing changed it since)."""
+    src = _resolve_image(ws, image, kinds)
+    if src.record is not None and src.sha256 is None:
+        raise LabError(f"{src.path}: differs from its record in {src.manifest.path} (changed "
+                       "after it was built); rebuild it with --force before publishing")
+    return src
+
+
+def _resolve_image(ws: Workspace, image: str, kinds: tuple[str, ...] = ()) -> Source:
     man = Manifest(ws.artifacts)
     p = Path(image).expanduser()
     if p.is_file():

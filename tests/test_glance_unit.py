@@ -105,3 +105,12 @@ def test_resolve_image_errors(ws, tmp_path):
         glance.resolve_image(ws, "debian-12")
     with pytest.raises(LabError, match="not a regular file"):
         glance.resolve_image(ws, str(tmp_path))
+
+
+def test_changed_artifact_is_refused(ws):
+    p = ws.artifact_dir("images") / "debian-12.qcow2"
+    p.write_bytes(b"QFI\xfb" + b"\0" * 100)
+    Manifest(ws.artifacts).record(p, "base-image", input_digest("x"))
+    p.write_bytes(b"QFI\xfb" + b"\1" * 100)
+    with pytest.raises(LabError, match="differs from its record"):
+        glance.resolve_image(ws, "debian-12")
