@@ -245,7 +245,8 @@ class Api:
                 f"glance: {what or method + ' ' + path}: {_first_line(exc)}")) from None
 
     def get_image(self, image_id: str) -> dict:
-        return self.call("GET", f"/images/{image_id}", what=f"read image {image_id}").json()
+        return self.call("GET", f"/images/{image_id}", what=f"read image {image_id}",
+                         retries=2).json()
 
     def list_images(self, *, first_page: bool = False, **filters: str) -> list[dict]:
         """Images matching Glance's list filters (all pages unless ``first_page``)."""
@@ -253,7 +254,7 @@ class Api:
         params = {"limit": "200", **filters}
         path = "/images"
         while True:
-            data = self.call("GET", path, params=params, what="list images").json()
+            data = self.call("GET", path, params=params, what="list images", retries=2).json()
             out += data.get("images", [])
             nxt = data.get("next")
             if not nxt or first_page:
@@ -621,7 +622,7 @@ def upload_image(lab: Lab, ws: Workspace, *, image: str, name: str | None = None
     try:
         with BuildLock(ws):
             cleaned = cleanup_stuck(api)
-            res = _reuse(api, src, name, all_tags, props, min_disk, min_ram)
+            res = _reuse(api, src, name, all_tags, props, min_disk, min_ram, visibility)
             if res is None:
                 res = _upload(api, src, name=name, disk_format=fmt, visibility=visibility,
                               tags=all_tags, props=props, rotate_tag=rotate_tag, min_disk=min_disk,
@@ -657,7 +658,7 @@ def _owned(api: Api, img: dict) -> bool:
 
 
 def _reuse(api: Api, src: Source, name: str, tags: Sequence[str], props: Mapping[str, str],
-           min_disk: int | None, min_ram: int | None) -> Result | None:
+           min_disk: int | None, min_ram: int | None, visibility: str) -> Result | None:
     """An active image of ours with this name and content, updated to carry
     ``tags`` and ``props``; None when there is none."""
     cands = [i for i in api.list_images(name=name, status="active")
@@ -692,6 +693,9 @@ def _reuse(api: Api, src: Source, name: str, tags: Sequence[str], props: Mapping
         if val is not None and img.get(key) != val:
             ops.append({"op": "replace", "path": f"/{key}", "value": int(val)})
             changes.append(key)
+    if img.get("visibility") != visibility:
+        ops.append({"op": "replace", "path": "/visibility", "value": visibility})
+        changes.append(f"visibility {visibility}")
     if ops:
         api.patch(img["id"], ops)
     log.info("glance: %s: an active image with the same name and content exists (%s); reusing it",

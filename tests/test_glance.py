@@ -128,12 +128,13 @@ def test_upload_via_clouds_yaml_active_hash_tags_props_and_bytes(clouds, service
     # the same file again: no new image, missing tag and property added
     out = glance.upload_image(default_lab, ws, image=str(img_path), name="lf-debian-12",
                               tags=["lab", "extra"], properties=["os_admin_user=debian"],
-                              cloud="lab")
+                              visibility="shared", cloud="lab")
     assert out[0].status == "up to date" and "reused" in out[0].detail, out[0].line()
     [again] = images_by_name(conn, "lf-debian-12")
     assert again.id == img.id
     assert set(again.tags) == {"lab", "debian", "extra"}
     assert raw(conn, img.id)["os_admin_user"] == "debian"
+    assert again.visibility == "shared"
 
 
 def test_upload_via_os_env_and_glance_direct_import(services, ws, default_lab, cli, tmp_path):
