@@ -207,6 +207,13 @@ def test_publish_amphora_rotation(clouds, services, ws, default_lab):
     assert [i.id for i in conn.image.images(tag=[tag])] == [third_id]
     assert conn.image.get_image(second_id).status == "deactivated"
     assert conn.image.get_image(first_id).status == "deactivated"
+    # a fourth with --keep 2: the two newest stay, older ones are deleted
+    record(ws, rel, "amphora", mib=7)
+    glance.publish_amphora(default_lab, ws, cloud="lab", keep=2)
+    fourth_id = Manifest(ws.artifacts).get(rel)["meta"]["glance"]["lab"]["image_id"]
+    left = {i.id for i in conn.image.images() if i.name == name}
+    assert left == {third_id, fourth_id}
+    assert [i.id for i in conn.image.images(tag=[tag])] == [fourth_id]
 
 
 def test_tls_cacert_and_insecure(clouds, services, cli, tmp_path):
