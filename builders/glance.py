@@ -763,8 +763,8 @@ def _upload(api: Api, src: Source, *, name: str, disk_format: str, visibility: s
                            f"{str(img.get('os_hash_value'))[:16]}… differs from the local "
                            f"{local[:16]}… of {src.path}: the upload was corrupted; the image was "
                            "deleted; rerun")
-        api.patch(image_id, [{"op": "remove", "path": f"/{OWNER}"}])
-        return Result(api.get_image(image_id), False, method, seconds, local)
+        img = _drop_owner_mark(api, img)
+        return Result(img, False, method, seconds, local)
     except BaseException as exc:
         if stream is not None:
             stream.close()
@@ -781,6 +781,23 @@ def _upload(api: Api, src: Source, *, name: str, disk_format: str, visibility: s
         raise LabError(msg) from None
 
 
+def _drop_owner_mark(api: Api, img: dict) -> dict:
+    """Remove the in-flight mark from an active image.  After an import,
+    Glance's task may save its own (older) copy of the image a moment later
+    and bring the property back, so check and repeat."""
+    for attempt in range(10):
+        if OWNER not in img:
+            return img
+        if attempt:
+            time.sleep(0.5)
+        try:
+            api.patch(img["id"], [{"op": "remove", "path": f"/{OWNER}"}])
+        except LabError:
+            pass            # already gone (409/400): re-read decides
+        img = api.get_image(img["id"])
+    return img              # harmless: cleanup only ever touches images that are not active
+
+
 def _delete_quietly(api: Api, image_id: str) -> bool:
     try:
         api.delete(image_id, timeout=30)
@@ -793,12 +810,15 @@ def _delete_quietly(api: Api, image_id: str) -> bool:
 
 
 def _wait_active(api: Api, image_id: str, timeout: float) -> dict:
+    """Wait for ``active`` and, after an import, for the import task to let
+    go of the image (it holds ``os_glance_import_task`` until its last step,
+    and may still save the image until then)."""
     deadline = time.monotonic() + timeout
     delay = 0.2
     while True:
         img = api.get_image(image_id)
         status = img.get("status")
-        if status == "active":
+        if status == "active" and not img.get("os_glance_import_task"):
             return img
         if status in ("killed", "deleted", "deactivated"):
             raise LabError(f"glance: image {image_id} went {status} instead of active: Glance "
@@ -807,6 +827,8 @@ def _wait_active(api: Api, image_id: str, timeout: float) -> dict:
             raise LabError(f"glance: image {image_id}: import failed in Glance "
                            f"(stores {img['os_glance_failed_import']}); see Glance's log")
         if time.monotonic() > deadline:
+            if status == "active":
+                return img
             raise LabError(f"glance: image {image_id} still {status} after {timeout:.0f}s; "
                            "check Glance's import tasks")
         time.sleep(delay)
