@@ -167,6 +167,10 @@ class Vagrant:
 class Glance:
     cloud: str | None = None               # clouds.yaml entry; default OS_CLOUD / OS_*
     visibility: Literal["private", "shared", "community", "public"] = "private"
+    # upload flow: auto = the glance-direct import when /v2/info/import offers it, else direct
+    method: Literal["auto", "direct", "glance-direct"] = "auto"
+    keep: int | None = None                # amphora rotation: keep N newest, delete older ones
+    deactivate_old: bool = False           # amphora rotation: deactivate older ones instead
 
 
 @dataclass(frozen=True)
@@ -530,6 +534,8 @@ def _check(lab: Lab, errors: list[str]) -> None:
         errors.append(f"octavia.amphora.size: {lab.octavia.amphora.size} GB is out of range (1-100)")
     if not re.match(r"^[a-z0-9][a-z0-9._-]*/[a-z0-9][a-z0-9._-]*$", lab.vagrant.box, re.I):
         errors.append(f"vagrant.box: {lab.vagrant.box!r} is not ORG/NAME")
+    if lab.glance.keep is not None and lab.glance.keep < 1:
+        errors.append(f"glance.keep: {lab.glance.keep} keeps no image; use 1 or more (the new one counts)")
 
 
 def _check_seed_host(h: Host, w: str, errors: list[str]) -> None:

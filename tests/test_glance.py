@@ -1,0 +1,332 @@
+"""Publishing to Glance against a real Keystone and a real Glance (uWSGI, SQLite,
+file store, keystonemiddleware auth) started on 127.0.0.1 for this module.
+
+What a user checks: the image is active with the tags/properties asked, its
+os_hash_value is the file's sha512, the bytes downloaded are the file's, a
+re-upload makes no new image, rotation leaves one tagged image, and faults
+(Glance killed mid-upload, a wrong password) give one clear line and leave
+no queued/saving/killed image behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from builders import glance
+from builders.errors import LabError
+from builders.manifest import Manifest, input_digest
+from builders.workspace import Workspace
+from tests.conftest import INVOKE, assert_one_line_error
+from tests.openstack_services import (  # noqa: F401 - pytest fixtures
+    kill_glance_mid_upload, on_upload, openstack_services, services)
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+# --------------------------------------------------------------------------
+# fixtures
+# --------------------------------------------------------------------------
+@pytest.fixture
+def clouds(services, tmp_path, monkeypatch):
+    """A clouds.yaml with cloud `lab` (admin on the service project) and
+    `lab-badpw` (a wrong password); OS_* variables cleared."""
+    for k in list(os.environ):
+        if k.startswith("OS_"):
+            monkeypatch.delenv(k)
+    path = services.write_clouds_yaml(tmp_path / "clouds.yaml", {
+        "lab": services.cloud_config(),
+        "lab-badpw": services.cloud_config(password="not-the-password-x9"),
+    })
+    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(path))
+    return path
+
+
+def sparse_image(path: Path, gib: int = 1) -> Path:
+    """A raw image that is fast to read (sparse) and slow enough to send."""
+    with open(path, "wb") as fh:
+        fh.truncate(gib << 30)
+        fh.write(os.urandom(1 << 20))
+    return path
+
+
+def make_qcow2(path: Path, mib: int = 24) -> Path:
+    """A real qcow2 with some non-zero data (random blocks) in it."""
+    raw = path.with_suffix(".raw")
+    with open(raw, "wb") as fh:
+        fh.truncate(64 << 20)
+        for i in range(mib):
+            fh.seek(i * (2 << 20))
+            fh.write(os.urandom(1 << 20))
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(path)],
+                   check=True)
+    raw.unlink()
+    return path
+
+
+def record(ws: Workspace, rel: str, kind: str, mib: int = 24) -> Path:
+    path = make_qcow2(ws.artifact_dir("images") / Path(rel).name, mib)
+    Manifest(ws.artifacts).record(path, kind, input_digest(rel, kind))
+    return path
+
+
+def sha512(path: Path) -> str:
+    return hashlib.sha512(path.read_bytes()).hexdigest()
+
+
+def admin_api(services, project: str = "service"):
+    conn = services.admin_connection(project=project)
+    return conn
+
+
+def raw(conn, image_id: str) -> dict:
+    """The image as Glance's API shows it (custom properties at the top level)."""
+    return conn.image.get(f"/images/{image_id}").json()
+
+
+def images_by_name(conn, name: str) -> list:
+    return [i for i in conn.image.images() if i.name == name]
+
+
+def labforge_images(conn) -> list[dict]:
+    """Every image labforge made in any status."""
+    return [r for r in (raw(conn, i.id) for i in conn.image.images()) if glance.UPLOAD_ID in r]
+
+
+# --------------------------------------------------------------------------
+# tests
+# --------------------------------------------------------------------------
+def test_upload_via_clouds_yaml_active_hash_tags_props_and_bytes(clouds, services, ws,
+                                                                 default_lab, tmp_path):
+    img_path = record(ws, "images/debian-12.qcow2", "base-image")
+    out = glance.upload_image(default_lab, ws, image="debian-12", name="lf-debian-12",
+                              tags=["lab", "debian"], properties=["os_distro=debian",
+                                                                  "os_version=12"],
+                              cloud="lab", method="direct")
+    assert out[0].status == "built", out[0].line()
+    conn = admin_api(services)
+    [img] = images_by_name(conn, "lf-debian-12")
+    assert img.status == "active"
+    assert img.disk_format == "qcow2" and img.container_format == "bare"
+    assert set(img.tags) == {"lab", "debian"}
+    assert raw(conn, img.id)["os_distro"] == "debian" and raw(conn, img.id)["os_version"] == "12"
+    assert img.hash_algo == "sha512" and img.hash_value == sha512(img_path)
+    assert img.owner == conn.current_project_id
+    data = b"".join(conn.image.download_image(img, stream=True).iter_content(1 << 20))
+    assert data == img_path.read_bytes()
+    meta = Manifest(ws.artifacts).get("images/debian-12.qcow2")["meta"]["glance"]["lab"]
+    assert meta["image_id"] == img.id and meta["os_hash_value"] == img.hash_value
+    assert meta["tags"] == ["debian", "lab"]
+    assert services.admin_password not in json.dumps(Manifest(ws.artifacts).load())
+
+    # the same file again: no new image, missing tag and property added
+    out = glance.upload_image(default_lab, ws, image=str(img_path), name="lf-debian-12",
+                              tags=["lab", "extra"], properties=["os_admin_user=debian"],
+                              visibility="shared", cloud="lab")
+    assert out[0].status == "up to date" and "reused" in out[0].detail, out[0].line()
+    [again] = images_by_name(conn, "lf-debian-12")
+    assert again.id == img.id
+    assert set(again.tags) == {"lab", "debian", "extra"}
+    assert raw(conn, img.id)["os_admin_user"] == "debian"
+    assert again.visibility == "shared"
+
+
+def test_upload_via_os_env_and_glance_direct_import(services, ws, default_lab, cli, tmp_path):
+    img_path = make_qcow2(tmp_path / "plain.qcow2", 8)
+    env = {k: "" for k in os.environ if k.startswith("OS_")}
+    env.update(services.os_env(), OS_CLIENT_CONFIG_FILE=str(tmp_path / "none.yaml"))
+    proc = cli("glance-upload", "--image", str(img_path), "--name", "lf-env",
+               "--tag", "env", "--property", "purpose=test", "--method", "glance-direct",
+               env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "glance-direct upload" in proc.stdout and "hash verified" in proc.stdout
+    assert services.admin_password not in proc.stdout + proc.stderr
+    conn = admin_api(services)
+    [img] = images_by_name(conn, "lf-env")
+    assert img.status == "active" and img.tags == ["env"]
+    assert raw(conn, img.id)["purpose"] == "test"
+    assert img.hash_value == sha512(img_path)
+    assert glance.OWNER not in raw(conn, img.id)   # the in-flight mark is gone once active
+
+
+def test_application_credential_auth(services, ws, default_lab, tmp_path, monkeypatch):
+    for k in list(os.environ):
+        if k.startswith("OS_"):
+            monkeypatch.delenv(k)
+    cred_id, secret = services.application_credential()
+    path = services.write_clouds_yaml(tmp_path / "clouds.yaml", {"appcred": {
+        "auth_type": "v3applicationcredential",
+        "auth": {"auth_url": services.auth_url, "application_credential_id": cred_id,
+                 "application_credential_secret": secret},
+        "region_name": "RegionOne", "cacert": str(services.ca)}})
+    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(path))
+    monkeypatch.setenv("OS_CLOUD", "appcred")
+    img_path = make_qcow2(tmp_path / "appcred.qcow2", 2)
+    out = glance.upload_image(default_lab, ws, image=str(img_path), name="lf-appcred")
+    assert out[0].status == "built"
+    assert images_by_name(admin_api(services), "lf-appcred")[0].status == "active"
+
+
+def test_publish_amphora_rotation(clouds, services, ws, default_lab):
+    tag, name = default_lab.octavia.amp_image_tag, default_lab.octavia.image_name
+    rel = "images/amphora-x64-haproxy.qcow2"
+    record(ws, rel, "amphora", mib=4)
+    first = glance.publish_amphora(default_lab, ws, cloud="lab")
+    assert first[0].status == "built"
+    first_id = Manifest(ws.artifacts).get(rel)["meta"]["glance"]["lab"]["image_id"]
+    # a rebuilt amphora (new content), published again with --keep 2
+    path = record(ws, rel, "amphora", mib=5)
+    second = glance.publish_amphora(default_lab, ws, cloud="lab", keep=2)
+    assert second[0].status == "built"
+    second_id = Manifest(ws.artifacts).get(rel)["meta"]["glance"]["lab"]["image_id"]
+    assert second_id != first_id
+    conn = admin_api(services)
+    tagged = [i.id for i in conn.image.images(tag=[tag])]
+    assert tagged == [second_id]
+    new = raw(conn, second_id)
+    assert new["name"] == name and new["os_hash_value"] == sha512(path)
+    assert new["hw_architecture"] == "x86_64" and new["hw_rng_model"] == "virtio"
+    assert new["os_distro"] == "debian" and new["os_version"] == "12"
+    assert new["min_disk"] == default_lab.octavia.amphora.size and new["min_ram"] == 1024
+    old = conn.image.get_image(first_id)
+    assert old.status == "active" and tag not in old.tags
+    # publishing the same amphora again: reused, still the only tagged one
+    third = glance.publish_amphora(default_lab, ws, cloud="lab")
+    assert third[0].status == "up to date"
+    assert [i.id for i in conn.image.images(tag=[tag])] == [second_id]
+    # a third build with --keep 1 --deactivate-old: older ones deactivated, not deleted
+    record(ws, rel, "amphora", mib=6)
+    glance.publish_amphora(default_lab, ws, cloud="lab", keep=1, deactivate_old=True)
+    third_id = Manifest(ws.artifacts).get(rel)["meta"]["glance"]["lab"]["image_id"]
+    assert [i.id for i in conn.image.images(tag=[tag])] == [third_id]
+    assert conn.image.get_image(second_id).status == "deactivated"
+    assert conn.image.get_image(first_id).status == "deactivated"
+    # a fourth with --keep 2: the two newest stay, older ones are deleted
+    record(ws, rel, "amphora", mib=7)
+    glance.publish_amphora(default_lab, ws, cloud="lab", keep=2)
+    fourth_id = Manifest(ws.artifacts).get(rel)["meta"]["glance"]["lab"]["image_id"]
+    left = {i.id for i in conn.image.images() if i.name == name}
+    assert left == {third_id, fourth_id}
+    assert [i.id for i in conn.image.images(tag=[tag])] == [fourth_id]
+
+
+def test_tls_cacert_and_insecure(clouds, services, cli, tmp_path):
+    """Keystone and Glance serve HTTPS with a test CA: without the CA the
+    upload is refused with one line; --os-cacert or --insecure make it work."""
+    assert services.auth_url.startswith("https://")
+    plain = services.cloud_config()
+    plain.pop("cacert")
+    clouds = services.write_clouds_yaml(tmp_path / "clouds.yaml", {"lab-tls": plain})
+    env = {"OS_CLIENT_CONFIG_FILE": str(clouds)}
+    f = make_qcow2(tmp_path / "tls.qcow2", 1)
+    proc = cli("glance-upload", "--image", str(f), "--name", "lf-tls", "--cloud", "lab-tls", env=env)
+    assert_one_line_error(proc, "TLS verification", "--os-cacert")
+    proc = cli("glance-upload", "--image", str(f), "--name", "lf-tls", "--cloud", "lab-tls",
+               "--os-cacert", str(services.ca), env=env)
+    assert proc.returncode == 0, proc.stderr
+    proc = cli("glance-upload", "--image", str(f), "--name", "lf-tls", "--cloud", "lab-tls",
+               "--insecure", env=env)
+    assert proc.returncode == 0 and "up to date" in proc.stdout, proc.stderr
+    assert len(images_by_name(admin_api(services), "lf-tls")) == 1
+
+
+def test_wrong_password_one_line_no_image(clouds, services, cli, tmp_path):
+    img_path = make_qcow2(tmp_path / "badpw.qcow2", 1)
+    proc = cli("glance-upload", "--image", str(img_path), "--name", "lf-badpw",
+               "--cloud", "lab-badpw", env={"OS_CLIENT_CONFIG_FILE": str(clouds)})
+    assert_one_line_error(proc, "refused user admin", "HTTP 401", "lab-badpw")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "not-the-password-x9" not in proc.stderr
+    assert images_by_name(admin_api(services), "lf-badpw") == []
+
+
+@pytest.mark.parametrize("method", ["direct", "glance-direct"])
+def test_glance_killed_mid_upload_then_cleaned(clouds, services, cli, tmp_path,
+                                               kill_glance_mid_upload, method):
+    big = sparse_image(tmp_path / "big.raw")
+    state = kill_glance_mid_upload(threshold=16 << 20)
+    proc = cli("glance-upload", "--image", str(big), "--name", f"lf-killed-{method}",
+               "--cloud", "lab", "--method", method, env={"OS_CLIENT_CONFIG_FILE": str(clouds)})
+    assert state["fired"], "Glance was not killed during the upload"
+    # progress lines may precede it; the error is one line, the last
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and proc.stderr.strip().splitlines()[-1] == errors[0], proc.stderr
+    assert "unreachable" in errors[0] and "next labforge upload" in errors[0], errors[0]
+    assert services.admin_password not in proc.stderr
+
+    # Glance back: the next labforge run removes what the killed upload left
+    services.start_glance()
+    small = make_qcow2(tmp_path / "after.qcow2", 1)
+    proc = cli("glance-upload", "--image", str(small), "--name", "lf-after-kill",
+               "--cloud", "lab", env={"OS_CLIENT_CONFIG_FILE": str(clouds)})
+    assert proc.returncode == 0, proc.stderr
+    conn = admin_api(services)
+    stuck = [(i["name"], i["status"]) for i in labforge_images(conn)
+             if i["status"] in ("queued", "saving", "uploading", "importing", "killed")]
+    assert stuck == []
+    assert images_by_name(conn, f"lf-killed-{method}") == []
+
+
+def test_ctrl_c_mid_upload_deletes_image(clouds, services, tmp_path, on_upload):
+    big = sparse_image(tmp_path / "big.raw")
+    env = dict(os.environ, LABFORGE_WORKDIR=str(tmp_path / "ws"))
+    proc = subprocess.Popen(
+        [*INVOKE, "glance-upload", "--image", str(big), "--name", "lf-ctrl-c", "--cloud", "lab",
+         "--method", "direct"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = on_upload(lambda: proc.send_signal(signal.SIGINT))
+    out, err = proc.communicate(timeout=600)
+    assert state["fired"], "the upload finished before Ctrl-C"
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: interrupted")
+    assert images_by_name(admin_api(services), "lf-ctrl-c") == []
+
+
+def test_hash_mismatch_deletes_image(clouds, services, ws, default_lab, tmp_path, monkeypatch):
+    """Glance storing other bytes than the file's (simulated by changing the
+    file between hashing and sending): the image is deleted, one error."""
+    img_path = make_qcow2(tmp_path / "mismatch.qcow2", 2)
+    real_iter = glance.HashingBody.__iter__
+
+    def corrupt(self):
+        for i, chunk in enumerate(real_iter(self)):
+            yield (b"\0" * len(chunk)) if i == 1 else chunk  # the qcow2 header stays intact
+    monkeypatch.setattr(glance.HashingBody, "__iter__", corrupt)
+    with pytest.raises(LabError, match="differs from the local"):
+        glance.upload_image(default_lab, ws, image=str(img_path), name="lf-mismatch",
+                            cloud="lab", method="direct")
+    assert images_by_name(admin_api(services), "lf-mismatch") == []
+
+
+def test_bad_input_one_line(clouds, cli, tmp_path):
+    env = {"OS_CLIENT_CONFIG_FILE": str(clouds)}
+    proc = cli("glance-upload", "--image", str(tmp_path / "nope.qcow2"), "--cloud", "lab", env=env)
+    assert_one_line_error(proc, "nope.qcow2")
+    f = make_qcow2(tmp_path / "x.qcow2", 1)
+    proc = cli("glance-upload", "--image", str(f), "--cloud", "no-such-cloud", env=env)
+    assert_one_line_error(proc, "no-such-cloud")
+    proc = cli("glance-upload", "--image", str(f), "--property", "novalue", "--cloud", "lab", env=env)
+    assert_one_line_error(proc, "--property novalue", "KEY=VALUE")
+    proc = cli("glance-upload", "--image", str(f), "--keep", "2", "--cloud", "lab", env=env)
+    assert_one_line_error(proc, "--rotate-tag")
+    proc = cli("publish-amphora", "--cloud", "lab", env=env)
+    assert_one_line_error(proc, "invoke amphora")
+    proc = cli("glance-upload", "--image", str(f), "--cloud", "lab", "--os-cacert",
+               str(tmp_path / "no-ca.pem"), env=env)
+    assert_one_line_error(proc, "--os-cacert", "no-ca.pem")
+    # Keystone down / wrong auth_url: one line naming the URL, no library warnings beside it
+    dead = {**dict(os.environ), "OS_CLIENT_CONFIG_FILE": str(tmp_path / "none.yaml"),
+            "OS_AUTH_URL": "http://127.0.0.1:9/v3", "OS_USERNAME": "admin",
+            "OS_PASSWORD": "pw-not-shown-7", "OS_PROJECT_NAME": "service",
+            "OS_USER_DOMAIN_NAME": "Default", "OS_PROJECT_DOMAIN_NAME": "Default"}
+    dead.pop("OS_CLOUD", None)
+    proc = cli("glance-upload", "--image", str(f), env=dead)
+    assert_one_line_error(proc, "cannot reach Keystone at http://127.0.0.1:9/v3")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "pw-not-shown-7" not in proc.stderr
