@@ -103,8 +103,11 @@ def build_overlays(lab: Lab, ws: Workspace, *, hosts: list[str] | None = None,
         seen: dict[Path, tuple[dict, str]] = {}     # each base is inspected and hashed once
         for h in chosen:
             base, info, sha = _check_base(lab, ws, h, manifest, seen)
-            # only this host's own settings and the base's content
-            digest = input_digest("overlay", h.name, h.image, h.disk, sha)
+            # only this host's own settings and the base's content, with the
+            # host's identity: first boot writes it into the disk (cloud-init
+            # state, network config), so a new address means a fresh disk
+            digest = input_digest("overlay", h.name, h.image, h.disk, sha,
+                                  str(h.ip), h.mac, h.network)
             plans.append((h, base, sha, digest))
         for h, base, sha, digest in plans:
             outcomes.append(_one(lab, ws, manifest, h, base, sha, digest, force))

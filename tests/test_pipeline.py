@@ -1,0 +1,143 @@
+"""`invoke all` end to end on a quick lab: every step but the amphora and
+Glance (they have their own slow tests), with the base image downloaded from
+a local mirror.  Incremental rebuilds, the JSON result, kill -9 recovery and
+the no-secrets-in-artifacts rule are checked here on real outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from conftest import INVOKE, ROOT
+from imagetools import Mirror, lab_file, publish_debian
+
+pytestmark = pytest.mark.integration
+
+SCHEMA = json.loads((ROOT / "builders" / "schemas" / "run.schema.json").read_text())
+QUICK = ["--skip", "amphora", "--skip", "glance"]
+
+
+@pytest.fixture
+def mirror(tmp_path):
+    root = tmp_path / "mirror"
+    root.mkdir()
+    srv = Mirror(root)
+    publish_debian(root, data_mib=8)
+    yield srv
+    srv.close()
+
+
+@pytest.fixture
+def quick_lab(tmp_path, mirror) -> Path:
+    return lab_file(tmp_path, {"base_image": {"source": "download", "url": mirror.url}})
+
+
+def run_all(cli, lab: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
+    proc = cli("all", "--lab", str(lab), "--json", *QUICK, *extra)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    jsonschema.validate(doc, SCHEMA)
+    return proc, doc
+
+
+def statuses(doc: dict) -> dict[str, str]:
+    return {s["name"]: s["status"] for s in doc["steps"]}
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and not p.name.startswith(".")}
+
+
+def test_all_builds_the_lab_then_everything_is_up_to_date(ws, cli, quick_lab):
+    proc, doc = run_all(cli, quick_lab)
+    assert statuses(doc) == {"certs": "built", "seed-iso": "built", "base-image": "built",
+                             "overlays": "built", "amphora": "skipped", "vagrant": "built",
+                             "glance": "skipped"}
+    assert doc["ok"] is True
+    paths = {a["path"] for a in doc["artifacts"]}
+    assert {"seed/broker1.iso", "images/debian-12.qcow2", "vms/broker3.qcow2"} <= paths
+    assert any(p.endswith(".box") for p in paths)
+    for a in doc["artifacts"]:
+        assert hashlib.sha256((ws.artifacts / a["path"]).read_bytes()).hexdigest() == a["sha256"]
+    assert "step" in proc.stderr and "total" in proc.stderr        # the summary table
+
+    again, doc2 = run_all(cli, quick_lab)
+    assert {s for n, s in statuses(doc2).items() if n not in ("amphora", "glance")} == {"up to date"}
+    assert all(a["status"] in ("up to date", "unchanged") for a in doc2["artifacts"])
+    assert cli("verify").returncode == 0
+
+
+def test_changing_broker2_ip_rebuilds_exactly_broker2(tmp_path, ws, cli, quick_lab):
+    run_all(cli, quick_lab)
+    certs_before = tree_hashes(ws.certs / "kafka")
+    art_before = tree_hashes(ws.artifacts)
+
+    data = yaml.safe_load(quick_lab.read_text())
+    data["hosts"]["broker2"]["ip"] = "10.100.0.22"
+    quick_lab.write_text(yaml.safe_dump(data, sort_keys=False))
+    _, doc = run_all(cli, quick_lab)
+
+    certs_after = tree_hashes(ws.certs / "kafka")
+    changed_certs = {p for p in certs_after if certs_before.get(p) != certs_after[p]}
+    assert changed_certs and all(p.startswith(("broker2.", "broker2-", "server-broker2"))
+                                 for p in changed_certs), changed_certs
+    built = {o["step"] for s in doc["steps"] for o in s["outcomes"] if o["status"] == "built"}
+    per_host = {b for b in built if b.startswith(("seed-iso ", "overlay "))}
+    assert per_host == {"seed-iso broker2", "overlay broker2"}, built
+    assert statuses(doc)["base-image"] == "up to date"
+    # on disk: broker2's seed changed; lab-wide files that list every host's
+    # address change with it; nothing else does
+    art_after = tree_hashes(ws.artifacts)
+    changed = {p for p in art_after if art_before.get(p) != art_after[p]} - {"manifest.json"}
+    assert "seed/broker2.iso" in changed
+    assert changed - {"seed/broker2.iso"} <= {"vagrant/Vagrantfile"}, changed
+
+
+def test_no_secret_reaches_artifacts_or_the_manifest(ws, cli, quick_lab):
+    run_all(cli, quick_lab)
+    secrets = []
+    for p in ws.certs.rglob("*"):
+        if p.is_file() and ("password" in p.name or "passphrase" in p.name or p.name == "heartbeat_key"):
+            secrets.append(p.read_text().strip())
+    assert len(secrets) >= 2, sorted(str(p) for p in ws.certs.rglob("*"))
+    for p in ws.artifacts.rglob("*"):
+        if not p.is_file():
+            continue
+        data = p.read_bytes()
+        assert b"PRIVATE KEY" not in data, p
+        for s in secrets:
+            assert s.encode() not in data, (p, "a generated password")
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_points_then_rerun_completes(ws, cli, quick_lab):
+    seed = int(os.environ.get("LABFORGE_FAULT_SEED", time.time()))
+    rng = random.Random(seed)
+    env = dict(os.environ, LABFORGE_WORKDIR=str(ws.root))
+    for attempt in range(4):
+        delay = rng.uniform(0.3, 6.0)
+        proc = subprocess.Popen([*INVOKE, "all", "--lab", str(quick_lab), *QUICK, "--force"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        done, doc = run_all(cli, quick_lab)
+        assert doc["ok"], (seed, delay, done.stderr)
+        v = cli("verify")
+        assert v.returncode == 0, (f"seed {seed}, kill after {delay:.2f}s", v.stderr)
+        manifest = json.loads((ws.artifacts / "manifest.json").read_text())
+        for rel, rec in manifest["artifacts"].items():
+            assert hashlib.sha256((ws.artifacts / rel).read_bytes()).hexdigest() == rec["sha256"]
