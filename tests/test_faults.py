@@ -104,3 +104,213 @@ def test_missing_lab_file(tmp_path, cli):
 
 def test_unknown_step_name(cli):
     assert_one_line_error(cli("all", "--only", "kernel"), "--only kernel: unknown step")
+
+
+# ---------------------------------------------------------------------------
+# bad inputs across the pipeline: user files, keys, images, checksums, services
+# ---------------------------------------------------------------------------
+from imagetools import Mirror, lab_file, make_qcow2, publish_debian  # noqa: E402
+
+
+def _lab(tmp_path, **changes):
+    return str(lab_file(tmp_path, changes, name="faults.yaml"))
+
+
+def _host(**fields):
+    return {"hosts": {"broker1": {"ip": "10.100.0.11", "mac": "52:54:00:64:00:0b", **fields},
+                      "broker2": {"ip": "10.100.0.12"}, "broker3": {"ip": "10.100.0.13"}}}
+
+
+def _bad_yaml_user_data(tmp_path, ws, cli):
+    f = tmp_path / "user-data"
+    f.write_text("#cloud-config\npackages: [a, b\nruncmd: []\n")
+    return ["seed-iso", "--lab", _lab(tmp_path, **_host(user_data=str(f)))]
+
+
+def _missing_ssh_key(tmp_path, ws, cli):
+    return ["seed-iso", "--lab", _lab(tmp_path, **_host(ssh_authorized_keys=[str(tmp_path / "nope.pub")]))]
+
+
+def _missing_write_source(tmp_path, ws, cli):
+    assert cli("certs").returncode == 0
+    return ["seed-iso", "--lab", _lab(tmp_path, **_host(write_files=[
+        {"path": "/etc/x", "source": str(tmp_path / "absent.txt")}]))]
+
+
+def _seed_without_certs(tmp_path, ws, cli):
+    return ["seed-iso"]
+
+
+def _missing_password_file(tmp_path, ws, cli):
+    return ["certs", "--lab", _lab(tmp_path, kafka={"password_file": str(tmp_path / "nope.pw")})]
+
+
+def _wrong_store_password(tmp_path, ws, cli):
+    assert cli("certs").returncode == 0
+    pw = tmp_path / "store.pw"
+    pw.write_text("not-the-password-of-the-stores\n")
+    return ["certs", "--lab", _lab(tmp_path, kafka={"password_file": str(pw)})]
+
+
+def _garbage_ca_key(tmp_path, ws, cli):
+    assert cli("certs").returncode == 0
+    (ws.certs / "kafka" / "ca.key").write_text("-----BEGIN PRIVATE KEY-----\ngarbage\n")
+    return ["certs"]
+
+
+def _certs_check_without_certs(tmp_path, ws, cli):
+    return ["certs-check"]
+
+
+def _box_of_raw_image(tmp_path, ws, cli):
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(b"\0" * (1 << 20))
+    return ["vagrant-box", "--image", str(raw)]
+
+
+def _box_of_missing_image(tmp_path, ws, cli):
+    return ["vagrant-box", "--image", "debian-13"]
+
+
+def _box_bad_version(tmp_path, ws, cli):
+    img = make_qcow2(tmp_path / "x.qcow2", "64M")
+    return ["vagrant-box", "--image", str(img), "--version", "1.x"]
+
+
+def _box_bad_name(tmp_path, ws, cli):
+    img = make_qcow2(tmp_path / "x.qcow2", "64M")
+    return ["vagrant-box", "--image", str(img), "--name", "no slash"]
+
+
+@pytest.fixture
+def mirror(tmp_path):
+    root = tmp_path / "mirror"
+    root.mkdir()
+    srv = Mirror(root)
+    yield srv
+    srv.close()
+
+
+def _wrong_checksum(tmp_path, ws, cli, mirror):
+    publish_debian(mirror.root, wrong_sum=True)
+    return ["base-image", "--lab", _lab(tmp_path, base_image={"source": "download", "url": mirror.url})]
+
+
+def _unreachable_mirror(tmp_path, ws, cli):
+    return ["base-image", "--lab", _lab(tmp_path, base_image={"source": "download",
+                                                               "url": "http://127.0.0.1:9/debian/"})]
+
+
+def _unknown_release(tmp_path, ws, cli):
+    return ["base-image", "--lab", _lab(tmp_path, base_image={"source": "download", "release": "99"})]
+
+
+def _overlays_without_base(tmp_path, ws, cli):
+    return ["overlays"]
+
+
+def _base_not_qcow2(tmp_path, ws, cli):
+    img = ws.artifacts / "images" / "debian-12.qcow2"
+    img.parent.mkdir(parents=True)
+    img.write_bytes(b"\0" * (1 << 20))
+    return ["overlays"]
+
+
+def _disk_smaller_than_base(tmp_path, ws, cli, mirror):
+    publish_debian(mirror.root)  # a 1 GiB virtual base
+    lab = _lab(tmp_path, base_image={"source": "download", "url": mirror.url},
+               defaults={"disk": 1, "cpus": 2, "memory": 2048, "image": "debian-12",
+                         "roles": ["kafka-broker"]}, **_host(disk=1))
+    assert cli("base-image", "--lab", lab).returncode == 0
+    lab = _lab(tmp_path, base_image={"source": "download", "url": mirror.url}, **_host(disk=0))
+    return ["overlays", "--lab", lab]
+
+
+def _boot_unknown_host(tmp_path, ws, cli):
+    return ["boot-check", "--host", "zookeeper1"]
+
+
+def _docker_unreachable(tmp_path, ws, cli):
+    return ["build-amphora"], {"DOCKER_HOST": "unix:///nonexistent/docker.sock"}
+
+
+def _amphora_unknown_os(tmp_path, ws, cli):
+    return ["build-amphora", "--base-os", "centos"]
+
+
+def _amphora_too_small(tmp_path, ws, cli):
+    return ["build-amphora", "--size", "1"]
+
+
+def _amphora_check_without_image(tmp_path, ws, cli):
+    return ["amphora-check"]
+
+
+def _glance_unreachable(tmp_path, ws, cli):
+    img = make_qcow2(tmp_path / "x.qcow2", "64M")
+    env = {"OS_AUTH_URL": "http://127.0.0.1:9/v3", "OS_USERNAME": "admin", "OS_PASSWORD": "pw",
+           "OS_PROJECT_NAME": "admin", "OS_USER_DOMAIN_NAME": "Default",
+           "OS_PROJECT_DOMAIN_NAME": "Default", "OS_CLOUD": ""}
+    return ["glance-upload", "--image", str(img)], env
+
+
+def _glance_missing_image(tmp_path, ws, cli):
+    return ["glance-upload", "--image", "no-such-image"]
+
+
+def _publish_without_amphora(tmp_path, ws, cli):
+    env = {"OS_AUTH_URL": "http://127.0.0.1:9/v3", "OS_USERNAME": "admin", "OS_PASSWORD": "pw",
+           "OS_PROJECT_NAME": "admin", "OS_USER_DOMAIN_NAME": "Default",
+           "OS_PROJECT_DOMAIN_NAME": "Default"}
+    return ["publish-amphora"], env
+
+
+PIPELINE_CASES = [
+    ("seed-user-data-yaml", _bad_yaml_user_data, "user-data:3: invalid YAML"),
+    ("seed-missing-ssh-key", _missing_ssh_key, "nope.pub"),
+    ("seed-missing-write-source", _missing_write_source, "absent.txt"),
+    ("seed-without-lab-key", _seed_without_certs, "invoke certs"),
+    ("certs-missing-password-file", _missing_password_file, "nope.pw"),
+    ("certs-wrong-store-password", _wrong_store_password, "password"),
+    ("certs-garbage-ca-key", _garbage_ca_key, "ca.key"),
+    ("certs-check-without-certs", _certs_check_without_certs, "invoke certs"),
+    ("box-raw-image", _box_of_raw_image, "qcow2"),
+    ("box-missing-image", _box_of_missing_image, "debian-13"),
+    ("box-bad-version", _box_bad_version, "1.x"),
+    ("box-bad-name", _box_bad_name, "no slash"),
+    ("base-wrong-checksum", _wrong_checksum, "checksum mismatch"),
+    ("base-unreachable-mirror", _unreachable_mirror, "127.0.0.1:9"),
+    ("base-unknown-release", _unknown_release, "99"),
+    ("overlays-without-base", _overlays_without_base, "base-image"),
+    ("overlays-base-not-qcow2", _base_not_qcow2, "qcow2"),
+    ("overlays-disk-too-small", _disk_smaller_than_base, "disk"),
+    ("boot-unknown-host", _boot_unknown_host, "zookeeper1"),
+    ("amphora-docker-unreachable", _docker_unreachable, "DOCKER_HOST"),
+    ("amphora-unknown-os", _amphora_unknown_os, "centos"),
+    ("amphora-too-small", _amphora_too_small, "size"),
+    ("amphora-check-without-image", _amphora_check_without_image, "build-amphora"),
+    ("glance-unreachable-keystone", _glance_unreachable, "127.0.0.1:9"),
+    ("glance-missing-image", _glance_missing_image, "no-such-image"),
+    ("publish-without-amphora", _publish_without_amphora, "amphora"),
+]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case_id,prepare,needle", PIPELINE_CASES, ids=[c[0] for c in PIPELINE_CASES])
+def test_bad_input_across_the_pipeline(tmp_path, ws, cli, request, case_id, prepare, needle):
+    import inspect
+    kwargs = {"mirror": request.getfixturevalue("mirror")} if "mirror" in inspect.signature(prepare).parameters else {}
+    prepared = prepare(tmp_path, ws, cli, **kwargs)
+    args, env = prepared if isinstance(prepared, tuple) else (prepared, {})
+    before = snapshot(ws.root)
+    proc = cli(*args, env=env, timeout=300)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr
+    assert needle in errors[0], (needle, proc.stderr)
+    after = snapshot(ws.root)
+    # nothing half-written: no file appeared or changed, except logs of the failed run
+    assert {k: v for k, v in after.items() if not k.startswith("artifacts/logs/")} == \
+        {k: v for k, v in before.items() if not k.startswith("artifacts/logs/")}
+    assert not [p for p in ws.root.rglob("*.part") if p.is_file()]
