@@ -186,6 +186,10 @@ def dib_env(lab: Lab, ws: Workspace, elements: Sequence[str],
         "DIB_IMAGE_CACHE": str(ws.cache_dir("dib", "image-cache")),
         "TMP_DIR": str(ws.cache_dir("dib", "tmp")),
         "DIB_NO_TMPFS": "1",                            # machines are shared: disk, not RAM
+        # keep debootstrap's result in the image cache and reuse it: a warm
+        # build skips debootstrap (apt's dist-upgrade brings it up to date)
+        "DIB_DEBOOTSTRAP_CACHE": "1",
+        "DIB_DEBIAN_USE_DEBOOTSTRAP_CACHE": "1",
         "DIB_SHOW_IMAGE_USAGE": "0",
         "LANG": "C.UTF-8",
     }
