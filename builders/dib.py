@@ -266,12 +266,21 @@ def disk_image_create(lab: Lab, ws: Workspace, *, name: str, elements: Sequence[
         with progress(label or f"{name}: diskimage-builder", None, unit="phase") as bar:
             thread.start()
             phase = None
-            while thread.is_alive():
-                thread.join(2.0)
-                now = _current_phase(log_path)
-                if now and now != phase:
-                    phase = now
-                    bar.set_description(phase)
+            try:
+                while thread.is_alive():
+                    thread.join(2.0)
+                    now = _current_phase(log_path)
+                    if now and now != phase:
+                        phase = now
+                        bar.set_description(phase)
+            except KeyboardInterrupt:
+                # DIB survives Ctrl-C and, left alone, finishes and unmounts
+                # its chroot itself (killing it would leak mounts and a loop
+                # device); its output dir is removed below, so nothing of it
+                # is taken as a result
+                runner.log.info("%s: interrupted; diskimage-builder finishes its cleanup in "
+                                "the background (log: %s)", label or name, log_path)
+                raise
         if "error" in result:
             raise result["error"]
         proc = result["proc"]
