@@ -274,12 +274,11 @@ def disk_image_create(lab: Lab, ws: Workspace, *, name: str, elements: Sequence[
                         phase = now
                         bar.set_description(phase)
             except KeyboardInterrupt:
-                # DIB survives Ctrl-C and, left alone, finishes and unmounts
-                # its chroot itself (killing it would leak mounts and a loop
-                # device); its output dir is removed below, so nothing of it
-                # is taken as a result
-                runner.log.info("%s: interrupted; diskimage-builder finishes its cleanup in "
-                                "the background (log: %s)", label or name, log_path)
+                # the terminal's Ctrl-C reaches DIB too; its EXIT trap unmounts
+                # the chroot and frees the loop device (killing it from here
+                # could leave mounts behind).  Its output dir is removed below.
+                runner.log.info("%s: interrupted; diskimage-builder cleans up after itself "
+                                "(log: %s)", label or name, log_path)
                 raise
         if "error" in result:
             raise result["error"]
