@@ -8,8 +8,10 @@
    in proportion: 64 and 640 MiB), and against copying the base (what "a
    disk per VM" costs without backing files).  Overlay time should not
    depend on the base size.
-2. Base image builds with diskimage-builder: cold (empty cache) and warm
-   (cache/dib reused: debootstrap tarball and apt archives); the target is
+2. Base image builds with diskimage-builder: cold (empty cache/), warm with
+   --force (DIB runs again reusing cache/dib: debootstrap tarball, apt
+   archives) and warm as a CI job with cache/ restored and artifacts/ empty
+   (labforge reuses the image built from the same inputs); the target is
    warm <= 50% of cold.  Needs root and the network path to the Debian
    mirror; skip with --skip-build.
 
@@ -91,8 +93,13 @@ def bench_build(workdir: Path) -> dict:
     ws = Workspace(workdir)
     shutil.rmtree(ws.root, ignore_errors=True)
     cold = _timed(lambda: build_base_image(lab, ws, force=True))
+    # --force: DIB runs again, reusing its caches (debootstrap tarball, apt archives)
     warm = _timed(lambda: build_base_image(lab, ws, force=True))
-    return {"cold_s": cold, "warm_s": warm, "warm_over_cold": warm / cold,
+    # a CI job that restores cache/ but starts with an empty artifacts/
+    shutil.rmtree(ws.artifacts)
+    warm_ci = _timed(lambda: build_base_image(lab, ws))
+    return {"cold_s": cold, "warm_dib_caches_s": warm, "warm_dib_over_cold": warm / cold,
+            "warm_labforge_cache_s": warm_ci, "warm_labforge_over_cold": warm_ci / cold,
             "cache": str(ws.cache / "dib")}
 
 
@@ -118,8 +125,13 @@ def main() -> int:
         b = bench_build(Path(args.workdir))
         result["build"] = b
         print("\nbase image build (diskimage-builder, debian-minimal vm cloud-init ...)")
-        print(f"cold {b['cold_s']:.0f}s, warm {b['warm_s']:.0f}s, warm/cold {b['warm_over_cold']:.2f} "
-              f"(target <= 0.50)")
+        print(f"{'run':<44} {'seconds':>8} {'/cold':>6}")
+        print(f"{'cold (empty cache/)':<44} {b['cold_s']:8.0f} {1:6.2f}")
+        print(f"{'warm --force (DIB: debootstrap + apt cache)':<44} {b['warm_dib_caches_s']:8.0f} "
+              f"{b['warm_dib_over_cold']:6.2f}")
+        print(f"{'warm, artifacts/ wiped, cache/ kept (CI)':<44} {b['warm_labforge_cache_s']:8.0f} "
+              f"{b['warm_labforge_over_cold']:6.2f}")
+        print("target: warm <= 0.50 of cold")
     out = ROOT / "benchmarks" / "results" / "bench_images.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

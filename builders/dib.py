@@ -186,6 +186,10 @@ def dib_env(lab: Lab, ws: Workspace, elements: Sequence[str],
         "DIB_IMAGE_CACHE": str(ws.cache_dir("dib", "image-cache")),
         "TMP_DIR": str(ws.cache_dir("dib", "tmp")),
         "DIB_NO_TMPFS": "1",                            # machines are shared: disk, not RAM
+        # keep debootstrap's result in the image cache and reuse it: a warm
+        # build skips debootstrap (apt's dist-upgrade brings it up to date)
+        "DIB_DEBOOTSTRAP_CACHE": "1",
+        "DIB_DEBIAN_USE_DEBOOTSTRAP_CACHE": "1",
         "DIB_SHOW_IMAGE_USAGE": "0",
         "LANG": "C.UTF-8",
     }
@@ -262,12 +266,20 @@ def disk_image_create(lab: Lab, ws: Workspace, *, name: str, elements: Sequence[
         with progress(label or f"{name}: diskimage-builder", None, unit="phase") as bar:
             thread.start()
             phase = None
-            while thread.is_alive():
-                thread.join(2.0)
-                now = _current_phase(log_path)
-                if now and now != phase:
-                    phase = now
-                    bar.set_description(phase)
+            try:
+                while thread.is_alive():
+                    thread.join(2.0)
+                    now = _current_phase(log_path)
+                    if now and now != phase:
+                        phase = now
+                        bar.set_description(phase)
+            except KeyboardInterrupt:
+                # the terminal's Ctrl-C reaches DIB too; its EXIT trap unmounts
+                # the chroot and frees the loop device (killing it from here
+                # could leave mounts behind).  Its output dir is removed below.
+                runner.log.info("%s: interrupted; diskimage-builder cleans up after itself "
+                                "(log: %s)", label or name, log_path)
+                raise
         if "error" in result:
             raise result["error"]
         proc = result["proc"]

@@ -50,6 +50,12 @@ def test_dib_base_overlays_and_boot_check_broker1(tmp_path, ws, cli):
     assert rec["sha256"] == sha256_file(image)
     assert rec["meta"]["virtual_size"] == lab.base_image.size << 30
     assert (ws.artifacts / "logs" / "base-image-debian-12.log").exists()
+    # a CI job that restores cache/ but not artifacts/ reuses the built image
+    sha = rec["sha256"]
+    image.unlink()
+    [again] = baseimage.build_base_image(lab, ws)
+    assert again.status == "built" and "reused" in again.detail
+    assert sha256_file(image) == sha
 
     outs = overlays.build_overlays(lab, ws)
     assert [o.status for o in outs] == ["built"] * 3
