@@ -490,7 +490,10 @@ def _run_dib(cli, tag: str, lab: Lab, s: dict, cache: Path, outdir: Path, logfh,
         with contextlib.suppress(Exception):
             container.remove(force=True)
     if code != 0:
-        tail = [ln for ln in lines if ln.strip() and "PROFILING" not in ln][-runner.TAIL_LINES:]
+        stamp = re.compile(r"^\d{4}-\d\d-\d\d [\d:.]+ \| ")
+        tail = [stamp.sub("", ln) for ln in lines if ln.strip() and "PROFILING" not in ln
+                and "INFO diskimage_builder" not in ln and not ln.lstrip().startswith("+")]
+        tail = tail[-runner.TAIL_LINES:]
         if any(_NOSPACE.search(ln) for ln in lines[-200:]):
             raise LabError(f"amphora: the image ran out of space at --size {s['size']} GB; "
                            f"give a larger --size (octavia.amphora.size); full log: {logfh.name}", tail)
