@@ -491,8 +491,9 @@ def _run_dib(cli, tag: str, lab: Lab, s: dict, cache: Path, outdir: Path, logfh,
             container.remove(force=True)
     if code != 0:
         stamp = re.compile(r"^\d{4}-\d\d-\d\d [\d:.]+ \| ")
-        tail = [stamp.sub("", ln) for ln in lines if ln.strip() and "PROFILING" not in ln
-                and "INFO diskimage_builder" not in ln and not ln.lstrip().startswith("+")]
+        tail = [t for t in (stamp.sub("", ln) for ln in lines)
+                if t.strip() and "PROFILING" not in t and "INFO diskimage_builder" not in t
+                and not t.startswith("+") and "Sourcing environment file" not in t]
         tail = tail[-runner.TAIL_LINES:]
         if any(_NOSPACE.search(ln) for ln in lines[-200:]):
             raise LabError(f"amphora: the image ran out of space at --size {s['size']} GB; "
