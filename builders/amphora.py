@@ -452,13 +452,14 @@ def _run_dib(cli, tag: str, lab: Lab, s: dict, cache: Path, outdir: Path, logfh,
     volumes = {"/dev": {"bind": "/dev", "mode": "rw"},
                str(cache): {"bind": "/cache", "mode": "rw"},
                str(outdir): {"bind": "/out", "mode": "rw"}}
-    container = cli.containers.run(
-        tag, ["bash", "-c", build_command(s, stem)], detach=True,
+    container = cli.containers.create(
+        tag, ["bash", "-c", build_command(s, stem)],
         network_mode="host", environment=env, volumes=volumes,
         labels={"org.labforge.kind": "amphora-build"}, working_dir="/build", **device_access())
     lines: list[str] = []
     phase = "starting"
     try:
+        container.start()
         buf = ""
         for chunk in container.logs(stream=True, follow=True):
             buf += chunk.decode("utf-8", "replace")
