@@ -151,6 +151,17 @@ def boot_check(c, lab=None, host=None, timeout=900, expect=None, accel=None, mem
                  expect=expect or (), accel=accel, memory=int(memory)))
 
 
+@labtask(iterable=["host"],
+         help={"lab": LAB_HELP,
+               "host": "only this host (repeatable; default: every host)",
+               "force": "write the files even when they are up to date",
+               "verbose": "show debug output (commands run)"})
+def libvirt_xml(c, lab=None, host=None, force=False, verbose=False):
+    """Write libvirt domain, volume and network XML per host (for virsh users)."""
+    from builders.libvirtxml import build_libvirt_xml
+    _print(build_libvirt_xml(_load(lab), Workspace.default(), hosts=host or None, force=force))
+
+
 # ---- amphora ---------------------------------------------------------------
 @labtask(help={"lab": LAB_HELP, "force": "rebuild the base image even when it is current"})
 def builder_base(c, lab=None, force=False):

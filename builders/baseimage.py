@@ -37,7 +37,7 @@ from pathlib import Path
 from . import dib, runner
 from .console import progress
 from .errors import LabError
-from .fsutil import CHUNK, atomic_path
+from .fsutil import CHUNK, atomic_path, atomic_write, sha256_file
 from .lab import Lab
 from .manifest import Manifest, input_digest
 from .outcome import Outcome
@@ -113,7 +113,7 @@ def build_base_image(lab: Lab, ws: Workspace, *, force: bool = False) -> list[Ou
             meta = _download(lab, ws, rel, target)
             tools = {"requests": _requests_version()}
         else:
-            meta = _build(lab, ws, rel, target)
+            meta = _build(lab, ws, rel, target, digest, force)
             tools = {"diskimage-builder": dib.dib_version(),
                      "qemu-img": runner.tool_version("qemu-img")}
         info = qemu_info(target)
@@ -126,7 +126,8 @@ def build_base_image(lab: Lab, ws: Workspace, *, force: bool = False) -> list[Ou
         manifest.record(target, "base-image", digest, tools=tools, meta=meta)
         secs = time.monotonic() - start
         size = info["virtual-size"] / 2**30
-        return [Outcome(step, "built", [target], f"{bi.source}, {size:.1f} GiB virtual, "
+        how = "build reused from cache/dib/images" if meta.get("reused_from_cache") else bi.source
+        return [Outcome(step, "built", [target], f"{how}, {size:.1f} GiB virtual, "
                         f"{secs:.0f}s", secs)]
 
 
@@ -145,15 +146,39 @@ def _requests_version() -> str:
 # --------------------------------------------------------------------------
 # build (diskimage-builder)
 # --------------------------------------------------------------------------
-def _build(lab: Lab, ws: Workspace, rel: Release, target: Path) -> dict:
+def _build(lab: Lab, ws: Workspace, rel: Release, target: Path, digest: str,
+           force: bool) -> dict:
+    """Build with DIB, or reuse the image an earlier build with the same
+    inputs left in ``cache/dib/images/`` (a CI job that keeps cache/ but
+    starts with an empty artifacts/).  ``force`` always builds."""
+    cache_dir = ws.cache_dir("dib", "images")
+    cached = cache_dir / f"{rel.name}-{digest[:16]}.qcow2"
+    sidecar = cached.with_suffix(".json")
+    if not force and cached.is_file() and sidecar.is_file():
+        try:
+            known = json.loads(sidecar.read_text())
+        except ValueError:
+            known = {}
+        if known.get("sha256") and sha256_file(cached) == known["sha256"]:
+            with atomic_path(target) as tmp:
+                shutil.copyfile(cached, tmp)
+            return {**known.get("meta", {}), "reused_from_cache": True}
     log = dib.disk_image_create(
         lab, ws, name=f"base-image-{rel.name}", elements=BUILD_ELEMENTS, output=target,
         packages=BUILD_PACKAGES, image_size=lab.base_image.size,
         env={"DIB_RELEASE": rel.codename, "DIB_GRUB_TIMEOUT": "1"},
         label=f"base-image {rel.name}")
     main, sec = dib.debian_mirrors(lab)
-    return {"elements": list(BUILD_ELEMENTS), "mirror": main, "security_mirror": sec,
+    meta = {"elements": list(BUILD_ELEMENTS), "mirror": main, "security_mirror": sec,
             "log": str(log.relative_to(ws.artifacts))}
+    # keep a copy for the next build with these inputs; only the newest per release
+    for old in cache_dir.glob(f"{rel.name}-*.qcow2"):
+        old.unlink(missing_ok=True)
+        old.with_suffix(".json").unlink(missing_ok=True)
+    with atomic_path(cached) as tmp:
+        shutil.copyfile(target, tmp)
+    atomic_write(sidecar, json.dumps({"sha256": sha256_file(cached), "meta": meta}) + "\n")
+    return meta
 
 
 # --------------------------------------------------------------------------

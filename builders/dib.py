@@ -12,7 +12,8 @@ the amphora build.  It:
   of an HTTPS-intercepting proxy (``build.ca_bundle``), an image cache under
   the workspace cache (``DIB_IMAGE_CACHE``, reused between builds) and a
   temp dir on disk;
-* on kernels without device-mapper (``/dev/mapper/control`` absent) puts
+* on kernels without device-mapper (``/dev/mapper/control`` absent, or
+  present but no device-mapper driver in ``/proc/misc``) puts
   ``dockerfiles/dib/bin`` first on PATH: stand-ins for kpartx/dmsetup built
   on ``partx -a`` (and a sudo that keeps PATH).  Where device-mapper exists
   nothing changes;
@@ -49,8 +50,22 @@ _DONE = re.compile(r"dib-run-parts (\S+) completed")
 
 
 def has_device_mapper() -> bool:
-    """True when the kernel offers device-mapper (kpartx/dmsetup work)."""
-    return Path("/dev/mapper/control").exists()
+    """True when the kernel offers device-mapper (kpartx/dmsetup work).
+
+    ``/dev/mapper/control`` alone is not proof: ``dmsetup mknodes`` (or a
+    privileged container) creates that node on kernels without
+    device-mapper too.  The kernel lists the driver in /proc/misc when it is
+    built in or loaded (/sys/module/dm_mod when it is a module).  Where
+    unsure, the partx-based stand-ins are used: they work on any kernel.
+    """
+    if not Path("/dev/mapper/control").exists():
+        return False
+    try:
+        if "device-mapper" in Path("/proc/misc").read_text():
+            return True
+    except OSError:
+        pass
+    return Path("/sys/module/dm_mod").exists()
 
 
 def dib_executable() -> Path:
@@ -171,6 +186,10 @@ def dib_env(lab: Lab, ws: Workspace, elements: Sequence[str],
         "DIB_IMAGE_CACHE": str(ws.cache_dir("dib", "image-cache")),
         "TMP_DIR": str(ws.cache_dir("dib", "tmp")),
         "DIB_NO_TMPFS": "1",                            # machines are shared: disk, not RAM
+        # keep debootstrap's result in the image cache and reuse it: a warm
+        # build skips debootstrap (apt's dist-upgrade brings it up to date)
+        "DIB_DEBOOTSTRAP_CACHE": "1",
+        "DIB_DEBIAN_USE_DEBOOTSTRAP_CACHE": "1",
         "DIB_SHOW_IMAGE_USAGE": "0",
         "LANG": "C.UTF-8",
     }
@@ -247,12 +266,20 @@ def disk_image_create(lab: Lab, ws: Workspace, *, name: str, elements: Sequence[
         with progress(label or f"{name}: diskimage-builder", None, unit="phase") as bar:
             thread.start()
             phase = None
-            while thread.is_alive():
-                thread.join(2.0)
-                now = _current_phase(log_path)
-                if now and now != phase:
-                    phase = now
-                    bar.set_description(phase)
+            try:
+                while thread.is_alive():
+                    thread.join(2.0)
+                    now = _current_phase(log_path)
+                    if now and now != phase:
+                        phase = now
+                        bar.set_description(phase)
+            except KeyboardInterrupt:
+                # the terminal's Ctrl-C reaches DIB too; its EXIT trap unmounts
+                # the chroot and frees the loop device (killing it from here
+                # could leave mounts behind).  Its output dir is removed below.
+                runner.log.info("%s: interrupted; diskimage-builder cleans up after itself "
+                                "(log: %s)", label or name, log_path)
+                raise
         if "error" in result:
             raise result["error"]
         proc = result["proc"]

@@ -56,13 +56,16 @@ def written_bytes(path: Path) -> int:
     return total
 
 
-def _check_base(lab: Lab, ws: Workspace, host: Host, manifest: Manifest) -> tuple[Path, dict, str]:
+def _check_base(lab: Lab, ws: Workspace, host: Host, manifest: Manifest,
+                seen: dict) -> tuple[Path, dict, str]:
     base = base_path(ws, host)
     where = f"{lab.source.name}: hosts.{host.name}"
     if not base.is_file():
         raise LabError(f"{where}.image: {base} does not exist; run `invoke base-image` "
                        f"(or put a qcow2 named {host.image}.qcow2 there)")
-    info = qemu_info(base)
+    if base not in seen:
+        seen[base] = (qemu_info(base), _base_sha(base, manifest))
+    info, sha = seen[base]
     fmt = info.get("format")
     if fmt != "qcow2":
         raise LabError(f"{where}.image: {base} is {fmt}, not qcow2; convert it with "
@@ -73,12 +76,15 @@ def _check_base(lab: Lab, ws: Workspace, host: Host, manifest: Manifest) -> tupl
         raise LabError(f"{where}.disk: {host.disk} GiB is smaller than the base image "
                        f"{base.name} ({vsize / GiB:.1f} GiB); set it to at least "
                        f"{-(-vsize // GiB)}")
+    return base, info, sha
+
+
+def _base_sha(base: Path, manifest: Manifest) -> str:
+    """The base's sha256: from the manifest when the file is intact, else hashed."""
     rec = manifest.get(base)
     if rec is not None and manifest.intact(base, rec):
-        sha = rec["sha256"]
-    else:
-        sha = sha256_file(base)
-    return base, info, sha
+        return rec["sha256"]
+    return sha256_file(base)
 
 
 def build_overlays(lab: Lab, ws: Workspace, *, hosts: list[str] | None = None,
@@ -94,8 +100,9 @@ def build_overlays(lab: Lab, ws: Workspace, *, hosts: list[str] | None = None,
     with BuildLock(ws):
         # check every host before writing anything
         plans = []
+        seen: dict[Path, tuple[dict, str]] = {}     # each base is inspected and hashed once
         for h in chosen:
-            base, info, sha = _check_base(lab, ws, h, manifest)
+            base, info, sha = _check_base(lab, ws, h, manifest, seen)
             # only this host's own settings and the base's content
             digest = input_digest("overlay", h.name, h.image, h.disk, sha)
             plans.append((h, base, sha, digest))

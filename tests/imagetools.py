@@ -126,3 +126,18 @@ def lab_file(tmp_path: Path, changes: dict, name: str = "lab.yaml") -> Path:
 
 def load_lab(tmp_path: Path, changes: dict, name: str = "lab.yaml") -> labmod.Lab:
     return labmod.load(lab_file(tmp_path, changes, name))
+
+
+def assert_error_line(proc, *needles: str) -> str:
+    """Exit 1, no traceback, exactly one `error:` line holding ``needles``.
+
+    For failures that happen after work began: progress lines may come
+    before the error line and the tool's last lines after it.
+    """
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr
+    for n in needles:
+        assert n in errors[0], (n, proc.stderr)
+    return errors[0]

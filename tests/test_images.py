@@ -17,7 +17,7 @@ from builders.errors import LabError
 from builders.fsutil import sha256_file
 from builders.manifest import Manifest
 from conftest import assert_one_line_error
-from imagetools import Mirror, lab_file, load_lab, make_qcow2, publish_debian
+from imagetools import Mirror, assert_error_line, lab_file, load_lab, make_qcow2, publish_debian
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,11 +103,9 @@ def test_wrong_checksum_is_rejected_and_nothing_is_left(tmp_path, ws, mirror, cl
     publish_debian(mirror.root, wrong_sum=True)
     lab = lab_file(tmp_path, {"base_image": {"source": "download", "url": mirror.url}})
     proc = cli("base-image", "--lab", str(lab))
-    # download progress lines come first; then exactly one error line
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
-    assert len(errors) == 1 and proc.stderr.rstrip().splitlines()[-1] == errors[0]
-    assert "sha512 checksum mismatch" in errors[0] and "deleted" in errors[0]
+    # download progress lines come first; then exactly one error line, last
+    line = assert_error_line(proc, "sha512 checksum mismatch", "deleted")
+    assert proc.stderr.rstrip().splitlines()[-1] == line
     assert not (ws.artifacts / "images" / "debian-12.qcow2").exists()
     leftovers = [p for p in ws.root.rglob("*") if p.is_file() and p.suffix in (".part", ".qcow2")]
     assert leftovers == []
@@ -355,3 +353,64 @@ def test_boot_check_without_overlay_is_one_line(cli):
 
 def test_boot_check_unknown_host_is_one_line(cli):
     assert_one_line_error(cli("boot-check", "--host", "nope"), "no host named 'nope'")
+
+
+# --------------------------------------------------------------------------
+# libvirt XML (virsh users)
+# --------------------------------------------------------------------------
+@pytest.mark.integration
+def test_libvirt_xml_is_valid_and_points_at_the_artifacts(ws, default_lab):
+    import xml.etree.ElementTree as ET
+    from builders import seediso
+    from builders.libvirtxml import build_libvirt_xml
+    outs = build_libvirt_xml(default_lab, ws, accel="tcg")    # validated by virt-xml-validate
+    assert {o.status for o in outs} == {"built"} and len(outs) == 1 + 2 * 3
+    d = ET.parse(ws.artifacts / "libvirt" / "broker1.xml").getroot()
+    assert d.get("type") == "qemu" and d.findtext("name") == "kafka-lab-broker1"
+    assert d.find("devices/disk[@device='disk']/source").get("file") == \
+        str((ws.artifacts / "vms" / "broker1.qcow2").resolve())
+    assert d.find("devices/disk[@device='disk']/driver").get("type") == "qcow2"
+    assert d.find("devices/disk[@device='cdrom']/source").get("file") == \
+        str(seediso.seed_path(default_lab, ws, "broker1").resolve())
+    nic = d.find("devices/interface")
+    assert nic.find("source").get("network") == "private"
+    assert nic.find("mac").get("address") == "52:54:00:64:00:0b"
+    v = ET.parse(ws.artifacts / "libvirt" / "broker1-volume.xml").getroot()
+    assert v.findtext("backingStore/path").endswith("images/debian-12.qcow2")
+    assert v.find("backingStore/format").get("type") == "qcow2"
+    assert v.findtext("capacity") == "20" and v.find("capacity").get("unit") == "GiB"
+    n = ET.parse(ws.artifacts / "libvirt" / "net-private.xml").getroot()
+    assert n.find("ip").get("address") == "10.100.0.1" and n.find("ip").get("netmask") == "255.255.255.0"
+    assert {o.status for o in build_libvirt_xml(default_lab, ws, accel="tcg")} == {"up to date"}
+
+
+@pytest.mark.integration
+def test_ubuntu_checksum_file_signature_is_checked_with_gpgv(tmp_path, ws, mirror, monkeypatch):
+    """SHA256SUMS.gpg is verified with gpgv against the cloud image keyring
+    (here a throwaway key stands in for Ubuntu's)."""
+    import hashlib
+    gnupg = tmp_path / "gnupg"
+    gnupg.mkdir(mode=0o700)
+    gpg = ["gpg", "--batch", "--homedir", str(gnupg), "--pinentry-mode", "loopback",
+           "--passphrase", ""]
+    subprocess.run([*gpg, "--quick-gen-key", "labforge test <t@example.invalid>", "ed25519",
+                    "sign", "1d"], check=True, capture_output=True)
+    keyring = tmp_path / "keyring.gpg"
+    keyring.write_bytes(subprocess.run([*gpg, "--export"], check=True,
+                                       capture_output=True).stdout)
+    monkeypatch.setattr(baseimage, "UBUNTU_KEYRINGS", (str(keyring),))
+    name = "noble-server-cloudimg-amd64.img"
+    img = make_qcow2(mirror.root / name, "1G", 1)
+    sums = mirror.root / "SHA256SUMS"
+    sums.write_text(f"{hashlib.sha256(img.read_bytes()).hexdigest()} *{name}\n")
+    subprocess.run([*gpg, "--detach-sign", "-o", str(mirror.root / "SHA256SUMS.gpg"), str(sums)],
+                   check=True, capture_output=True)
+    lab = load_lab(tmp_path, {"base_image": {"source": "download", "distro": "ubuntu",
+                                             "release": "24.04", "url": mirror.url}})
+    [out] = baseimage.build_base_image(lab, ws)
+    rec = Manifest(ws.artifacts).get(ws.artifacts / "images" / "ubuntu-24.04.qcow2")
+    assert out.status == "built" and rec["meta"]["signature"] == "good"
+    # a checksum file changed after signing is refused before any image download
+    sums.write_text(sums.read_text().replace(name, name + " "))
+    with pytest.raises(LabError, match="verifying SHA256SUMS.*gpgv.*failed"):
+        baseimage.build_base_image(lab, ws, force=True)

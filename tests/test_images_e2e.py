@@ -1,0 +1,82 @@
+"""End to end: build the Debian base with diskimage-builder, make the
+default lab's overlays, boot broker1 with its seed and prove from inside
+the guest that cloud-init applied it (hostname, a written file, the
+marker).  Minutes long (a DIB build and a TCG boot)."""
+
+from __future__ import annotations
+
+import secrets
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from builders import baseimage, bootcheck, overlays, seediso
+from builders.fsutil import private_dir, sha256_file
+from builders.manifest import Manifest
+from imagetools import assert_error_line, lab_file
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def _lab_ssh_key(ws) -> None:
+    """What `invoke certs` leaves for seeds: certs/ssh/lab_ed25519(.pub)."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    d = private_dir(ws.certs_dir() / "ssh")
+    (d / "lab_ed25519").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption()))
+    (d / "lab_ed25519").chmod(0o600)
+    (d / "lab_ed25519.pub").write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b" lab\n")
+
+
+def test_dib_base_overlays_and_boot_check_broker1(tmp_path, ws, cli):
+    token = secrets.token_hex(8)
+    # the default lab; broker1 also writes a file and prints what the guest sees
+    lab_path = lab_file(tmp_path, {"hosts": {"broker1": {
+        "write_files": [{"path": "/etc/labforge-e2e", "content": f"written-{token}\n"}],
+        "runcmd": ["echo \"e2e-hostname=$(hostname)\" > /dev/ttyS0",
+                   "echo \"e2e-file=$(cat /etc/labforge-e2e)\" > /dev/ttyS0"],
+    }}})
+    from builders import lab as labmod
+    lab = labmod.load(lab_path)
+    assert lab.base_image.source == "build" and lab.base_image.distro == "debian"
+
+    [base] = baseimage.build_base_image(lab, ws)
+    image = ws.artifacts / "images" / "debian-12.qcow2"
+    assert base.status == "built" and base.paths == [image]
+    rec = Manifest(ws.artifacts).get(image)
+    assert rec["sha256"] == sha256_file(image)
+    assert rec["meta"]["virtual_size"] == lab.base_image.size << 30
+    assert (ws.artifacts / "logs" / "base-image-debian-12.log").exists()
+    # a CI job that restores cache/ but not artifacts/ reuses the built image
+    sha = rec["sha256"]
+    image.unlink()
+    [again] = baseimage.build_base_image(lab, ws)
+    assert again.status == "built" and "reused" in again.detail
+    assert sha256_file(image) == sha
+
+    outs = overlays.build_overlays(lab, ws)
+    assert [o.status for o in outs] == ["built"] * 3
+
+    _lab_ssh_key(ws)
+    seediso.build_seed_isos(lab, ws, hosts=["broker1"])
+    overlay = ws.artifacts / "vms" / "broker1.qcow2"
+    before = sha256_file(overlay)
+
+    [res] = bootcheck.boot_check(lab, ws, "broker1", timeout=1200,
+                                 expect=["e2e-hostname=broker1", f"e2e-file=written-{token}"])
+    assert res.status == "passed", res.line()
+    console = (ws.artifacts / "logs" / "boot-broker1.console.log").read_text(errors="replace")
+    assert seediso.seed_marker(lab, "broker1", ws) in console
+    assert "e2e-hostname=broker1" in console and f"e2e-file=written-{token}" in console
+    print(res.line())
+    # the user's overlay was only read
+    assert sha256_file(overlay) == before and overlays.written_bytes(overlay) == 0
+
+    # a boot that cannot finish in time: one line, then the last console lines
+    proc = cli("boot-check", "--lab", str(lab_path), "--host", "broker1", "--timeout", "15")
+    line = assert_error_line(proc, "boot-check broker1: no cloud-init result within 15s")
+    assert proc.stderr.rstrip().splitlines()[-1] != line    # the console tail follows
+    assert sha256_file(overlay) == before
