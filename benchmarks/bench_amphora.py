@@ -78,6 +78,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--skip-upstream", action="store_true", help="only time labforge")
     ap.add_argument("--workdir", help="keep workspaces here (default: a temp dir, removed)")
+    ap.add_argument("--cold-side-by-side", action="store_true",
+                    help="only the two cold builds, run at the same time, so a shared machine's "
+                         "load weighs on both alike")
     args = ap.parse_args()
     setup_logging()
     lb = labmod.load(ROOT / "lab.yaml")
@@ -91,6 +94,25 @@ def main() -> None:
         with open(base / "builder.log", "w") as fh, progress("builder image", None, "s") as bar:
             amphora.ensure_builder(lb, ws, cli, amphora.settings(lb), fh, bar)
         shutil.rmtree(ws.cache / "amphora", ignore_errors=True)
+        if args.cold_side_by_side:
+            import threading
+            up_cache, up_out = base / "upstream-cache", base / "upstream-out"
+            up_cache.mkdir(exist_ok=True)
+            up_out.mkdir(exist_ok=True)
+
+            def up():
+                results["upstream_cold_s"] = upstream_build(lb, Workspace(base / "upstream"), up_cache, up_out)
+            th = threading.Thread(target=up)
+            th.start()
+            t0 = time.monotonic()
+            amphora.build_amphora(lb, ws)
+            results["labforge_cold_s"] = time.monotonic() - t0
+            th.join()
+            print(json.dumps(results, indent=2))
+            outdir = ROOT / "benchmarks" / "results"
+            outdir.mkdir(parents=True, exist_ok=True)
+            (outdir / "amphora-side-by-side.json").write_text(json.dumps(results, indent=2) + "\n")
+            return
         t0 = time.monotonic()
         amphora.build_amphora(lb, ws)
         results["labforge_cold_s"] = time.monotonic() - t0

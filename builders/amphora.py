@@ -452,13 +452,14 @@ def _run_dib(cli, tag: str, lab: Lab, s: dict, cache: Path, outdir: Path, logfh,
     volumes = {"/dev": {"bind": "/dev", "mode": "rw"},
                str(cache): {"bind": "/cache", "mode": "rw"},
                str(outdir): {"bind": "/out", "mode": "rw"}}
-    container = cli.containers.run(
-        tag, ["bash", "-c", build_command(s, stem)], detach=True,
+    container = cli.containers.create(
+        tag, ["bash", "-c", build_command(s, stem)],
         network_mode="host", environment=env, volumes=volumes,
         labels={"org.labforge.kind": "amphora-build"}, working_dir="/build", **device_access())
     lines: list[str] = []
     phase = "starting"
     try:
+        container.start()
         buf = ""
         for chunk in container.logs(stream=True, follow=True):
             buf += chunk.decode("utf-8", "replace")
@@ -490,7 +491,11 @@ def _run_dib(cli, tag: str, lab: Lab, s: dict, cache: Path, outdir: Path, logfh,
         with contextlib.suppress(Exception):
             container.remove(force=True)
     if code != 0:
-        tail = [ln for ln in lines if ln.strip() and "PROFILING" not in ln][-runner.TAIL_LINES:]
+        stamp = re.compile(r"^\d{4}-\d\d-\d\d [\d:.]+ \| ")
+        tail = [t for t in (stamp.sub("", ln) for ln in lines)
+                if t.strip() and "PROFILING" not in t and "INFO diskimage_builder" not in t
+                and not t.startswith("+") and "Sourcing environment file" not in t]
+        tail = tail[-runner.TAIL_LINES:]
         if any(_NOSPACE.search(ln) for ln in lines[-200:]):
             raise LabError(f"amphora: the image ran out of space at --size {s['size']} GB; "
                            f"give a larger --size (octavia.amphora.size); full log: {logfh.name}", tail)

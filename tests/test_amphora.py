@@ -251,3 +251,22 @@ def test_cli_overrides_reach_the_dib_environment(default_lab, tmp_path):
     assert amphora.builder_inputs(lb, amphora.settings(lb))["ca_bundle"] == ca
     with pytest.raises(LabError, match="--ca-bundle"):
         amphora.with_build_settings(default_lab, ca_bundle=str(tmp_path / "missing.pem"))
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_failed_build_names_the_script_and_keeps_the_cache(cli, ws):
+    """A release the mirror does not have: debootstrap fails inside DIB."""
+    (ws.cache / "amphora" / "dib").mkdir(parents=True)
+    marker = ws.cache / "amphora" / "dib" / "kept"
+    marker.write_text("x")
+    proc = cli("build-amphora", "--release", "nosuchrelease")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr          # progress lines come before it
+    assert "element script root.d/08-debootstrap failed" in errors[0] and "amphora.log" in errors[0]
+    assert "nosuchrelease" in proc.stderr.split(errors[0], 1)[1]   # the tool's last lines follow
+    images = ws.artifacts / "images"
+    assert not list(images.glob("amphora-x64-haproxy.*"))
+    assert not list(images.glob(".*.part"))
+    assert marker.is_file()
