@@ -188,7 +188,7 @@ def builder_base(c, lab=None, force=False):
     _print(amphora.build_builder_base(_load(lab), Workspace.default(), force=force))
 
 
-@labtask(help={
+@labtask(auto_shortflags=False, help={
     "lab": LAB_HELP,
     "force": "rebuild even when the image is up to date (the build cache is reused)",
     "base_os": "debian (bookworm, buildable here) or ubuntu (noble, needs an Ubuntu mirror); "

@@ -39,7 +39,7 @@ from . import docker_engine, runner
 from .console import progress
 from .dib import ca_bundle, debian_mirrors, failing_script
 from .errors import LabError
-from .fsutil import atomic_write, sha256_file
+from .fsutil import atomic_write
 from .lab import Lab
 from .manifest import Manifest, input_digest
 from .outcome import Outcome
@@ -225,13 +225,20 @@ def check_octavia_release(lab: Lab, version: str) -> None:
     import requests
     index = _pip_index(lab)
     bundle = ca_bundle(lab)
-    try:
-        resp = requests.get(f"{index}/octavia/", timeout=60,
-                            headers={"Accept": "text/html"},
-                            verify=str(bundle) if bundle else True)
-    except requests.RequestException as exc:
-        raise LabError(f"octavia {version}: cannot reach the package index {index} "
-                       f"({exc.__class__.__name__}); check the network or build.pip_index") from None
+    for attempt in range(3):  # an index behind a proxy drops a connection now and then
+        try:
+            resp = requests.get(f"{index}/octavia/", timeout=60,
+                                headers={"Accept": "text/html"},
+                                verify=str(bundle) if bundle else True)
+        except requests.RequestException as exc:
+            if attempt < 2:
+                time.sleep(1 + attempt)
+                continue
+            raise LabError(f"octavia {version}: cannot reach the package index {index} "
+                           f"({exc.__class__.__name__}); check the network or build.pip_index") from None
+        if resp.status_code < 500 or attempt == 2:
+            break
+        time.sleep(1 + attempt)
     if resp.status_code == 404:
         raise LabError(f"octavia: the package index {index} has no octavia project; "
                        "check build.pip_index")

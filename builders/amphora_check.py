@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import socket
 import subprocess
 import tempfile
@@ -38,6 +37,7 @@ from pathlib import Path
 
 from . import runner
 from .console import progress
+from .bootcheck import detect_accel
 from .errors import LabError
 from .lab import Lab
 from .manifest import Manifest
@@ -145,31 +145,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def kvm_usable() -> bool:
-    """True when /dev/kvm opens and runs firmware (SeaBIOS reaches its boot menu)."""
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return False
-    qemu = shutil.which("qemu-system-x86_64")
-    if qemu is None:
-        return False
-    with tempfile.TemporaryDirectory() as td:
-        out = Path(td) / "debugcon"
-        try:
-            subprocess.run([qemu, "-accel", "kvm", "-M", "pc", "-nodefaults", "-display", "none",
-                            "-no-reboot", "-m", "64", "-chardev", f"file,id=d,path={out}",
-                            "-device", "isa-debugcon,iobase=0x402,chardev=d"],
-                           capture_output=True, timeout=8)
-        except subprocess.TimeoutExpired:
-            pass
-        except OSError:
-            return False
-        try:
-            text = out.read_text(errors="replace")
-        except OSError:
-            return False
-    return "Running on KVM" in text and "No bootable device" in text
 
 
 def _qemu_argv(accel: str, overlay: Path, iso: Path, port: int, console: Path) -> list[str]:
@@ -295,7 +270,7 @@ def check_amphora(lab: Lab, ws: Workspace, *, image: str | None = None,
         runner.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", path, overlay],
                    what="amphora-check: overlay")
         foreign = foreign_client(tdp)
-        accels = [accel] if accel else (["kvm", "tcg"] if kvm_usable() else ["tcg"])
+        accels = [accel] if accel else (["kvm", "tcg"] if detect_accel() == "kvm" else ["tcg"])
         result = None
         for i, acc in enumerate(accels):
             fallback = i + 1 < len(accels)
@@ -308,7 +283,7 @@ def check_amphora(lab: Lab, ws: Workspace, *, image: str | None = None,
                        what="amphora-check: overlay")
     acc, boot_s, version, refused = result
     return outcomes + [Outcome(
-        "amphora-check", "passed", [path],  # type: ignore[arg-type]  (a check, not a build)
+        "amphora-check", "passed", [path],
         detail=f"{path.name}: agent API {version} answered over mutual TLS after {boot_s:.0f}s "
                f"({acc.upper()} boot); a client certificate from another CA was refused ({refused})",
         seconds=boot_s)]

@@ -299,7 +299,7 @@ def client_properties(lab: Lab, password: str) -> str:
     return "\n".join([
         f"# labforge: TLS settings of Kafka client {lab.kafka.client} (lab {lab.name}).",
         "# Use with kafka-console-producer.sh --producer.config / --command-config ...",
-        f"security.protocol=SSL",
+        "security.protocol=SSL",
         f"ssl.keystore.type={kind}",
         f"ssl.keystore.location={ks}",
         f"ssl.keystore.password={password}",

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-Status = Literal["built", "up to date", "skipped", "failed"]
+Status = Literal["built", "up to date", "skipped", "failed", "passed"]  # passed: checks
 
 
 @dataclass
