@@ -17,7 +17,7 @@ Runs, on this machine, in one go:
 
 Prints a table with ratios and writes benchmarks/results/amphora.json.
 
-    /work/main/.venv/bin/python benchmarks/bench_amphora.py [--skip-upstream]
+    .venv/bin/python benchmarks/bench_amphora.py [--skip-upstream]
 """
 
 from __future__ import annotations

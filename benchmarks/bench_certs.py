@@ -13,7 +13,7 @@ plus a PKCS#12 and a JKS truststore.
   Kafka TLS guides do (req/x509 per identity, pkcs12 -export, keytool
   -importkeystore for JKS, keytool -importcert for the truststores).
 
-Usage:  /work/main/.venv/bin/python benchmarks/bench_certs.py   (BENCH_ROUNDS=3)
+Usage:  .venv/bin/python benchmarks/bench_certs.py   (BENCH_ROUNDS=3)
 Each side runs BENCH_ROUNDS times, alternating; medians are compared.
 Prints a table and writes benchmarks/results/bench_certs.json.
 """

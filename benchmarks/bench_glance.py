@@ -13,7 +13,7 @@ each as a child process under /usr/bin/time -v (peak RSS of the child).
 Credentials reach both through the same clouds.yaml (never argv).  Prints a
 table and writes benchmarks/results/glance.json.
 
-    /work/main/.venv/bin/python benchmarks/bench_glance.py [--size-mb 500] [--runs 1]
+    .venv/bin/python benchmarks/bench_glance.py [--size-mb 500] [--runs 1]
 """
 
 from __future__ import annotations

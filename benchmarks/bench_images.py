@@ -1,6 +1,6 @@
 """Benchmark: overlay creation vs base size, and cold vs warm base builds.
 
-    /work/main/.venv/bin/python benchmarks/bench_images.py [--skip-build] [--runs N]
+    .venv/bin/python benchmarks/bench_images.py [--skip-build] [--runs N]
 
 1. Overlays: labforge's `build_overlays` (three hosts: checks, qemu-img
    create -F qcow2, chain check, manifest) against the classic

@@ -1,6 +1,6 @@
 """Benchmark: seed ISOs for a 50-host lab, labforge vs cloud-localds.
 
-    /work/main/.venv/bin/python benchmarks/bench_seediso.py [--hosts 50] [--repeat 3]
+    .venv/bin/python benchmarks/bench_seediso.py [--hosts 50] [--repeat 3]
 
 Same content on both sides: labforge renders each host's meta-data,
 network-config and user-data; cloud-localds gets exactly those files

@@ -6,7 +6,7 @@ gzip, or pigz when installed), on the same image in one run; then both boxes
 are given to the real `vagrant box add` (temporary VAGRANT_HOME) to prove
 Vagrant accepts them.
 
-    /work/main/.venv/bin/python benchmarks/bench_vagrant.py [--image FILE]
+    .venv/bin/python benchmarks/bench_vagrant.py [--image FILE]
 
 The image is artifacts/images/debian-12.qcow2 when it was built, else a
 synthetic 2 GiB-virtual qcow2 holding ~200 MiB of real file content from
