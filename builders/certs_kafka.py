@@ -279,18 +279,25 @@ def server_properties(lab: Lab, h: Host, password: str) -> str:
         f"listeners=SSL://:{lab.kafka.port}",
         f"advertised.listeners=SSL://{lab.fqdn(h)}:{lab.kafka.port}",
         "security.inter.broker.protocol=SSL",
-        f"ssl.keystore.type={kind}",
-        f"ssl.keystore.location={ks}",
-        f"ssl.keystore.password={password}",
-        f"ssl.key.password={password}",
-        f"ssl.truststore.type={kind}",
-        f"ssl.truststore.location={ts}",
-        f"ssl.truststore.password={password}",
+        *_store_settings(kind, ks, ts, password),
         "ssl.client.auth=required",
         "ssl.endpoint.identification.algorithm=https",
         "ssl.enabled.protocols=TLSv1.3,TLSv1.2",
         "",
     ])
+
+
+def _store_settings(kind: str, keystore: str, truststore: str, password: str) -> list[str]:
+    """The ssl.keystore.* / ssl.truststore.* lines brokers and clients share."""
+    return [
+        f"ssl.keystore.type={kind}",
+        f"ssl.keystore.location={keystore}",
+        f"ssl.keystore.password={password}",
+        f"ssl.key.password={password}",
+        f"ssl.truststore.type={kind}",
+        f"ssl.truststore.location={truststore}",
+        f"ssl.truststore.password={password}",
+    ]
 
 
 def client_properties(lab: Lab, password: str) -> str:
@@ -300,13 +307,7 @@ def client_properties(lab: Lab, password: str) -> str:
         f"# labforge: TLS settings of Kafka client {lab.kafka.client} (lab {lab.name}).",
         "# Use with kafka-console-producer.sh --producer.config / --command-config ...",
         "security.protocol=SSL",
-        f"ssl.keystore.type={kind}",
-        f"ssl.keystore.location={ks}",
-        f"ssl.keystore.password={password}",
-        f"ssl.key.password={password}",
-        f"ssl.truststore.type={kind}",
-        f"ssl.truststore.location={ts}",
-        f"ssl.truststore.password={password}",
+        *_store_settings(kind, ks, ts, password),
         "ssl.endpoint.identification.algorithm=https",
         "",
     ])

@@ -42,6 +42,17 @@ def cli(ws: Workspace):
     return run
 
 
+@pytest.fixture
+def mirror(tmp_path):
+    """A local HTTP image mirror on 127.0.0.1 (Range support, can drop a transfer once)."""
+    from imagetools import Mirror
+    root = tmp_path / "mirror"
+    root.mkdir()
+    srv = Mirror(root)
+    yield srv
+    srv.close()
+
+
 def write_lab(tmp_path: Path, text: str, name: str = "lab.yaml") -> Path:
     p = tmp_path / name
     p.write_text(text)

@@ -109,7 +109,7 @@ def test_unknown_step_name(cli):
 # ---------------------------------------------------------------------------
 # bad inputs across the pipeline: user files, keys, images, checksums, services
 # ---------------------------------------------------------------------------
-from imagetools import Mirror, lab_file, make_qcow2, publish_debian  # noqa: E402
+from imagetools import lab_file, make_qcow2, publish_debian  # noqa: E402
 
 
 def _lab(tmp_path, **changes):
@@ -180,15 +180,6 @@ def _box_bad_version(tmp_path, ws, cli):
 def _box_bad_name(tmp_path, ws, cli):
     img = make_qcow2(tmp_path / "x.qcow2", "64M")
     return ["vagrant-box", "--image", str(img), "--name", "no slash"]
-
-
-@pytest.fixture
-def mirror(tmp_path):
-    root = tmp_path / "mirror"
-    root.mkdir()
-    srv = Mirror(root)
-    yield srv
-    srv.close()
 
 
 def _wrong_checksum(tmp_path, ws, cli, mirror):

@@ -17,18 +17,9 @@ from builders.errors import LabError
 from builders.fsutil import sha256_file
 from builders.manifest import Manifest
 from conftest import assert_one_line_error
-from imagetools import Mirror, assert_error_line, lab_file, load_lab, make_qcow2, publish_debian
+from imagetools import assert_error_line, lab_file, load_lab, make_qcow2, publish_debian
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def mirror(tmp_path):
-    root = tmp_path / "mirror"
-    root.mkdir()
-    srv = Mirror(root)
-    yield srv
-    srv.close()
 
 
 @pytest.fixture(autouse=True)

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from conftest import INVOKE, ROOT
-from imagetools import Mirror, lab_file, publish_debian
+from imagetools import lab_file, publish_debian
 
 pytestmark = pytest.mark.integration
 
@@ -29,17 +29,8 @@ QUICK = ["--skip", "amphora", "--skip", "glance"]
 
 
 @pytest.fixture
-def mirror(tmp_path):
-    root = tmp_path / "mirror"
-    root.mkdir()
-    srv = Mirror(root)
-    publish_debian(root, data_mib=8)
-    yield srv
-    srv.close()
-
-
-@pytest.fixture
 def quick_lab(tmp_path, mirror) -> Path:
+    publish_debian(mirror.root, data_mib=8)
     return lab_file(tmp_path, {"base_image": {"source": "download", "url": mirror.url}})
 
 
