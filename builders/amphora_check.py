@@ -22,7 +22,6 @@ refused.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import io
 import json
 import logging
@@ -35,10 +34,11 @@ import time
 import uuid
 from pathlib import Path
 
-from . import runner
+from . import pki, runner
 from .console import progress
 from .bootcheck import detect_accel
 from .errors import LabError
+from .fsutil import atomic_write
 from .lab import Lab
 from .manifest import Manifest
 from .outcome import Outcome
@@ -190,33 +190,12 @@ def agent_get(port: int, amphora_id: str, client_pem: Path, server_chain: Path,
 
 def foreign_client(directory: Path) -> Path:
     """A client cert+key from a throwaway CA that Octavia never saw (0600)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-    now = dt.datetime.now(dt.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "labforge foreign CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "octavia-controller")]))
-            .issuer_name(ca_name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    path = directory / "foreign-client.pem"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                   serialization.NoEncryption()))
-        fh.write(cert.public_bytes(serialization.Encoding.PEM))
-    return path
+    ca_key, key = pki.new_key("ecdsa"), pki.new_key("ecdsa")
+    ca = pki.new_ca(ca_key, pki.name("labforge foreign CA"), days=1)
+    cert = pki.issue(ca, ca_key, key, pki.name("octavia-controller"), days=1,
+                     eku=(pki.CLIENT_AUTH,))
+    return atomic_write(directory / "foreign-client.pem", pki.key_pem(key) + pki.cert_pem(cert),
+                        mode=0o600)
 
 
 # --------------------------------------------------------------------------
