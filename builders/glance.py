@@ -476,27 +476,12 @@ def resolve_image(ws: Workspace, image: str, kinds: tuple[str, ...] = ()) -> Sou
 def _resolve_image(ws: Workspace, image: str, kinds: tuple[str, ...] = ()) -> Source:
     man = Manifest(ws.artifacts)
     p = Path(image).expanduser()
-    if p.is_file():
-        p = p.resolve()
-        rec = None
-        try:
-            rel = p.relative_to(ws.artifacts.resolve())
-            rec = man.get(rel)
-            if rec is not None:
-                p = ws.artifacts / rel
-        except ValueError:
-            pass
-        if kinds and (rec is None or rec.get("kind") not in kinds):
-            raise LabError(f"{image}: not a {' or '.join(kinds)} artifact in {man.path}; "
-                           "build it first")
-        return Source(p, p.stat().st_size, rec, man)
-    if p.exists():
-        raise LabError(f"{image}: not a regular file; give an image file or a manifest name")
-    if "/" in image and not man.entries():
+    if not p.exists() and "/" in image and not man.entries():
         raise LabError(f"{image}: no such file; give an image file or a name from {man.path}")
-    path, rec = man.find(image, kinds)
-    if not path.is_file():
-        raise LabError(f"{path}: recorded in {man.path} but missing; rebuild it")
+    path, rec = man.resolve(image, kinds)
+    if p.is_file() and kinds and (rec is None or rec.get("kind") not in kinds):
+        raise LabError(f"{image}: not a {' or '.join(kinds)} artifact in {man.path}; "
+                       "build it first")
     return Source(path, path.stat().st_size, rec, man)
 
 

@@ -214,6 +214,25 @@ class Manifest:
                 problems.append((rel, "sha256 differs from the manifest"))
         return problems
 
+    def resolve(self, image: str, kinds: tuple[str, ...] = ()) -> tuple[Path, dict | None]:
+        """An ``--image`` argument: an existing file (with its record when it is
+        an artifact, else None), or a record's name as :meth:`find` takes it."""
+        p = Path(image).expanduser()
+        if p.is_file():
+            p = p.resolve()
+            try:
+                rel = p.relative_to(self.root.resolve()).as_posix()
+            except ValueError:
+                return p, None                      # outside artifacts/: a plain path
+            rec = self.entries().get(rel)
+            return (self.root / rel, rec) if rec is not None else (p, None)
+        if p.exists():
+            raise LabError(f"{image}: not a regular file; give an image file or a name from {self.path}")
+        path, rec = self.find(image, kinds)
+        if not path.is_file():
+            raise LabError(f"{path}: recorded in {self.path} but missing; rebuild it")
+        return path, rec
+
     def find(self, name_or_path: str, kinds: tuple[str, ...] = ()) -> tuple[Path, dict]:
         """Resolve an image argument: a path under artifacts/, or a record's
         file name / stem (``debian-12``, ``amphora-x64-haproxy.qcow2``)."""

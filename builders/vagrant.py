@@ -122,18 +122,9 @@ def resolve_image(ws: Workspace, image: str) -> tuple[Path, dict | None]:
         raise LabError("--image: missing; give a qcow2 path or the name of a built image "
                        "(e.g. debian-12)")
     manifest = Manifest(ws.artifacts)
-    p = Path(image).expanduser()
-    if p.is_file():
-        p = p.resolve()
-        rec = None
-        try:
-            rec = manifest.get(p)
-        except LabError:
-            pass  # outside artifacts/: a plain path
-        return p, rec
     looks_like_path = os.sep in image or image.endswith((".qcow2", ".img", ".raw"))
     try:
-        return manifest.find(image, kinds=IMAGE_KINDS)
+        return manifest.resolve(image, kinds=IMAGE_KINDS)
     except LabError:
         if looks_like_path:
             raise LabError(f"--image {image}: no such image file; build the image first "
