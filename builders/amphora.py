@@ -256,6 +256,27 @@ def _vkey(v: str):
     return [int(x) if x.isdigit() else -1 for x in re.split(r"[.]", v)]
 
 
+def confirm_octavia_release(lab: Lab, ws: Workspace, s: dict) -> None:
+    """Check the Octavia release against the package index once per (index, version).
+
+    Runs before the Docker engine is contacted, so a typo in the version is one
+    error line and never starts dockerd; confirmed releases are remembered in
+    ``cache/amphora/octavia-releases`` so a rebuild works without the index.
+    """
+    if s["octavia_git"]:
+        return
+    key = f"{_pip_index(lab)} {s['octavia_version']}"
+    known = ws.cache_dir("amphora") / "octavia-releases"
+    try:
+        if key in known.read_text().splitlines():
+            return
+    except FileNotFoundError:
+        pass
+    check_octavia_release(lab, s["octavia_version"])
+    with open(known, "a") as fh:
+        fh.write(key + "\n")
+
+
 def builder_inputs(lab: Lab, s: dict) -> dict:
     """Everything the builder image is made from (its tag is a digest of this)."""
     bundle = ca_bundle(lab)
@@ -280,8 +301,7 @@ def ensure_builder(lab: Lab, ws: Workspace, cli, s: dict, logfh, bar) -> str:
         tag = f"{BUILDER_REPO}:{input_digest(inputs, base_id)[:16]}"
         if _image_id(cli, tag) is not None:
             return tag
-    if not s["octavia_git"]:
-        check_octavia_release(lab, s["octavia_version"])
+    confirm_octavia_release(lab, ws, s)
     if base_id is None:
         bar.set_description(f"no {BASE_TAG} yet: builder-base")
         build_builder_base(lab, ws)
@@ -413,6 +433,7 @@ def build_amphora(lab: Lab, ws: Workspace, *, force: bool = False, **over) -> li
     manifest = Manifest(ws.artifacts)
     if not force and manifest.is_current(target, digest):
         return [Outcome("amphora", "up to date", [target], detail=target.name)]
+    confirm_octavia_release(lab, ws, s)
     cli = docker_engine.client(ws)
     cache = ws.cache_dir("amphora")
     logpath = ws.artifact_dir("logs") / "amphora.log"

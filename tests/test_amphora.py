@@ -141,12 +141,13 @@ def test_octavia_release_that_does_not_exist(default_lab):
 
 
 @pytest.mark.integration
-def test_cli_octavia_release_that_does_not_exist(cli, tmp_path):
+def test_cli_octavia_release_that_does_not_exist(cli, ws, tmp_path):
     lab = tmp_path / "lab.yaml"
     text = (Path(__file__).resolve().parent.parent / "lab.yaml").read_text()
     lab.write_text(text.replace("    size: 2\n", "    size: 2\n    octavia_version: \"1.99.0\"\n"))
     proc = cli("build-amphora", "--lab", str(lab))
     assert_one_line_error(proc, "octavia 1.99.0", "no such Octavia release")
+    assert not (ws.cache / "dockerd.log").exists()      # checked before any engine is started
 
 
 # --------------------------------------------------------------------------
