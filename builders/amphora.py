@@ -37,7 +37,7 @@ from pathlib import Path
 
 from . import docker_engine, runner
 from .console import progress
-from .dib import ca_bundle, debian_mirrors, failing_script
+from .dib import ca_bundle, compress_qcow2, debian_mirrors, failing_script
 from .errors import LabError
 from .fsutil import atomic_write
 from .lab import Lab
@@ -407,6 +407,7 @@ def build_command(s: dict, out_stem: str) -> str:
             "export PATH=/opt/labforge/dib-bin:$PATH; "
             "echo 'labforge: no device-mapper: kpartx/dmsetup via partx stand-ins'; fi; "
             f"exec disk-image-create -a {s['arch']} -t {s['image_type']} "
+            f"{'-u ' if s['image_type'] == 'qcow2' else ''}"   # compressed by labforge, on every core
             f"--image-size {s['size']} -o /out/{out_stem} {els}")
 
 
@@ -444,6 +445,10 @@ def build_amphora(lab: Lab, ws: Workspace, *, force: bool = False, **over) -> li
         outdir = Path(tempfile.mkdtemp(prefix=f".{IMAGE_NAME}.", suffix=".part", dir=target.parent))
         try:
             built = _run_dib(cli, tag, lab, s, cache, outdir, logfh, bar)
+            if s["image_type"] == "qcow2":
+                bar.set_description("compressing (qemu-img convert -c)")
+                compress_qcow2(built, outdir / "compressed.qcow2", what="amphora")
+                os.replace(outdir / "compressed.qcow2", built)
             meta = _inspect(cli, tag, built, s)
             os.chmod(built, 0o644)
             os.replace(built, target)

@@ -19,6 +19,9 @@ the amphora build.  It:
   nothing changes;
 * streams DIB's output to ``artifacts/logs/<name>.log`` and shows the
   current phase (root.d, install.d, finalise.d, ...) as progress;
+* compresses qcow2 output itself (:func:`compress_qcow2`): DIB runs with
+  ``-u`` and labforge's ``qemu-img convert -c -W`` compresses on every core,
+  where DIB's own single-threaded convert took twice as long;
 * on failure raises one LabError naming the failing element script and
   the log, with DIB's last lines, and leaves no partial output behind.
 """
@@ -241,6 +244,8 @@ def disk_image_create(lab: Lab, ws: Workspace, *, name: str, elements: Sequence[
 
     workdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".dib", dir=output.parent))
     argv = [str(exe), "-t", image_type, "-o", str(workdir / "image"), "--no-tmpfs"]
+    if image_type == "qcow2":
+        argv.append("-u")                       # compressed below, on every core
     if image_size:
         argv += ["--image-size", str(image_size)]
     if packages:
@@ -285,6 +290,10 @@ def disk_image_create(lab: Lab, ws: Workspace, *, name: str, elements: Sequence[
         proc = result["proc"]
         if proc.returncode != 0 or not built.exists():
             raise _failure(label or name, log_path, proc.returncode)
+        if image_type == "qcow2":
+            with progress(f"{label or name}: compressing", None, unit="s"):
+                compress_qcow2(built, workdir / "compressed.qcow2", what=label or name)
+            built = workdir / "compressed.qcow2"
         os.replace(built, output)
     finally:
         # DIB's own temp dirs are under TMP_DIR (cache/dib/tmp) and removed by
@@ -292,6 +301,17 @@ def disk_image_create(lab: Lab, ws: Workspace, *, name: str, elements: Sequence[
         # is never touched on failure.
         shutil.rmtree(workdir, ignore_errors=True)
     return log_path
+
+
+def compress_qcow2(src: Path, dst: Path, *, what: str) -> None:
+    """Write ``src`` (any qcow2/raw image) to ``dst`` as a zlib-compressed qcow2.
+
+    The same format DIB's ``qemu-img convert -c`` writes (readable by every
+    QEMU), but with out-of-order writes and 16 requests in flight, so the
+    compression runs on every core instead of one.
+    """
+    runner.run(["qemu-img", "convert", "-c", "-W", "-m", "16", "-O", "qcow2", src, dst],
+               what=f"{what}: qemu-img convert -c")
 
 
 def _read_tail(path: Path, size: int = 256 * 1024) -> list[str]:

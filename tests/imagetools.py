@@ -141,3 +141,16 @@ def assert_error_line(proc, *needles: str) -> str:
     for n in needles:
         assert n in errors[0], (n, proc.stderr)
     return errors[0]
+
+
+def assert_compressed_and_clean(image: Path) -> dict:
+    """`qemu-img check` finds no errors and the qcow2 stores compressed clusters
+    (what a user checks before shipping an image: it is intact and small)."""
+    import json
+    proc = subprocess.run(["qemu-img", "check", "--output=json", str(image)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    assert report.get("check-errors", 0) == 0 and report.get("corruptions", 0) == 0, report
+    assert report.get("compressed-clusters", 0) > 0, report
+    return report

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from builders import baseimage, bootcheck, overlays, seediso
 from builders.fsutil import private_dir, sha256_file
 from builders.manifest import Manifest
-from imagetools import assert_error_line, lab_file
+from imagetools import assert_compressed_and_clean, assert_error_line, lab_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -49,6 +49,7 @@ def test_dib_base_overlays_and_boot_check_broker1(tmp_path, ws, cli):
     rec = Manifest(ws.artifacts).get(image)
     assert rec["sha256"] == sha256_file(image)
     assert rec["meta"]["virtual_size"] == lab.base_image.size << 30
+    assert_compressed_and_clean(image)
     assert (ws.artifacts / "logs" / "base-image-debian-12.log").exists()
     # a CI job that restores cache/ but not artifacts/ reuses the built image
     sha = rec["sha256"]
