@@ -256,24 +256,34 @@ def _vkey(v: str):
     return [int(x) if x.isdigit() else -1 for x in re.split(r"[.]", v)]
 
 
-def confirm_octavia_release(lab: Lab, ws: Workspace, s: dict) -> None:
-    """Check the Octavia release against the package index once per (index, version).
+def _release_memo(lab: Lab, ws: Workspace, s: dict) -> tuple[Path, str]:
+    return ws.cache / "amphora" / "octavia-releases", f"{_pip_index(lab)} {s['octavia_version']}"
 
-    Runs before the Docker engine is contacted, so a typo in the version is one
-    error line and never starts dockerd; confirmed releases are remembered in
-    ``cache/amphora/octavia-releases`` so a rebuild works without the index.
+
+def confirm_octavia_release(lab: Lab, ws: Workspace, s: dict) -> None:
+    """Check the Octavia release against the package index, unless a build
+    with it already succeeded (then a rebuild works without the index).
+
+    Runs before the Docker engine is contacted, so a typo in the version is
+    one error line and never starts dockerd.
     """
     if s["octavia_git"]:
         return
-    key = f"{_pip_index(lab)} {s['octavia_version']}"
-    known = ws.cache_dir("amphora") / "octavia-releases"
+    memo, key = _release_memo(lab, ws, s)
     try:
-        if key in known.read_text().splitlines():
+        if key in memo.read_text().splitlines():
             return
     except FileNotFoundError:
         pass
     check_octavia_release(lab, s["octavia_version"])
-    with open(known, "a") as fh:
+
+
+def _remember_octavia_release(lab: Lab, ws: Workspace, s: dict) -> None:
+    memo, key = _release_memo(lab, ws, s)
+    if s["octavia_git"] or (memo.exists() and key in memo.read_text().splitlines()):
+        return
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    with open(memo, "a") as fh:
         fh.write(key + "\n")
 
 
@@ -461,6 +471,7 @@ def build_amphora(lab: Lab, ws: Workspace, *, force: bool = False, **over) -> li
                         tools={"diskimage-builder": DIB_VERSION, "docker": docker_engine.engine_version(cli),
                                "builder-image": tag},
                         meta=meta)
+        _remember_octavia_release(lab, ws, s)
     secs = time.monotonic() - t0
     return [Outcome("amphora", "built", [target],
                     detail=f"{target.name}, {target.stat().st_size / 2**20:.0f} MiB, "
