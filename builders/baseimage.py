@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import time
 from dataclasses import dataclass
@@ -55,6 +56,28 @@ UBUNTU_KEYRINGS = ("/usr/share/keyrings/ubuntu-cloudimage-keyring.gpg",)
 BUILD_ELEMENTS = ("debian-minimal", "vm", "cloud-init", "cloud-init-datasources",
                   "growroot", "openssh-server")
 BUILD_PACKAGES = ("ifupdown", "isc-dhcp-client")   # cloud-init's ENI renderer brings NICs up
+
+# The package layer: what those elements install, given to debootstrap
+# (--include) so the first build caches a root tree that already holds them
+# (DIB's debootstrap tarball).  A later build starts from that tree: apt
+# dist-upgrades it, finds every package installed, and skips ~60 s of
+# downloads, dpkg runs and initramfs generations.  Only packages DIB installs
+# anyway belong here (tests/test_images_e2e.py checks each is in the image).
+# The bootloader (grub) is not: DIB installs it in finalise, on the disk.
+LAYER_PACKAGES = (
+    "systemd-sysv", "busybox", "sudo", "gnupg2", "python3",            # debian-minimal
+    # ... and what apt recommends for those (debian-minimal installs them
+    # before DIB turns Recommends off; mmdebstrap installs no Recommends)
+    "systemd-timesyncd", "libnss-systemd", "dbus-user-session", "libsasl2-modules",
+    "libldap-common", "krb5-locales", "libgpm2",
+    "open-iscsi",                                                      # base (iscsi_package)
+    "lsb-release", "apt-transport-https", "software-properties-common",  # baseline tools
+    "linux-image-amd64", "netbase", "locales", "adduser", "ca-certificates",
+    "cloud-init", "cloud-utils",                                       # cloud-init
+    "e2fsprogs", "rsync",                                              # growroot, install-static
+    "openssh-server", "openssh-client",                                # openssh-server
+    *BUILD_PACKAGES,
+)
 
 RETRIES = 4          # attempts per request
 BACKOFF = 1.0        # seconds, doubled after each failed attempt
@@ -103,7 +126,7 @@ def build_base_image(lab: Lab, ws: Workspace, *, force: bool = False) -> list[Ou
     else:
         main, sec = dib.debian_mirrors(lab)
         digest = input_digest("base-image/build", rel.distro, rel.version, bi.size, main, sec,
-                              BUILD_ELEMENTS, BUILD_PACKAGES, dib.dib_version())
+                              BUILD_ELEMENTS, BUILD_PACKAGES, LAYER_PACKAGES, dib.dib_version())
     manifest = Manifest(ws.artifacts)
     with BuildLock(ws):
         if not force and manifest.is_current(target, digest):
@@ -163,11 +186,13 @@ def _build(lab: Lab, ws: Workspace, rel: Release, target: Path, digest: str,
             with atomic_path(target) as tmp:
                 shutil.copyfile(cached, tmp)
             return {**known.get("meta", {}), "reused_from_cache": True}
+    layer = _package_layer(lab, ws, rel)
     log = dib.disk_image_create(
         lab, ws, name=f"base-image-{rel.name}", elements=BUILD_ELEMENTS, output=target,
         packages=BUILD_PACKAGES, image_size=lab.base_image.size,
-        env={"DIB_RELEASE": rel.codename, "DIB_GRUB_TIMEOUT": "1"},
+        env={"DIB_RELEASE": rel.codename, "DIB_GRUB_TIMEOUT": "1", **layer},
         label=f"base-image {rel.name}")
+    _prune_layers(Path(layer["DIB_IMAGE_CACHE"]))
     main, sec = dib.debian_mirrors(lab)
     meta = {"elements": list(BUILD_ELEMENTS), "mirror": main, "security_mirror": sec,
             "log": str(log.relative_to(ws.artifacts))}
@@ -179,6 +204,42 @@ def _build(lab: Lab, ws: Workspace, rel: Release, target: Path, digest: str,
         shutil.copyfile(target, tmp)
     atomic_write(sidecar, json.dumps({"sha256": sha256_file(cached), "meta": meta}) + "\n")
     return meta
+
+
+MMDEBSTRAP_HOOKS = "/usr/share/mmdebstrap/hooks"
+
+
+def _package_layer(lab: Lab, ws: Workspace, rel: Release) -> dict[str, str]:
+    """DIB settings for the cached package layer (see LAYER_PACKAGES).
+
+    The layer is bootstrapped with mmdebstrap (DIB uses it when installed;
+    apt resolves --include, where debootstrap's resolver fails on this set)
+    from the release, its updates and its security suite, so it holds what
+    apt's dist-upgrade would install and a later build has nothing to redo.
+    DIB names its bootstrap tarball by release and arch only, so each package
+    list and mirror gets its own image cache directory: a changed list or
+    mirror starts a fresh layer instead of reusing a stale one.
+    """
+    runner.require("mmdebstrap")
+    main, sec = dib.debian_mirrors(lab)
+    key = input_digest("base-image/layer", rel.codename, main, sec, LAYER_PACKAGES)[:12]
+    suites = (f"deb {main} {rel.codename}-updates main", f"deb {sec} {rel.codename}-security main")
+    hook = "printf '%s\\n' " + " ".join(f"'{s}'" for s in suites) + ' >> "$1/etc/apt/sources.list"'
+    return {
+        "DIB_IMAGE_CACHE": str(ws.cache_dir("dib", "layers", f"{rel.codename}-{key}")),
+        "DIB_MMDEBSTRAP_EXTRA_ARGS": f"--include={','.join(LAYER_PACKAGES)} "
+                                     f"--setup-hook={shlex.quote(hook)} "
+                                     # merged /usr as debootstrap makes it (usr-is-merged, not usrmerge + perl)
+                                     f"--hook-dir={MMDEBSTRAP_HOOKS}/merged-usr",
+    }
+
+
+def _prune_layers(current: Path) -> None:
+    """Drop older layers of the same release (they are hundreds of MB)."""
+    codename = current.name.rsplit("-", 1)[0]
+    for other in current.parent.glob(f"{codename}-*"):
+        if other != current and other.is_dir():
+            shutil.rmtree(other, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------

@@ -405,3 +405,35 @@ def test_ubuntu_checksum_file_signature_is_checked_with_gpgv(tmp_path, ws, mirro
     sums.write_text(sums.read_text().replace(name, name + " "))
     with pytest.raises(LabError, match="verifying SHA256SUMS.*gpgv.*failed"):
         baseimage.build_base_image(lab, ws, force=True)
+
+
+# --------------------------------------------------------------------------
+# the DIB package layer (mmdebstrap --include, cached by DIB)
+# --------------------------------------------------------------------------
+def test_package_layer_is_keyed_by_mirror_and_adds_updates_and_security(tmp_path, ws):
+    mirrors = {"debian_mirror": "http://mirror.example/debian",
+               "debian_security_mirror": "http://mirror.example/debian-security"}
+    lab = load_lab(tmp_path, {"build": mirrors})
+    rel = baseimage.release(lab)
+    env = baseimage._package_layer(lab, ws, rel)
+    cache = Path(env["DIB_IMAGE_CACHE"])
+    assert cache.parent == ws.cache / "dib" / "layers" and cache.name.startswith("bookworm-")
+    # DIB runs `sh -c "mmdebstrap ... $DIB_MMDEBSTRAP_EXTRA_ARGS ..."`: parse it the same way
+    # and run the setup hook against a fake root, as mmdebstrap would
+    root = tmp_path / "root"
+    (root / "etc" / "apt").mkdir(parents=True)
+    args = subprocess.run(["sh", "-c", 'for a in ' + env["DIB_MMDEBSTRAP_EXTRA_ARGS"] +
+                           '; do printf "%s\\0" "$a"; done'],
+                          capture_output=True, text=True, check=True).stdout.split("\0")[:-1]
+    include = next(a for a in args if a.startswith("--include=")).split("=", 1)[1].split(",")
+    assert "linux-image-amd64" in include and "cloud-init" in include
+    assert not any(p.startswith("grub") for p in include)        # the bootloader is DIB's, on the disk
+    hook = next(a for a in args if a.startswith("--setup-hook=")).split("=", 1)[1]
+    subprocess.run(["sh", "-c", hook, "sh", str(root)], check=True)
+    assert (root / "etc/apt/sources.list").read_text().splitlines() == [
+        "deb http://mirror.example/debian bookworm-updates main",
+        "deb http://mirror.example/debian-security bookworm-security main"]
+    # another mirror is another layer
+    other = load_lab(tmp_path, {"build": {**mirrors, "debian_mirror": "http://other.example/debian"}},
+                     "b.yaml")
+    assert baseimage._package_layer(other, ws, rel)["DIB_IMAGE_CACHE"] != env["DIB_IMAGE_CACHE"]
