@@ -17,7 +17,11 @@ Two sources, chosen by lab.yaml ``base_image.source``:
     A Debian cloud image built here with diskimage-builder (debian-minimal,
     vm, cloud-init, NoCloud/ConfigDrive/OpenStack datasources, growroot,
     openssh-server) from the machine's Debian mirror, for machines that
-    cannot download images.  See :mod:`builders.dib`.
+    cannot download images.  See :mod:`builders.dib`.  Where DIB runs is
+    ``base_image.builder`` (:func:`dib_place`): on the host (``.venv-dib``)
+    or in the amphora builder container (same DIB, same elements, same
+    command line), ``auto`` choosing the container only when its image is
+    already in a running local Docker engine.
 
 Output: ``artifacts/images/<distro>-<version>.qcow2`` (``debian-12``,
 ``ubuntu-24.04``: the name hosts use in ``image:``), recorded in the
@@ -33,8 +37,9 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from . import dib, runner
+from . import amphora, dib, docker_engine, runner
 from .console import progress
 from .errors import LabError
 from .fsutil import CHUNK, atomic_path, atomic_write, sha256_file
@@ -101,9 +106,8 @@ def build_base_image(lab: Lab, ws: Workspace, *, force: bool = False) -> list[Ou
     if bi.source == "download":
         digest = input_digest("base-image/download", rel.distro, rel.version, _base_url(lab, rel))
     else:
-        main, sec = dib.debian_mirrors(lab)
-        digest = input_digest("base-image/build", rel.distro, rel.version, bi.size, main, sec,
-                              BUILD_ELEMENTS, BUILD_PACKAGES, dib.dib_version())
+        place = dib_place(lab)
+        digest = build_digest(lab, rel, place.dib_version)
     manifest = Manifest(ws.artifacts)
     with BuildLock(ws):
         if not force and manifest.is_current(target, digest):
@@ -113,9 +117,7 @@ def build_base_image(lab: Lab, ws: Workspace, *, force: bool = False) -> list[Ou
             meta = _download(lab, ws, rel, target)
             tools = {"requests": _requests_version()}
         else:
-            meta = _build(lab, ws, rel, target, digest, force)
-            tools = {"diskimage-builder": dib.dib_version(),
-                     "qemu-img": runner.tool_version("qemu-img")}
+            meta, tools = _build(lab, ws, rel, target, digest, force, place)
         info = qemu_info(target)
         if info.get("format") != "qcow2":
             target.unlink(missing_ok=True)
@@ -127,6 +129,8 @@ def build_base_image(lab: Lab, ws: Workspace, *, force: bool = False) -> list[Ou
         secs = time.monotonic() - start
         size = info["virtual-size"] / 2**30
         how = "build reused from cache/dib/images" if meta.get("reused_from_cache") else bi.source
+        if meta.get("builder", "host") != "host" and not meta.get("reused_from_cache"):
+            how = f"build in {meta['builder']}"
         return [Outcome(step, "built", [target], f"{how}, {size:.1f} GiB virtual, "
                         f"{secs:.0f}s", secs)]
 
@@ -146,11 +150,83 @@ def _requests_version() -> str:
 # --------------------------------------------------------------------------
 # build (diskimage-builder)
 # --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Place:
+    """Where the ``build`` source runs diskimage-builder."""
+    kind: str                      # "host" | "container"
+    dib_version: str | None        # of the DIB that runs there (an input of the image)
+    cli: Any = None                # container, found by `auto`: the engine holding ...
+    tag: str | None = None         # ... this builder image
+
+
+def build_digest(lab: Lab, rel: Release, dib_version: str | None) -> str:
+    """Input digest of the ``build`` source.  Where DIB runs is not an input
+    (same DIB, same elements, same command line); the DIB version of the place
+    that runs it is, so switching between a host and a container whose DIB
+    differs rebuilds."""
+    main, sec = dib.debian_mirrors(lab)
+    return input_digest("base-image/build", rel.distro, rel.version, lab.base_image.size,
+                        main, sec, BUILD_ELEMENTS, BUILD_PACKAGES, dib_version)
+
+
+def dib_place(lab: Lab) -> Place:
+    """Decide where DIB runs from ``base_image.builder``; starts nothing.
+
+    ``host``: ``.venv-dib``.  ``container``: the amphora builder image (made
+    later, by :func:`_build`, when missing).  ``auto``: the container when an
+    engine already answers (dockerd is never started for this) and holds the
+    builder image ``amphora.ensure_builder`` would use for this lab; else the
+    host.
+    """
+    mode = lab.base_image.builder
+    if mode == "container":
+        return Place("container", amphora.DIB_VERSION)
+    if mode == "auto":
+        cli = docker_engine.reachable()
+        if cli is not None:
+            try:
+                with amphora._docker_errors("base-image"):
+                    tag = amphora.builder_tag(lab, cli, amphora.settings(lab))
+            except LabError as exc:     # e.g. odd octavia.amphora settings: not our business
+                runner.log.debug("base-image: builder image not usable: %s", exc)
+                tag = None
+            if tag is not None:
+                return Place("container", amphora.DIB_VERSION, cli, tag)
+    return Place("host", dib.dib_version())
+
+
+def _builder_container(lab: Lab, ws: Workspace, rel: Release, place: Place) -> dib.InContainer:
+    """The builder image to run DIB in: the one `auto` found, else made like
+    ``invoke build-amphora`` makes it (dockerd started when none runs)."""
+    with amphora._docker_errors("base-image"):
+        cli, tag = place.cli, place.tag
+        if tag is None:
+            cli = docker_engine.client(ws)
+            logpath = ws.artifact_dir("logs") / f"base-image-{rel.name}-builder.log"
+            with open(logpath, "w") as logfh, \
+                    progress(f"base-image {rel.name}: builder image", None, "s") as bar:
+                tag = amphora.ensure_builder(lab, ws, cli, amphora.settings(lab), logfh, bar)
+        path = docker_engine.image_path_env(cli, tag)
+        if not dib.has_device_mapper():
+            path = f"{amphora.BUILDER_STANDIN_DIR}:{path}"
+        return dib.InContainer(cli, tag, path, amphora.device_access())
+
+
+def _tools(meta: dict, dib_version: str | None, cli=None) -> dict:
+    tools = {"diskimage-builder": dib_version, "qemu-img": runner.tool_version("qemu-img")}
+    if meta.get("builder", "host") != "host":
+        tools["builder-image"] = meta["builder"]
+        if cli is not None:
+            tools["docker"] = docker_engine.engine_version(cli)
+    return tools
+
+
 def _build(lab: Lab, ws: Workspace, rel: Release, target: Path, digest: str,
-           force: bool) -> dict:
-    """Build with DIB, or reuse the image an earlier build with the same
-    inputs left in ``cache/dib/images/`` (a CI job that keeps cache/ but
-    starts with an empty artifacts/).  ``force`` always builds."""
+           force: bool, place: Place) -> tuple[dict, dict]:
+    """Build with DIB where ``place`` says, or reuse the image an earlier
+    build with the same inputs left in ``cache/dib/images/`` (a CI job that
+    keeps cache/ but starts with an empty artifacts/).  ``force`` always
+    builds.  Returns (meta, tools) for the manifest."""
     cache_dir = ws.cache_dir("dib", "images")
     cached = cache_dir / f"{rel.name}-{digest[:16]}.qcow2"
     sidecar = cached.with_suffix(".json")
@@ -162,14 +238,18 @@ def _build(lab: Lab, ws: Workspace, rel: Release, target: Path, digest: str,
         if known.get("sha256") and sha256_file(cached) == known["sha256"]:
             with atomic_path(target) as tmp:
                 shutil.copyfile(cached, tmp)
-            return {**known.get("meta", {}), "reused_from_cache": True}
-    log = dib.disk_image_create(
-        lab, ws, name=f"base-image-{rel.name}", elements=BUILD_ELEMENTS, output=target,
-        packages=BUILD_PACKAGES, image_size=lab.base_image.size,
-        env={"DIB_RELEASE": rel.codename, "DIB_GRUB_TIMEOUT": "1"},
-        label=f"base-image {rel.name}")
+            meta = {**known.get("meta", {}), "reused_from_cache": True}
+            return meta, _tools(meta, place.dib_version)
+    container = _builder_container(lab, ws, rel, place) if place.kind == "container" else None
+    with amphora._docker_errors("base-image"):
+        log = dib.disk_image_create(
+            lab, ws, name=f"base-image-{rel.name}", elements=BUILD_ELEMENTS, output=target,
+            packages=BUILD_PACKAGES, image_size=lab.base_image.size,
+            env={"DIB_RELEASE": rel.codename, "DIB_GRUB_TIMEOUT": "1"},
+            label=f"base-image {rel.name}", container=container)
     main, sec = dib.debian_mirrors(lab)
     meta = {"elements": list(BUILD_ELEMENTS), "mirror": main, "security_mirror": sec,
+            "builder": container.image if container else "host",
             "log": str(log.relative_to(ws.artifacts))}
     # keep a copy for the next build with these inputs; only the newest per release
     for old in cache_dir.glob(f"{rel.name}-*.qcow2"):
@@ -178,7 +258,7 @@ def _build(lab: Lab, ws: Workspace, rel: Release, target: Path, digest: str,
     with atomic_path(cached) as tmp:
         shutil.copyfile(target, tmp)
     atomic_write(sidecar, json.dumps({"sha256": sha256_file(cached), "meta": meta}) + "\n")
-    return meta
+    return meta, _tools(meta, place.dib_version, container.cli if container else None)
 
 
 # --------------------------------------------------------------------------
