@@ -6,6 +6,7 @@ marker).  Minutes long (a DIB build and a TCG boot)."""
 from __future__ import annotations
 
 import secrets
+import subprocess
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -80,3 +81,45 @@ def test_dib_base_overlays_and_boot_check_broker1(tmp_path, ws, cli):
     line = assert_error_line(proc, "boot-check broker1: no cloud-init result within 15s")
     assert proc.stderr.rstrip().splitlines()[-1] != line    # the console tail follows
     assert sha256_file(overlay) == before
+
+
+def test_dib_base_in_builder_container_boots_broker1(tmp_path, ws):
+    """base_image.builder: container: DIB runs in the amphora builder image
+    (built first when missing), the result is a bootable qcow2."""
+    from builders import amphora, lab as labmod
+    lab = labmod.load(lab_file(tmp_path, {"base_image": {"builder": "container"}}))
+    assert baseimage.dib_place(lab).kind == "container"
+
+    [base] = baseimage.build_base_image(lab, ws)
+    image = ws.artifacts / "images" / "debian-12.qcow2"
+    assert base.status == "built" and base.paths == [image], base.line()
+    info = baseimage.qemu_info(image)
+    assert info["format"] == "qcow2" and info["virtual-size"] == lab.base_image.size << 30
+    subprocess.run(["qemu-img", "check", str(image)], check=True, capture_output=True)
+    rec = Manifest(ws.artifacts).get(image)
+    assert rec["sha256"] == sha256_file(image)
+    tag = rec["meta"]["builder"]
+    assert tag.startswith(amphora.BUILDER_REPO + ":") and tag in base.detail
+    assert rec["tools"]["builder-image"] == tag
+    assert rec["tools"]["diskimage-builder"] == amphora.DIB_VERSION
+    log = (ws.artifacts / "logs" / "base-image-debian-12.log").read_text(errors="replace")
+    assert f"(in container {tag})" in log.splitlines()[0]
+    assert "finalise.d" in log
+    assert not list(image.parent.glob(".*.dib"))          # no temp dir left behind
+
+    # unchanged inputs, same place: up to date without running anything
+    [again] = baseimage.build_base_image(lab, ws)
+    assert again.status == "up to date"
+    # `auto` now finds that image in the running engine and picks it, same digest
+    auto = labmod.load(lab_file(tmp_path, {}, "auto.yaml"))
+    place = baseimage.dib_place(auto)
+    assert (place.kind, place.tag) == ("container", tag)
+    [again] = baseimage.build_base_image(auto, ws)
+    assert again.status == "up to date"
+
+    overlays.build_overlays(lab, ws, hosts=["broker1"])
+    _lab_ssh_key(ws)
+    seediso.build_seed_isos(lab, ws, hosts=["broker1"])
+    [res] = bootcheck.boot_check(lab, ws, "broker1", timeout=1200)
+    assert res.status == "passed", res.line()
+    print(f"\n{base.line()}\n{res.line()}")
