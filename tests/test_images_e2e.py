@@ -123,3 +123,25 @@ def test_dib_base_in_builder_container_boots_broker1(tmp_path, ws):
     [res] = bootcheck.boot_check(lab, ws, "broker1", timeout=1200)
     assert res.status == "passed", res.line()
     print(f"\n{base.line()}\n{res.line()}")
+
+
+def test_dib_failure_in_the_container_is_the_host_line(tmp_path, ws):
+    """A failing element script in the builder container: the same one line
+    (script and log) as on the host, the last lines after it, nothing left."""
+    from builders import dib, lab as labmod
+    from builders.errors import LabError
+    lab = labmod.load(lab_file(tmp_path, {"base_image": {"builder": "container"}}))
+    rel = baseimage.release(lab)
+    container = baseimage._builder_container(lab, ws, rel, baseimage.dib_place(lab))
+    out = ws.artifacts / "images" / "bad.qcow2"
+    with pytest.raises(LabError) as err:
+        dib.disk_image_create(lab, ws, name="bad", elements=["debian-minimal"], output=out,
+                              env={"DIB_RELEASE": "nosuchrelease"}, container=container)
+    line = str(err.value)
+    assert "element script root.d/08-debootstrap failed" in line and "bad.log" in line, line
+    assert "\n" not in line and any("nosuchrelease" in t for t in err.value.details)
+    log = (ws.artifacts / "logs" / "bad.log").read_text(errors="replace")
+    assert f"(in container {container.image})" in log.splitlines()[0]
+    assert list(out.parent.iterdir()) == []
+    assert not [c for c in container.cli.containers.list(all=True)
+                if str(ws.root) in str(c.attrs)]
