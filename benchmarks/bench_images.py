@@ -8,12 +8,14 @@
    in proportion: 64 and 640 MiB), and against copying the base (what "a
    disk per VM" costs without backing files).  Overlay time should not
    depend on the base size.
-2. Base image builds with diskimage-builder: cold (empty cache/), warm with
-   --force (DIB runs again reusing cache/dib: debootstrap tarball, apt
-   archives) and warm as a CI job with cache/ restored and artifacts/ empty
-   (labforge reuses the image built from the same inputs); the target is
-   warm <= 50% of cold.  Needs root and the network path to the Debian
-   mirror; skip with --skip-build.
+2. Base image builds with diskimage-builder: labforge cold (empty cache/),
+   warm with --force (DIB runs again from labforge's cached package layer)
+   and warm as a CI job with cache/ restored and artifacts/ empty (labforge
+   reuses the image built from the same inputs); the target is warm <= 50%
+   of cold.  Then the classic tool: plain `disk-image-create` with the same
+   elements, packages, mirrors and DIB caches (its own debootstrap tarball
+   and apt archives), cold and warm.  Needs root and the network path to the
+   Debian mirror; skip with --skip-build (--skip-classic for the second).
 
 Prints a table and writes benchmarks/results/bench_images.json.
 """
@@ -33,8 +35,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from builders import dib  # noqa: E402
 from builders import lab as labmod  # noqa: E402
-from builders.baseimage import build_base_image  # noqa: E402
+from builders.baseimage import BUILD_ELEMENTS, BUILD_PACKAGES, build_base_image, release  # noqa: E402
 from builders.manifest import Manifest  # noqa: E402
 from builders.overlays import build_overlays  # noqa: E402
 from builders.workspace import Workspace  # noqa: E402
@@ -93,7 +96,7 @@ def bench_build(workdir: Path) -> dict:
     ws = Workspace(workdir)
     shutil.rmtree(ws.root, ignore_errors=True)
     cold = _timed(lambda: build_base_image(lab, ws, force=True))
-    # --force: DIB runs again, reusing its caches (debootstrap tarball, apt archives)
+    # --force: DIB runs again, from the cached package layer
     warm = _timed(lambda: build_base_image(lab, ws, force=True))
     # a CI job that restores cache/ but starts with an empty artifacts/
     shutil.rmtree(ws.artifacts)
@@ -103,9 +106,32 @@ def bench_build(workdir: Path) -> dict:
             "cache": str(ws.cache / "dib")}
 
 
+def bench_classic(workdir: Path) -> dict:
+    """Plain disk-image-create (what users run by hand), cold then warm with its caches."""
+    lab = labmod.load()
+    ws = Workspace(workdir)
+    shutil.rmtree(ws.root, ignore_errors=True)
+    out = ws.artifact_dir("classic")
+    cmd = dib.dib_command(lab, ws, exe=str(dib.dib_executable()), elements=BUILD_ELEMENTS,
+                          workdir=out, packages=BUILD_PACKAGES, image_size=lab.base_image.size,
+                          env={"DIB_RELEASE": release(lab).codename, "DIB_GRUB_TIMEOUT": "1"})
+    argv = [a for a in cmd.argv if a != "-u"]          # DIB compresses, as it does by default
+    env = {**cmd.env, "PATH": f"{Path(cmd.argv[0]).parent}:/usr/sbin:/usr/bin:/sbin:/bin"}
+    if not dib.has_device_mapper():
+        env["PATH"] = f"{dib.STANDIN_DIR}:{env['PATH']}"
+    runs = []
+    with open(ws.artifact_dir("logs") / "classic-dib.log", "w") as log:
+        for _ in range(2):
+            runs.append(_timed(lambda: subprocess.run(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                                      check=True)))
+    return {"classic_cold_s": runs[0], "classic_warm_s": runs[1], "classic_warm_over_cold": runs[1] / runs[0]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--skip-build", action="store_true", help="only the overlay benchmark")
+    ap.add_argument("--skip-classic", action="store_true",
+                    help="no plain disk-image-create runs (saves two builds)")
     ap.add_argument("--runs", type=int, default=3, help="runs per overlay measurement")
     ap.add_argument("--workdir", default=str(ROOT / "cache" / "bench-images"),
                     help="workspace for the build benchmark (its cache is wiped first)")
@@ -127,10 +153,18 @@ def main() -> int:
         print("\nbase image build (diskimage-builder, debian-minimal vm cloud-init ...)")
         print(f"{'run':<44} {'seconds':>8} {'/cold':>6}")
         print(f"{'cold (empty cache/)':<44} {b['cold_s']:8.0f} {1:6.2f}")
-        print(f"{'warm --force (DIB: debootstrap + apt cache)':<44} {b['warm_dib_caches_s']:8.0f} "
+        print(f"{'warm --force (package layer)':<44} {b['warm_dib_caches_s']:8.0f} "
               f"{b['warm_dib_over_cold']:6.2f}")
         print(f"{'warm, artifacts/ wiped, cache/ kept (CI)':<44} {b['warm_labforge_cache_s']:8.0f} "
               f"{b['warm_labforge_over_cold']:6.2f}")
+        if not args.skip_classic:
+            c = bench_classic(Path(args.workdir + "-classic"))
+            b.update(c)
+            print(f"{'classic disk-image-create, cold':<44} {c['classic_cold_s']:8.0f} "
+                  f"{c['classic_cold_s'] / b['cold_s']:6.2f}")
+            print(f"{'classic disk-image-create, warm (DIB caches)':<44} {c['classic_warm_s']:8.0f} "
+                  f"{c['classic_warm_s'] / b['cold_s']:6.2f}")
+            print(f"labforge warm / classic warm: {b['warm_dib_caches_s'] / c['classic_warm_s']:.2f}")
         print("target: warm <= 0.50 of cold")
     out = ROOT / "benchmarks" / "results" / "bench_images.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -55,6 +55,7 @@ BASE_TAG = f"{BASE_REPO}:{BASE_RELEASE}"
 BUILDER_REPO = "labforge/amphora-builder"
 DOCKERFILE_DIR = PROJECT_DIR / "dockerfiles" / "amphora"
 DIB_BIN_DIR = PROJECT_DIR / "dockerfiles" / "dib" / "bin"
+BUILDER_STANDIN_DIR = "/opt/labforge/dib-bin"   # DIB_BIN_DIR inside the builder image
 IMAGE_NAME = "amphora-x64-haproxy"
 MIN_SIZE_GB = 2                    # a Debian amphora uses ~1.4 GB of its root fs
 
@@ -303,14 +304,25 @@ def builder_inputs(lab: Lab, s: dict) -> dict:
     }
 
 
+def builder_tag(lab: Lab, cli, s: dict) -> str | None:
+    """Tag of the builder image for these settings when the engine has it, else None.
+
+    No side effects: builds nothing, contacts no package index.
+    """
+    base_id = _image_id(cli, BASE_TAG)
+    if base_id is None:
+        return None
+    tag = f"{BUILDER_REPO}:{input_digest(builder_inputs(lab, s), base_id)[:16]}"
+    return tag if _image_id(cli, tag) is not None else None
+
+
 def ensure_builder(lab: Lab, ws: Workspace, cli, s: dict, logfh, bar) -> str:
     """Tag of the builder image, building it when absent."""
+    existing = builder_tag(lab, cli, s)
+    if existing is not None:
+        return existing
     inputs = builder_inputs(lab, s)
     base_id = _image_id(cli, BASE_TAG)
-    if base_id is not None:
-        tag = f"{BUILDER_REPO}:{input_digest(inputs, base_id)[:16]}"
-        if _image_id(cli, tag) is not None:
-            return tag
     confirm_octavia_release(lab, ws, s)
     if base_id is None:
         bar.set_description(f"no {BASE_TAG} yet: builder-base")
@@ -414,7 +426,7 @@ def build_command(s: dict, out_stem: str) -> str:
     """The shell line the container runs (stand-ins on PATH only without device-mapper)."""
     els = " ".join(elements(s))
     return ("set -e; if ! dmsetup version >/dev/null 2>&1; then "
-            "export PATH=/opt/labforge/dib-bin:$PATH; "
+            f"export PATH={BUILDER_STANDIN_DIR}:$PATH; "
             "echo 'labforge: no device-mapper: kpartx/dmsetup via partx stand-ins'; fi; "
             f"exec disk-image-create -a {s['arch']} -t {s['image_type']} "
             f"{'-u ' if s['image_type'] == 'qcow2' else ''}"   # compressed by labforge, on every core
@@ -496,44 +508,27 @@ def _run_dib(cli, tag: str, lab: Lab, s: dict, cache: Path, outdir: Path, logfh,
     volumes = {"/dev": {"bind": "/dev", "mode": "rw"},
                str(cache): {"bind": "/cache", "mode": "rw"},
                str(outdir): {"bind": "/out", "mode": "rw"}}
-    container = cli.containers.create(
-        tag, ["bash", "-c", build_command(s, stem)],
+    phase = "starting"
+
+    def on_line(line: str) -> None:
+        nonlocal phase
+        m = _RUNNING.search(line)
+        if m:
+            new = f"{m.group(2)}.d {m.group(3)}"
+        elif "Creating partition" in line or "block_device" in line and "INFO" in line:
+            new = "block-device"
+        elif "Converting image using qemu-img" in line:
+            new = f"qemu-img convert to {s['image_type']}"
+        else:
+            new = None
+        if new and new != phase:
+            phase = new
+            bar.set_description(phase)
+
+    code, lines = docker_engine.run_streaming(
+        cli, tag, ["bash", "-c", build_command(s, stem)], logfh=logfh, on_line=on_line,
         network_mode="host", environment=env, volumes=volumes,
         labels={"org.labforge.kind": "amphora-build"}, working_dir="/build", **device_access())
-    lines: list[str] = []
-    phase = "starting"
-    try:
-        container.start()
-        buf = ""
-        for chunk in container.logs(stream=True, follow=True):
-            buf += chunk.decode("utf-8", "replace")
-            *complete, buf = buf.split("\n")
-            for line in complete:
-                logfh.write(line + "\n")
-                lines.append(line)
-                if len(lines) > 4000:
-                    del lines[:2000]
-                m = _RUNNING.search(line)
-                if m:
-                    new = f"{m.group(2)}.d {m.group(3)}"
-                elif "Creating partition" in line or "block_device" in line and "INFO" in line:
-                    new = "block-device"
-                elif "Converting image using qemu-img" in line:
-                    new = f"qemu-img convert to {s['image_type']}"
-                else:
-                    new = None
-                if new and new != phase:
-                    phase = new
-                    bar.set_description(phase)
-        logfh.flush()
-        code = container.wait().get("StatusCode", 1)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            container.kill()
-        raise
-    finally:
-        with contextlib.suppress(Exception):
-            container.remove(force=True)
     if code != 0:
         stamp = re.compile(r"^\d{4}-\d\d-\d\d [\d:.]+ \| ")
         tail = [t for t in (stamp.sub("", ln) for ln in lines)

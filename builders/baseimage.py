@@ -17,7 +17,11 @@ Two sources, chosen by lab.yaml ``base_image.source``:
     A Debian cloud image built here with diskimage-builder (debian-minimal,
     vm, cloud-init, NoCloud/ConfigDrive/OpenStack datasources, growroot,
     openssh-server) from the machine's Debian mirror, for machines that
-    cannot download images.  See :mod:`builders.dib`.
+    cannot download images.  See :mod:`builders.dib`.  Where DIB runs is
+    ``base_image.builder`` (:func:`dib_place`): on the host (``.venv-dib``)
+    or in the amphora builder container (same DIB, same elements, same
+    command line), ``auto`` choosing the container only when its image is
+    already in a running local Docker engine.
 
 Output: ``artifacts/images/<distro>-<version>.qcow2`` (``debian-12``,
 ``ubuntu-24.04``: the name hosts use in ``image:``), recorded in the
@@ -29,13 +33,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shlex
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from . import dib, runner
+from . import amphora, dib, docker_engine, runner
 from .console import progress
 from .errors import LabError
 from .fsutil import CHUNK, atomic_path, atomic_write, sha256_file
@@ -57,13 +61,14 @@ BUILD_ELEMENTS = ("debian-minimal", "vm", "cloud-init", "cloud-init-datasources"
                   "growroot", "openssh-server")
 BUILD_PACKAGES = ("ifupdown", "isc-dhcp-client")   # cloud-init's ENI renderer brings NICs up
 
-# The package layer: what those elements install, given to debootstrap
-# (--include) so the first build caches a root tree that already holds them
-# (DIB's debootstrap tarball).  A later build starts from that tree: apt
-# dist-upgrades it, finds every package installed, and skips ~60 s of
+# The package layer (dib.package_layer): what those elements install, given
+# to mmdebstrap (--include) so the first build caches a root that already
+# holds them (DIB's bootstrap tarball).  A later build starts from that root:
+# apt dist-upgrades it, finds every package installed, and skips ~60 s of
 # downloads, dpkg runs and initramfs generations.  Only packages DIB installs
-# anyway belong here (tests/test_images_e2e.py checks each is in the image).
-# The bootloader (grub) is not: DIB installs it in finalise, on the disk.
+# anyway belong here: the image's package set was compared with a plain DIB
+# build (docs/images.md).  The bootloader (grub) is not: DIB installs it in
+# finalise, on the disk.
 LAYER_PACKAGES = (
     "systemd-sysv", "busybox", "sudo", "gnupg2", "python3",            # debian-minimal
     # ... and what apt recommends for those (debian-minimal installs them
@@ -78,6 +83,7 @@ LAYER_PACKAGES = (
     "openssh-server", "openssh-client",                                # openssh-server
     *BUILD_PACKAGES,
 )
+
 
 RETRIES = 4          # attempts per request
 BACKOFF = 1.0        # seconds, doubled after each failed attempt
@@ -124,9 +130,8 @@ def build_base_image(lab: Lab, ws: Workspace, *, force: bool = False) -> list[Ou
     if bi.source == "download":
         digest = input_digest("base-image/download", rel.distro, rel.version, _base_url(lab, rel))
     else:
-        main, sec = dib.debian_mirrors(lab)
-        digest = input_digest("base-image/build", rel.distro, rel.version, bi.size, main, sec,
-                              BUILD_ELEMENTS, BUILD_PACKAGES, LAYER_PACKAGES, dib.dib_version())
+        place = dib_place(lab)
+        digest = build_digest(lab, rel, place.dib_version)
     manifest = Manifest(ws.artifacts)
     with BuildLock(ws):
         if not force and manifest.is_current(target, digest):
@@ -136,9 +141,7 @@ def build_base_image(lab: Lab, ws: Workspace, *, force: bool = False) -> list[Ou
             meta = _download(lab, ws, rel, target)
             tools = {"requests": _requests_version()}
         else:
-            meta = _build(lab, ws, rel, target, digest, force)
-            tools = {"diskimage-builder": dib.dib_version(),
-                     "qemu-img": runner.tool_version("qemu-img")}
+            meta, tools = _build(lab, ws, rel, target, digest, force, place)
         info = qemu_info(target)
         if info.get("format") != "qcow2":
             target.unlink(missing_ok=True)
@@ -150,6 +153,8 @@ def build_base_image(lab: Lab, ws: Workspace, *, force: bool = False) -> list[Ou
         secs = time.monotonic() - start
         size = info["virtual-size"] / 2**30
         how = "build reused from cache/dib/images" if meta.get("reused_from_cache") else bi.source
+        if meta.get("builder", "host") != "host" and not meta.get("reused_from_cache"):
+            how = f"build in {meta['builder']}"
         return [Outcome(step, "built", [target], f"{how}, {size:.1f} GiB virtual, "
                         f"{secs:.0f}s", secs)]
 
@@ -169,11 +174,92 @@ def _requests_version() -> str:
 # --------------------------------------------------------------------------
 # build (diskimage-builder)
 # --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Place:
+    """Where the ``build`` source runs diskimage-builder."""
+    kind: str                      # "host" | "container"
+    dib_version: str | None        # of the DIB that runs there (an input of the image)
+    cli: Any = None                # container, found by `auto`: the engine holding ...
+    tag: str | None = None         # ... this builder image
+
+
+def build_digest(lab: Lab, rel: Release, dib_version: str | None) -> str:
+    """Input digest of the ``build`` source.  Where DIB runs is not an input
+    (same DIB, same elements, same command line); the DIB version of the place
+    that runs it is, so switching between a host and a container whose DIB
+    differs rebuilds."""
+    main, sec = dib.debian_mirrors(lab)
+    return input_digest("base-image/build", rel.distro, rel.version, lab.base_image.size,
+                        main, sec, BUILD_ELEMENTS, BUILD_PACKAGES, dib_version)
+
+
+def dib_place(lab: Lab) -> Place:
+    """Decide where DIB runs from ``base_image.builder``; starts nothing.
+
+    ``host``: ``.venv-dib``.  ``container``: the amphora builder image (made
+    later, by :func:`_build`, when missing).  ``auto``: the host when it has
+    diskimage-builder; else the container when an engine already answers
+    (dockerd is never started for this) and holds the builder image
+    ``amphora.ensure_builder`` would use for this lab; else the host, whose
+    missing DIB is then the error.
+    """
+    mode = lab.base_image.builder
+    if mode == "container":
+        return Place("container", amphora.DIB_VERSION)
+    if mode == "auto" and not _host_has_dib():
+        cli = docker_engine.reachable()
+        if cli is not None:
+            try:
+                with amphora._docker_errors("base-image"):
+                    tag = amphora.builder_tag(lab, cli, amphora.settings(lab))
+            except LabError as exc:     # e.g. odd octavia.amphora settings: not our business
+                runner.log.debug("base-image: builder image not usable: %s", exc)
+                tag = None
+            if tag is not None:
+                return Place("container", amphora.DIB_VERSION, cli, tag)
+    return Place("host", dib.dib_version())
+
+
+def _host_has_dib() -> bool:
+    try:
+        dib.dib_executable()
+    except LabError:
+        return False
+    return True
+
+
+def _builder_container(lab: Lab, ws: Workspace, rel: Release, place: Place) -> dib.InContainer:
+    """The builder image to run DIB in: the one `auto` found, else made like
+    ``invoke build-amphora`` makes it (dockerd started when none runs)."""
+    with amphora._docker_errors("base-image"):
+        cli, tag = place.cli, place.tag
+        if tag is None:
+            cli = docker_engine.client(ws)
+            logpath = ws.artifact_dir("logs") / f"base-image-{rel.name}-builder.log"
+            with open(logpath, "w") as logfh, \
+                    progress(f"base-image {rel.name}: builder image", None, "s") as bar:
+                tag = amphora.ensure_builder(lab, ws, cli, amphora.settings(lab), logfh, bar)
+        path = docker_engine.image_path_env(cli, tag)
+        if not dib.has_device_mapper():
+            path = f"{amphora.BUILDER_STANDIN_DIR}:{path}"
+        return dib.InContainer(cli, tag, path, amphora.device_access())
+
+
+def _tools(meta: dict, dib_version: str | None, cli=None) -> dict:
+    tools = {"diskimage-builder": dib_version, "qemu-img": runner.tool_version("qemu-img")}
+    if meta.get("builder", "host") != "host":
+        tools["builder-image"] = meta["builder"]
+        if cli is not None:
+            tools["docker"] = docker_engine.engine_version(cli)
+    return tools
+
+
 def _build(lab: Lab, ws: Workspace, rel: Release, target: Path, digest: str,
-           force: bool) -> dict:
-    """Build with DIB, or reuse the image an earlier build with the same
-    inputs left in ``cache/dib/images/`` (a CI job that keeps cache/ but
-    starts with an empty artifacts/).  ``force`` always builds."""
+           force: bool, place: Place) -> tuple[dict, dict]:
+    """Build with DIB where ``place`` says, or reuse the image an earlier
+    build with the same inputs left in ``cache/dib/images/`` (a CI job that
+    keeps cache/ but starts with an empty artifacts/).  ``force`` always
+    builds.  Returns (meta, tools) for the manifest."""
     cache_dir = ws.cache_dir("dib", "images")
     cached = cache_dir / f"{rel.name}-{digest[:16]}.qcow2"
     sidecar = cached.with_suffix(".json")
@@ -185,16 +271,20 @@ def _build(lab: Lab, ws: Workspace, rel: Release, target: Path, digest: str,
         if known.get("sha256") and sha256_file(cached) == known["sha256"]:
             with atomic_path(target) as tmp:
                 shutil.copyfile(cached, tmp)
-            return {**known.get("meta", {}), "reused_from_cache": True}
-    layer = _package_layer(lab, ws, rel)
-    log = dib.disk_image_create(
-        lab, ws, name=f"base-image-{rel.name}", elements=BUILD_ELEMENTS, output=target,
-        packages=BUILD_PACKAGES, image_size=lab.base_image.size,
-        env={"DIB_RELEASE": rel.codename, "DIB_GRUB_TIMEOUT": "1", **layer},
-        label=f"base-image {rel.name}")
-    _prune_layers(Path(layer["DIB_IMAGE_CACHE"]))
+            meta = {**known.get("meta", {}), "reused_from_cache": True}
+            return meta, _tools(meta, place.dib_version)
+    container = _builder_container(lab, ws, rel, place) if place.kind == "container" else None
+    layer = _package_layer(lab, ws, rel, on_host=container is None)
+    with amphora._docker_errors("base-image"):
+        log = dib.disk_image_create(
+            lab, ws, name=f"base-image-{rel.name}", elements=BUILD_ELEMENTS, output=target,
+            packages=BUILD_PACKAGES, image_size=lab.base_image.size,
+            env={"DIB_RELEASE": rel.codename, "DIB_GRUB_TIMEOUT": "1", **layer},
+            label=f"base-image {rel.name}", container=container)
+    dib.prune_layers(Path(layer["DIB_IMAGE_CACHE"]))
     main, sec = dib.debian_mirrors(lab)
     meta = {"elements": list(BUILD_ELEMENTS), "mirror": main, "security_mirror": sec,
+            "builder": container.image if container else "host",
             "log": str(log.relative_to(ws.artifacts))}
     # keep a copy for the next build with these inputs; only the newest per release
     for old in cache_dir.glob(f"{rel.name}-*.qcow2"):
@@ -203,43 +293,18 @@ def _build(lab: Lab, ws: Workspace, rel: Release, target: Path, digest: str,
     with atomic_path(cached) as tmp:
         shutil.copyfile(target, tmp)
     atomic_write(sidecar, json.dumps({"sha256": sha256_file(cached), "meta": meta}) + "\n")
-    return meta
+    return meta, _tools(meta, place.dib_version, container.cli if container else None)
 
 
-MMDEBSTRAP_HOOKS = "/usr/share/mmdebstrap/hooks"
-
-
-def _package_layer(lab: Lab, ws: Workspace, rel: Release) -> dict[str, str]:
-    """DIB settings for the cached package layer (see LAYER_PACKAGES).
-
-    The layer is bootstrapped with mmdebstrap (DIB uses it when installed;
-    apt resolves --include, where debootstrap's resolver fails on this set)
-    from the release, its updates and its security suite, so it holds what
-    apt's dist-upgrade would install and a later build has nothing to redo.
-    DIB names its bootstrap tarball by release and arch only, so each package
-    list and mirror gets its own image cache directory: a changed list or
-    mirror starts a fresh layer instead of reusing a stale one.
-    """
-    runner.require("mmdebstrap")
+def _package_layer(lab: Lab, ws: Workspace, rel: Release, *, on_host: bool = True) -> dict[str, str]:
+    """DIB settings for the base image's cached package layer (see LAYER_PACKAGES).
+    The builder image carries mmdebstrap; the host needs it installed."""
+    if on_host:
+        runner.require("mmdebstrap")
     main, sec = dib.debian_mirrors(lab)
-    key = input_digest("base-image/layer", rel.codename, main, sec, LAYER_PACKAGES)[:12]
-    suites = (f"deb {main} {rel.codename}-updates main", f"deb {sec} {rel.codename}-security main")
-    hook = "printf '%s\\n' " + " ".join(f"'{s}'" for s in suites) + ' >> "$1/etc/apt/sources.list"'
-    return {
-        "DIB_IMAGE_CACHE": str(ws.cache_dir("dib", "layers", f"{rel.codename}-{key}")),
-        "DIB_MMDEBSTRAP_EXTRA_ARGS": f"--include={','.join(LAYER_PACKAGES)} "
-                                     f"--setup-hook={shlex.quote(hook)} "
-                                     # merged /usr as debootstrap makes it (usr-is-merged, not usrmerge + perl)
-                                     f"--hook-dir={MMDEBSTRAP_HOOKS}/merged-usr",
-    }
-
-
-def _prune_layers(current: Path) -> None:
-    """Drop older layers of the same release (they are hundreds of MB)."""
-    codename = current.name.rsplit("-", 1)[0]
-    for other in current.parent.glob(f"{codename}-*"):
-        if other != current and other.is_dir():
-            shutil.rmtree(other, ignore_errors=True)
+    name, args = dib.package_layer(rel.codename, main, sec, LAYER_PACKAGES)
+    return {"DIB_IMAGE_CACHE": str(ws.cache_dir("dib", "layers", name)),
+            "DIB_MMDEBSTRAP_EXTRA_ARGS": args}
 
 
 # --------------------------------------------------------------------------

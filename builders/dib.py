@@ -19,28 +19,40 @@ the amphora build.  It:
   nothing changes;
 * streams DIB's output to ``artifacts/logs/<name>.log`` and shows the
   current phase (root.d, install.d, finalise.d, ...) as progress;
+* on failure raises one LabError naming the failing element script and
+  the log, with DIB's last lines, and leaves no partial output behind;
 * compresses qcow2 output itself (:func:`compress_qcow2`): DIB runs with
   ``-u`` and labforge's ``qemu-img convert -c -W`` compresses on every core,
-  where DIB's own single-threaded convert took twice as long;
-* on failure raises one LabError naming the failing element script and
-  the log, with DIB's last lines, and leaves no partial output behind.
+  where DIB's own single-threaded convert took twice as long.
+
+:func:`dib_command` is the one place the command line and environment are
+made.  With ``container=InContainer(...)`` the same command runs in a
+container (the amphora builder image, which carries the same pinned DIB)
+instead of on the host: the workspace cache, the output directory and the CA
+bundle are mounted at their host paths so the environment stays valid, /dev
+is shared, the stand-ins are the image's copy (put first on PATH by the
+caller under the same device-mapper test), and the log, progress and
+failure line are the host run's.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from . import runner
 from .console import progress
 from .errors import LabError
 from .lab import Lab
+from .manifest import input_digest
 from .workspace import PROJECT_DIR, Workspace
 
 STANDIN_DIR = PROJECT_DIR / "dockerfiles" / "dib" / "bin"
@@ -211,88 +223,101 @@ def dib_env(lab: Lab, ws: Workspace, elements: Sequence[str],
 
 
 # --------------------------------------------------------------------------
+# the command line
+# --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DibCommand:
+    """One disk-image-create run: argv, environment (without PATH), result."""
+    argv: list[str]
+    env: dict[str, str]
+    built: Path                       # the image DIB writes when it succeeds
+
+
+def dib_command(lab: Lab, ws: Workspace, *, exe: str, elements: Sequence[str], workdir: Path,
+                image_type: str = "qcow2", packages: Sequence[str] = (),
+                image_size: int | None = None, elements_path: Sequence[Path] = (),
+                env: Mapping[str, str] | None = None,
+                extra_args: Sequence[str] = ()) -> DibCommand:
+    """The one place the DIB command line is made, on the host or in a container.
+
+    Only ``exe`` differs between the two: the environment names workspace
+    paths, which a container run mounts at the same paths.
+    """
+    full_env = dib_env(lab, ws, elements, env)
+    if elements_path:
+        full_env["ELEMENTS_PATH"] = os.pathsep.join(str(p) for p in elements_path)
+    argv = [exe, "-t", image_type, "-o", str(workdir / "image"), "--no-tmpfs"]
+    if image_type == "qcow2":
+        argv.append("-u")                       # compressed by disk_image_create, on every core
+    if image_size:
+        argv += ["--image-size", str(image_size)]
+    if packages:
+        argv += ["-p", ",".join(packages)]
+    argv += [*extra_args, *elements]
+    return DibCommand(argv, full_env, workdir / f"image.{image_type}")
+
+
+@dataclass(frozen=True)
+class InContainer:
+    """Where a container run happens: a connected DockerClient, the image,
+    the PATH inside (stand-ins first when needed) and extra create options
+    (device access)."""
+    cli: Any
+    image: str
+    path: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+# proxy settings a host run inherits from the environment; a container gets them passed
+PROXY_VARS = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
+
+
+# --------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------
 def disk_image_create(lab: Lab, ws: Workspace, *, name: str, elements: Sequence[str],
                       output: Path, image_type: str = "qcow2", packages: Sequence[str] = (),
                       image_size: int | None = None, elements_path: Sequence[Path] = (),
                       env: Mapping[str, str] | None = None, extra_args: Sequence[str] = (),
-                      label: str | None = None) -> Path:
+                      label: str | None = None, container: InContainer | None = None) -> Path:
     """Build ``output`` with disk-image-create; return the log path.
 
     ``name`` names the log (``artifacts/logs/<name>.log``).  ``output`` is
     written atomically: DIB builds into a temporary directory next to it
-    and the image is renamed into place only when DIB succeeded.
+    and the image is renamed into place only when DIB succeeded.  With
+    ``container`` DIB runs in that image instead of on the host, with the
+    same argv and environment (see :func:`_run_in_container`).
     """
-    exe = dib_executable()
-    if os.geteuid() != 0:
-        raise LabError(f"{name}: diskimage-builder needs root (loop devices, chroot, mount); "
-                       "run the task as root")
-    for tool in ("qemu-img", "debootstrap"):
-        runner.require(tool)
+    if container is None:
+        exe = str(dib_executable())
+        if os.geteuid() != 0:
+            raise LabError(f"{name}: diskimage-builder needs root (loop devices, chroot, mount); "
+                           "run the task as root")
+        for tool in ("qemu-img", "debootstrap"):
+            runner.require(tool)
+    else:
+        exe = "disk-image-create"         # on the builder image's PATH
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     log_path = ws.artifact_dir("logs") / f"{name}.log"
-
-    full_env = dib_env(lab, ws, elements, env)
-    path = [str(exe.parent), os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")]
-    if not has_device_mapper():
-        path.insert(0, str(STANDIN_DIR))
-    full_env["PATH"] = os.pathsep.join(path)
-    if elements_path:
-        full_env["ELEMENTS_PATH"] = os.pathsep.join(str(p) for p in elements_path)
+    what = label or name
 
     workdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".dib", dir=output.parent))
-    argv = [str(exe), "-t", image_type, "-o", str(workdir / "image"), "--no-tmpfs"]
-    if image_type == "qcow2":
-        argv.append("-u")                       # compressed below, on every core
-    if image_size:
-        argv += ["--image-size", str(image_size)]
-    if packages:
-        argv += ["-p", ",".join(packages)]
-    argv += [*extra_args, *elements]
-    built = workdir / f"image.{image_type}"
-
-    result: dict = {}
-
-    def work() -> None:
-        with open(log_path, "wb") as fh:
-            fh.write(("# " + runner.display(argv) + "\n").encode())
-            fh.flush()
-            try:
-                result["proc"] = runner.run(argv, env=full_env, stdout=fh,
-                                            stderr=subprocess.STDOUT, check=False,
-                                            what=label or name)
-            except BaseException as exc:  # noqa: BLE001 - reported by the caller thread
-                result["error"] = exc
-
     try:
-        thread = threading.Thread(target=work, daemon=True)
+        cmd = dib_command(lab, ws, exe=exe, elements=elements, workdir=workdir,
+                          image_type=image_type, packages=packages, image_size=image_size,
+                          elements_path=elements_path, env=env, extra_args=extra_args)
         with progress(label or f"{name}: diskimage-builder", None, unit="phase") as bar:
-            thread.start()
-            phase = None
-            try:
-                while thread.is_alive():
-                    thread.join(2.0)
-                    now = _current_phase(log_path)
-                    if now and now != phase:
-                        phase = now
-                        bar.set_description(phase)
-            except KeyboardInterrupt:
-                # the terminal's Ctrl-C reaches DIB too; its EXIT trap unmounts
-                # the chroot and frees the loop device (killing it from here
-                # could leave mounts behind).  Its output dir is removed below.
-                runner.log.info("%s: interrupted; diskimage-builder cleans up after itself "
-                                "(log: %s)", label or name, log_path)
-                raise
-        if "error" in result:
-            raise result["error"]
-        proc = result["proc"]
-        if proc.returncode != 0 or not built.exists():
-            raise _failure(label or name, log_path, proc.returncode)
+            if container is None:
+                code = _run_on_host(cmd, log_path, bar, what)
+            else:
+                code = _run_in_container(container, cmd, lab, ws, output, log_path, bar)
+        if code != 0 or not cmd.built.exists():
+            raise _failure(what, log_path, code)
+        built = cmd.built
         if image_type == "qcow2":
-            with progress(f"{label or name}: compressing", None, unit="s"):
-                compress_qcow2(built, workdir / "compressed.qcow2", what=label or name)
+            with progress(f"{what}: compressing", None, unit="s"):
+                compress_qcow2(built, workdir / "compressed.qcow2", what=what)
             built = workdir / "compressed.qcow2"
         os.replace(built, output)
     finally:
@@ -301,6 +326,39 @@ def disk_image_create(lab: Lab, ws: Workspace, *, name: str, elements: Sequence[
         # is never touched on failure.
         shutil.rmtree(workdir, ignore_errors=True)
     return log_path
+
+
+MMDEBSTRAP_HOOKS = "/usr/share/mmdebstrap/hooks"
+
+
+def package_layer(codename: str, main: str, sec: str, packages: Sequence[str]) -> tuple[str, str]:
+    """A cached package layer: (its image cache directory name, DIB_MMDEBSTRAP_EXTRA_ARGS).
+
+    DIB bootstraps with mmdebstrap when it is installed and caches the root
+    as its "debootstrap" tarball in DIB_IMAGE_CACHE.  These arguments make
+    that root hold ``packages`` already (apt resolves --include, where
+    debootstrap's resolver fails on such sets), taken from the release, its
+    updates and its security suite, so a later build's dist-upgrade and
+    package installs have nothing to redo.  The root is merged-/usr the way
+    debootstrap makes it (usr-is-merged, not usrmerge and perl).  DIB names
+    its tarball by release and arch only, so each mirror and package list
+    gets its own directory: a changed list starts a new layer, never a stale one.
+    """
+    key = input_digest("dib/layer", codename, main, sec, list(packages))[:12]
+    suites = (f"deb {main} {codename}-updates main", f"deb {sec} {codename}-security main")
+    hook = "printf '%s\\n' " + " ".join(f"'{s}'" for s in suites) + ' >> "$1/etc/apt/sources.list"'
+    # DIB pastes this into `sh -c "mmdebstrap ... $DIB_MMDEBSTRAP_EXTRA_ARGS ..."`
+    args = (f"--include={','.join(packages)} --setup-hook={shlex.quote(hook)} "
+            f"--hook-dir={MMDEBSTRAP_HOOKS}/merged-usr")
+    return f"{codename}-{key}", args
+
+
+def prune_layers(current: Path) -> None:
+    """Drop the other layers of ``current``'s release (hundreds of MB each)."""
+    codename = current.name.rsplit("-", 1)[0]
+    for other in current.parent.glob(f"{codename}-*"):
+        if other != current and other.is_dir():
+            shutil.rmtree(other, ignore_errors=True)
 
 
 def compress_qcow2(src: Path, dst: Path, *, what: str) -> None:
@@ -312,6 +370,92 @@ def compress_qcow2(src: Path, dst: Path, *, what: str) -> None:
     """
     runner.run(["qemu-img", "convert", "-c", "-W", "-m", "16", "-O", "qcow2", src, dst],
                what=f"{what}: qemu-img convert -c")
+
+
+def _run_on_host(cmd: DibCommand, log_path: Path, bar, what: str) -> int:
+    """disk-image-create as a child process; the phase is read from its log."""
+    full_env = dict(cmd.env)
+    path = [str(Path(cmd.argv[0]).parent), os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")]
+    if not has_device_mapper():
+        path.insert(0, str(STANDIN_DIR))
+    full_env["PATH"] = os.pathsep.join(path)
+    result: dict = {}
+
+    def work() -> None:
+        with open(log_path, "wb") as fh:
+            fh.write(("# " + runner.display(cmd.argv) + "\n").encode())
+            fh.flush()
+            try:
+                result["proc"] = runner.run(cmd.argv, env=full_env, stdout=fh,
+                                            stderr=subprocess.STDOUT, check=False, what=what)
+            except BaseException as exc:  # noqa: BLE001 - reported by the caller thread
+                result["error"] = exc
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    phase = None
+    try:
+        while thread.is_alive():
+            thread.join(2.0)
+            now = _current_phase(log_path)
+            if now and now != phase:
+                phase = now
+                bar.set_description(phase)
+    except KeyboardInterrupt:
+        # the terminal's Ctrl-C reaches DIB too; its EXIT trap unmounts
+        # the chroot and frees the loop device (killing it from here
+        # could leave mounts behind).  Its output dir is removed by the caller.
+        runner.log.info("%s: interrupted; diskimage-builder cleans up after itself "
+                        "(log: %s)", what, log_path)
+        raise
+    if "error" in result:
+        raise result["error"]
+    return result["proc"].returncode
+
+
+def container_mounts(lab: Lab, ws: Workspace, output: Path,
+                     elements_path: Sequence[Path] = ()) -> dict[str, dict[str, str]]:
+    """Volumes for a container run: every host path the DIB command names,
+    at the same path inside (so DIB_IMAGE_CACHE, TMP_DIR, -o and the CA
+    bundle stay valid), and /dev for loop devices."""
+    vols = {"/dev": {"bind": "/dev", "mode": "rw"},
+            str(ws.cache): {"bind": str(ws.cache), "mode": "rw"},
+            str(output.parent): {"bind": str(output.parent), "mode": "rw"}}
+    bundle = ca_bundle(lab)
+    for p in [*([bundle] if bundle else []), *elements_path]:
+        p = Path(p).resolve()
+        vols.setdefault(str(p), {"bind": str(p), "mode": "ro"})
+    return vols
+
+
+def _run_in_container(c: InContainer, cmd: DibCommand, lab: Lab, ws: Workspace, output: Path,
+                      log_path: Path, bar) -> int:
+    """disk-image-create in ``c.image``: privileged-equivalent device access,
+    host network, the workspace paths mounted where they are on the host;
+    its output streams to the log and drives the phase shown.  Ctrl-C kills
+    the container (its mounts die with its mount namespace)."""
+    from . import docker_engine
+    env = {k: os.environ[k] for k in PROXY_VARS if k in os.environ}
+    env.update(cmd.env)
+    env["PATH"] = c.path
+    elements_path = [Path(p) for p in cmd.env.get("ELEMENTS_PATH", "").split(os.pathsep) if p]
+    tracker = Phases()
+
+    def on_line(line: str) -> None:
+        before = tracker.text
+        tracker.feed(line)
+        if tracker.text and tracker.text != before:
+            bar.set_description(tracker.text)
+
+    with open(log_path, "w", encoding="utf-8", errors="replace") as fh:
+        fh.write("# " + runner.display(cmd.argv) + f"  (in container {c.image})\n")
+        fh.flush()
+        code, _ = docker_engine.run_streaming(
+            c.cli, c.image, list(cmd.argv), logfh=fh, on_line=on_line, keep=200,
+            environment=env, network_mode="host", working_dir="/",
+            volumes=container_mounts(lab, ws, output, elements_path),
+            labels={"org.labforge.kind": "dib-build"}, **dict(c.options))
+    return code
 
 
 def _read_tail(path: Path, size: int = 256 * 1024) -> list[str]:
@@ -326,22 +470,38 @@ def _read_tail(path: Path, size: int = 256 * 1024) -> list[str]:
     return data.decode("utf-8", "replace").splitlines()
 
 
-def _current_phase(log_path: Path) -> str | None:
-    """'install.d: 50-cloud-init' from the last lines of a DIB log."""
-    phase = script = None
-    for line in _read_tail(log_path, 64 * 1024):
+class Phases:
+    """DIB's current phase and element script, fed its output line by line."""
+
+    def __init__(self) -> None:
+        self.phase: str | None = None
+        self.script: str | None = None
+
+    def feed(self, line: str) -> None:
         m = _PHASE.search(line)
         if m:
-            phase, script = m.group(1) + ".d", None
+            self.phase, self.script = m.group(1) + ".d", None
         m = _SCRIPT.search(line)
         if m:
-            script = Path(m.group(1)).name
-            phase = Path(m.group(1)).parent.name or phase
+            self.script = Path(m.group(1)).name
+            self.phase = Path(m.group(1)).parent.name or self.phase
         if "Converting image using qemu-img" in line:
-            phase, script = "converting the image (qemu-img convert)", None
-    if phase is None:
-        return None
-    return f"{phase}: {script}" if script else phase
+            self.phase, self.script = "converting the image (qemu-img convert)", None
+
+    @property
+    def text(self) -> str | None:
+        """'install.d: 50-cloud-init'"""
+        if self.phase is None:
+            return None
+        return f"{self.phase}: {self.script}" if self.script else self.phase
+
+
+def _current_phase(log_path: Path) -> str | None:
+    """'install.d: 50-cloud-init' from the last lines of a DIB log."""
+    tracker = Phases()
+    for line in _read_tail(log_path, 64 * 1024):
+        tracker.feed(line)
+    return tracker.text
 
 
 def failing_script(lines: Sequence[str]) -> str | None:

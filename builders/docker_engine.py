@@ -92,3 +92,62 @@ def engine_version(cli) -> str:
         return str(cli.version().get("Version", "unknown"))
     except Exception:  # noqa: BLE001 - version is informational only
         return "unknown"
+
+
+def reachable():
+    """A connected DockerClient when an engine already answers, else None.
+
+    Never starts dockerd: for callers that only want to know whether a
+    local image exists (``base_image.builder: auto``).
+    """
+    return _connect(None)
+
+
+def run_streaming(cli, image: str, command, *, logfh, on_line=None, keep: int = 4000,
+                  **create) -> tuple[int, list[str]]:
+    """Run a container to completion, streaming its output line by line.
+
+    Each line goes to ``logfh`` and to ``on_line(line)`` (progress).  Returns
+    (exit status, the last lines of output, at most ``keep``).  On any
+    exception (Ctrl-C included) the container is killed; it is always
+    removed.  ``create`` goes to ``containers.create`` (volumes,
+    environment, network_mode, device access, labels, ...).
+    """
+    container = cli.containers.create(image, command, **create)
+    lines: list[str] = []
+    try:
+        container.start()
+        buf = ""
+        for chunk in container.logs(stream=True, follow=True):
+            buf += chunk.decode("utf-8", "replace")
+            *complete, buf = buf.split("\n")
+            for line in complete:
+                logfh.write(line + "\n")
+                lines.append(line)
+                if len(lines) > keep:
+                    del lines[:keep // 2]
+                if on_line is not None:
+                    on_line(line)
+        if buf:
+            logfh.write(buf + "\n")
+            lines.append(buf)
+            if on_line is not None:
+                on_line(buf)
+        logfh.flush()
+        code = container.wait().get("StatusCode", 1)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            container.kill()
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            container.remove(force=True)
+    return code, lines
+
+
+def image_path_env(cli, image: str) -> str:
+    """The PATH an image's containers start with (its ENV), else Debian's default."""
+    for item in cli.images.get(image).attrs.get("Config", {}).get("Env") or ():
+        if item.startswith("PATH="):
+            return item[5:]
+    return "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

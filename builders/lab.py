@@ -144,6 +144,11 @@ class BaseImage:
     release: str = "12"                    # debian 12 / bookworm, ubuntu 24.04 / noble
     url: str | None = None                 # mirror directory holding the image and SUMS
     size: int = 4                          # GB, for the `build` source
+    # where the `build` source runs diskimage-builder: auto = in the amphora
+    # builder container when that image already exists locally (never builds
+    # it, never starts dockerd), else on the host; host; container = always in
+    # the builder container (built, and dockerd started, when missing)
+    builder: Literal["auto", "host", "container"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,15 @@ marker).  Minutes long (a DIB build and a TCG boot)."""
 
 from __future__ import annotations
 
+import json
 import secrets
+import subprocess
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from builders import baseimage, bootcheck, overlays, seediso
+from builders import baseimage, bootcheck, dib, overlays, seediso
 from builders.fsutil import private_dir, sha256_file
 from builders.manifest import Manifest
 from imagetools import assert_compressed_and_clean, assert_error_line, lab_file
@@ -29,6 +31,26 @@ def _lab_ssh_key(ws) -> None:
     (d / "lab_ed25519").chmod(0o600)
     (d / "lab_ed25519.pub").write_bytes(key.public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b" lab\n")
+
+
+def _installed_packages(image, tmp_path) -> set[str]:
+    """Package names dpkg lists as installed in the image's root filesystem."""
+    raw = tmp_path / "pkgs.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(raw)], check=True)
+    try:
+        start = json.loads(subprocess.run(["sfdisk", "-J", str(raw)], check=True, capture_output=True,
+                                          text=True).stdout)["partitiontable"]["partitions"][0]["start"]
+        status = subprocess.run(["debugfs", "-R", "cat /var/lib/dpkg/status", f"{raw}?offset={start * 512}"],
+                                check=True, capture_output=True, text=True).stdout
+    finally:
+        raw.unlink()
+    names, pkg = set(), None
+    for line in status.splitlines():
+        if line.startswith("Package: "):
+            pkg = line.split()[1]
+        elif line.startswith("Status: ") and line.endswith(" installed"):
+            names.add(pkg)
+    return names
 
 
 def test_dib_base_overlays_and_boot_check_broker1(tmp_path, ws, cli):
@@ -50,7 +72,19 @@ def test_dib_base_overlays_and_boot_check_broker1(tmp_path, ws, cli):
     assert rec["sha256"] == sha256_file(image)
     assert rec["meta"]["virtual_size"] == lab.base_image.size << 30
     assert_compressed_and_clean(image)
-    assert (ws.artifacts / "logs" / "base-image-debian-12.log").exists()
+    log = ws.artifacts / "logs" / "base-image-debian-12.log"
+    assert "mmdebstrap is installed; use it" in log.read_text(errors="replace")
+    [layer] = (ws.cache / "dib" / "layers").glob("bookworm-*/debootstrap-debian-bookworm-amd64.tar.gz")
+    # the image holds the layer's packages; a rebuild from the layer installs the same set
+    installed = _installed_packages(image, tmp_path)
+    assert set(baseimage.LAYER_PACKAGES) <= installed, set(baseimage.LAYER_PACKAGES) - installed
+    # a forced rebuild starts from the cached package layer; that image is the one booted below
+    [warm] = baseimage.build_base_image(lab, ws, force=True)
+    assert warm.status == "built", warm.line()
+    assert f"{layer} found in cache. Using." in log.read_text(errors="replace")
+    assert _installed_packages(image, tmp_path) == installed
+    assert_compressed_and_clean(image)
+    rec = Manifest(ws.artifacts).get(image)
     # a CI job that restores cache/ but not artifacts/ reuses the built image
     sha = rec["sha256"]
     image.unlink()
@@ -81,3 +115,72 @@ def test_dib_base_overlays_and_boot_check_broker1(tmp_path, ws, cli):
     line = assert_error_line(proc, "boot-check broker1: no cloud-init result within 15s")
     assert proc.stderr.rstrip().splitlines()[-1] != line    # the console tail follows
     assert sha256_file(overlay) == before
+
+
+def test_dib_base_in_builder_container_boots_broker1(tmp_path, ws, monkeypatch):
+    """base_image.builder: container: DIB runs in the amphora builder image
+    (built first when missing), the result is a bootable qcow2."""
+    from builders import amphora, lab as labmod
+    lab = labmod.load(lab_file(tmp_path, {"base_image": {"builder": "container"}}))
+    assert baseimage.dib_place(lab).kind == "container"
+
+    [base] = baseimage.build_base_image(lab, ws)
+    image = ws.artifacts / "images" / "debian-12.qcow2"
+    assert base.status == "built" and base.paths == [image], base.line()
+    info = baseimage.qemu_info(image)
+    assert info["format"] == "qcow2" and info["virtual-size"] == lab.base_image.size << 30
+    assert_compressed_and_clean(image)
+    rec = Manifest(ws.artifacts).get(image)
+    assert rec["sha256"] == sha256_file(image)
+    tag = rec["meta"]["builder"]
+    assert tag.startswith(amphora.BUILDER_REPO + ":") and tag in base.detail
+    assert rec["tools"]["builder-image"] == tag
+    assert rec["tools"]["diskimage-builder"] == amphora.DIB_VERSION
+    log = (ws.artifacts / "logs" / "base-image-debian-12.log").read_text(errors="replace")
+    assert f"(in container {tag})" in log.splitlines()[0]
+    assert "finalise.d" in log
+    assert not list(image.parent.glob(".*.dib"))          # no temp dir left behind
+
+    # unchanged inputs, same place: up to date without running anything
+    [again] = baseimage.build_base_image(lab, ws)
+    assert again.status == "up to date"
+    # `auto` prefers a host that has DIB (the package layer applies there) ...
+    auto = labmod.load(lab_file(tmp_path, {}, "auto.yaml"))
+    assert baseimage.dib_place(auto).kind == "host"
+    # ... and on a host without it finds that image in the running engine, same digest
+    monkeypatch.setattr(dib, "DIB_VENV", tmp_path / "no-venv-dib")
+    monkeypatch.setenv("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+    place = baseimage.dib_place(auto)
+    assert (place.kind, place.tag) == ("container", tag)
+    [again] = baseimage.build_base_image(auto, ws)
+    assert again.status == "up to date"
+    monkeypatch.undo()
+
+    overlays.build_overlays(lab, ws, hosts=["broker1"])
+    _lab_ssh_key(ws)
+    seediso.build_seed_isos(lab, ws, hosts=["broker1"])
+    [res] = bootcheck.boot_check(lab, ws, "broker1", timeout=1200)
+    assert res.status == "passed", res.line()
+    print(f"\n{base.line()}\n{res.line()}")
+
+
+def test_dib_failure_in_the_container_is_the_host_line(tmp_path, ws):
+    """A failing element script in the builder container: the same one line
+    (script and log) as on the host, the last lines after it, nothing left."""
+    from builders import dib, lab as labmod
+    from builders.errors import LabError
+    lab = labmod.load(lab_file(tmp_path, {"base_image": {"builder": "container"}}))
+    rel = baseimage.release(lab)
+    container = baseimage._builder_container(lab, ws, rel, baseimage.dib_place(lab))
+    out = ws.artifacts / "images" / "bad.qcow2"
+    with pytest.raises(LabError) as err:
+        dib.disk_image_create(lab, ws, name="bad", elements=["debian-minimal"], output=out,
+                              env={"DIB_RELEASE": "nosuchrelease"}, container=container)
+    line = str(err.value)
+    assert "element script root.d/08-debootstrap failed" in line and "bad.log" in line, line
+    assert "\n" not in line and any("nosuchrelease" in t for t in err.value.details)
+    log = (ws.artifacts / "logs" / "bad.log").read_text(errors="replace")
+    assert f"(in container {container.image})" in log.splitlines()[0]
+    assert list(out.parent.iterdir()) == []
+    assert not [c for c in container.cli.containers.list(all=True)
+                if str(ws.root) in str(c.attrs)]
