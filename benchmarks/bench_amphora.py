@@ -12,8 +12,8 @@ Runs, on this machine, in one go:
    override (``DIB_ELEMENTS``) and ``-d RELEASE``, so it is given exactly
    the element list labforge uses (upstream's list with debian-minimal and
    labforge's two local elements) and bookworm.  The DIB environment is the
-   same (mirrors, local sources, CA), minus labforge's debootstrap tarball
-   cache, which upstream's script does not set.
+   same (mirrors, local sources, CA), minus labforge's bootstrap tarball
+   cache and package layer, which upstream's script does not set.
 
 Prints a table with ratios and writes benchmarks/results/amphora.json.
 
@@ -45,7 +45,8 @@ def upstream_build(lb, ws: Workspace, cache: Path, out: Path) -> float:
     with progress("upstream", None, "s") as bar:
         tag = amphora.ensure_builder(lb, ws, cli, s, logfh, bar)
         env = amphora.dib_environment(lb, s)
-        for k in ("DIB_DEBOOTSTRAP_CACHE", "DIB_DEBIAN_USE_DEBOOTSTRAP_CACHE", "DIB_IMAGE_CACHE"):
+        for k in ("DIB_DEBOOTSTRAP_CACHE", "DIB_DEBIAN_USE_DEBOOTSTRAP_CACHE", "DIB_IMAGE_CACHE",
+                  "DIB_MMDEBSTRAP_EXTRA_ARGS"):
             env.pop(k, None)
         env["DIB_ELEMENTS"] = " ".join(amphora.elements(s))
         env["DIB_LOCAL_ELEMENTS_PATH"] = "/opt/labforge/elements"

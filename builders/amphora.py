@@ -37,7 +37,8 @@ from pathlib import Path
 
 from . import docker_engine, runner
 from .console import progress
-from .dib import ca_bundle, compress_qcow2, debian_mirrors, failing_script
+from .dib import (DEBIAN_MINIMAL_LAYER, ca_bundle, compress_qcow2, debian_mirrors, failing_script,
+                  package_layer, prune_layers)
 from .errors import LabError
 from .fsutil import atomic_write
 from .lab import Lab
@@ -73,6 +74,28 @@ UPSTREAM_ELEMENTS = ("base", "vm", "haproxy-octavia", "rebind-sshd", "no-resolvc
                      "certs-ramfs")
 LOCAL_ELEMENTS = ("labforge-build-ca",)
 DEBIAN_ELEMENTS = ("labforge-debian",)
+
+# The amphora's package layer (dib.package_layer): the packages Octavia
+# 19.0.0's elements install on Debian with the agent from source (taken from
+# a build's install-packages runs; the build deps the agent element removes
+# at the end are removed from the layered build too).  The layer is used
+# only for that combination; any other version, --agent package or Ubuntu
+# builds without it, exactly as before.
+LAYER_OCTAVIA_VERSION = "19.0.0"
+LAYER_PACKAGES = (
+    *DEBIAN_MINIMAL_LAYER,
+    "locales", "adduser", "ca-certificates", "python3-yaml",
+    # vim-tiny before pollinate: its vim-common then satisfies pollinate's
+    # "xxd | vim-common" as in DIB's own install, instead of adding xxd
+    "vim-tiny",
+    "acl", "acpid", "apparmor", "at", "bash-completion", "build-essential", "cloud-guest-utils",
+    "cloud-init", "cron", "cryptsetup", "curl", "dbus", "dkms", "dmeventd", "ethtool", "gawk",
+    "git", "haproxy", "ifenslave", "ifupdown", "iptables", "iputils-ping", "iputils-tracepath",
+    "ipvsadm", "irqbalance", "isc-dhcp-client", "keepalived", "less", "libffi-dev", "libssl-dev",
+    "logrotate", "lsof", "net-tools", "netcat-openbsd", "nftables", "open-vm-tools",
+    "openssh-client", "openssh-server", "pollinate", "psmisc", "python3-dev", "python3-pip",
+    "python3-venv", "rsync", "rsyslog", "socat", "tcpdump", "tmux", "uuid-runtime", "vlan",
+)
 
 _RUNNING = re.compile(r"Running (/\S+/([a-z-]+)\.d/(\S+))")
 _HOOKS = re.compile(r"Running hooks from \S+/([a-z-]+)\.d")
@@ -407,6 +430,10 @@ def dib_environment(lab: Lab, s: dict) -> dict[str, str]:
         main, sec = debian_mirrors(lab)
         env["DIB_DISTRIBUTION_MIRROR"] = main
         env["DIB_DEBIAN_SECURITY_MIRROR"] = sec
+        layer = layer_name(lab, s)
+        if layer:
+            env["DIB_IMAGE_CACHE"] = f"/cache/dib/layers/{layer}"
+            env["DIB_MMDEBSTRAP_EXTRA_ARGS"] = package_layer(s["release"], main, sec, LAYER_PACKAGES)[1]
     else:
         env["DIB_UBUNTU_KERNEL"] = "linux-image-virtual"
         if lab.build.ubuntu_mirror:
@@ -420,6 +447,16 @@ def dib_environment(lab: Lab, s: dict) -> dict[str, str]:
         if s["base_os"] == "debian":
             env["LABFORGE_RENAME_PACKAGES"] = "amphora-agent=octavia-agent"
     return env
+
+
+def layer_name(lab: Lab, s: dict) -> str | None:
+    """The package layer's directory under cache/amphora/dib/layers, or None
+    when this build does not use one (see LAYER_PACKAGES)."""
+    if s["base_os"] != "debian" or s["agent"] != "source" or s["octavia_git"] \
+            or s["octavia_version"] != LAYER_OCTAVIA_VERSION:
+        return None
+    main, sec = debian_mirrors(lab)
+    return package_layer(s["release"], main, sec, LAYER_PACKAGES)[0]
 
 
 def build_command(s: dict, out_stem: str) -> str:
@@ -484,6 +521,9 @@ def build_amphora(lab: Lab, ws: Workspace, *, force: bool = False, **over) -> li
                                "builder-image": tag},
                         meta=meta)
         _remember_octavia_release(lab, ws, s)
+        layer = layer_name(lab, s)
+        if layer:
+            prune_layers(cache / "dib" / "layers" / layer)
     secs = time.monotonic() - t0
     return [Outcome("amphora", "built", [target],
                     detail=f"{target.name}, {target.stat().st_size / 2**20:.0f} MiB, "

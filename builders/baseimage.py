@@ -65,25 +65,15 @@ BUILD_PACKAGES = ("ifupdown", "isc-dhcp-client")   # cloud-init's ENI renderer b
 # to mmdebstrap (--include) so the first build caches a root that already
 # holds them (DIB's bootstrap tarball).  A later build starts from that root:
 # apt dist-upgrades it, finds every package installed, and skips ~60 s of
-# downloads, dpkg runs and initramfs generations.  Only packages DIB installs
-# anyway belong here: the image's package set was compared with a plain DIB
-# build (docs/images.md).  The bootloader (grub) is not: DIB installs it in
-# finalise, on the disk.
+# downloads, dpkg runs and initramfs generations.  The image's package set
+# was compared with a plain DIB build (docs/images.md).
 LAYER_PACKAGES = (
-    "systemd-sysv", "busybox", "sudo", "gnupg2", "python3",            # debian-minimal
-    # ... and what apt recommends for those (debian-minimal installs them
-    # before DIB turns Recommends off; mmdebstrap installs no Recommends)
-    "systemd-timesyncd", "libnss-systemd", "dbus-user-session", "libsasl2-modules",
-    "libldap-common", "krb5-locales", "libgpm2",
-    "open-iscsi",                                                      # base (iscsi_package)
-    "lsb-release", "apt-transport-https", "software-properties-common",  # baseline tools
-    "linux-image-amd64", "netbase", "locales", "adduser", "ca-certificates",
-    "cloud-init", "cloud-utils",                                       # cloud-init
+    *dib.DEBIAN_MINIMAL_LAYER,
+    "locales", "adduser", "ca-certificates", "cloud-init", "cloud-utils",
     "e2fsprogs", "rsync",                                              # growroot, install-static
     "openssh-server", "openssh-client",                                # openssh-server
     *BUILD_PACKAGES,
 )
-
 
 RETRIES = 4          # attempts per request
 BACKOFF = 1.0        # seconds, doubled after each failed attempt

@@ -330,6 +330,21 @@ def disk_image_create(lab: Lab, ws: Workspace, *, name: str, elements: Sequence[
 
 MMDEBSTRAP_HOOKS = "/usr/share/mmdebstrap/hooks"
 
+# What the debian-minimal and base elements install in every Debian image,
+# for package layers (the base image's and the amphora's add their
+# elements' packages).  Only packages DIB installs anyway belong in a layer;
+# the grub bootloader never does (DIB installs it in finalise, on the disk).
+DEBIAN_MINIMAL_LAYER = (
+    "systemd-sysv", "busybox", "sudo", "gnupg2", "python3",            # debian-minimal root.d
+    # ... and what apt recommends for those (debian-minimal installs them
+    # before DIB turns Recommends off; mmdebstrap installs no Recommends)
+    "systemd-timesyncd", "libnss-systemd", "dbus-user-session", "libsasl2-modules",
+    "libldap-common", "krb5-locales", "libgpm2",
+    "lsb-release", "apt-transport-https", "software-properties-common",  # baseline tools
+    "open-iscsi",                                                      # base (iscsi_package)
+    "linux-image-amd64", "netbase",                                    # debian-minimal install.d
+)
+
 
 def package_layer(codename: str, main: str, sec: str, packages: Sequence[str]) -> tuple[str, str]:
     """A cached package layer: (its image cache directory name, DIB_MMDEBSTRAP_EXTRA_ARGS).
