@@ -36,7 +36,7 @@ from pathlib import Path
 
 from . import pki, runner
 from .console import progress
-from .bootcheck import detect_accel
+from .bootcheck import KVM_GRACE, accel_plan, kernel_started, kvm_stalled
 from .errors import LabError
 from .fsutil import atomic_write
 from .lab import Lab
@@ -48,7 +48,6 @@ log = logging.getLogger("labforge")
 
 AGENT_PORT = 9443
 BOOT_TIMEOUT = 1200.0      # TCG on a shared 2-core machine
-KVM_GRACE = 45.0           # KVM must show kernel output within this, else TCG
 
 
 # --------------------------------------------------------------------------
@@ -249,7 +248,7 @@ def check_amphora(lab: Lab, ws: Workspace, *, image: str | None = None,
         runner.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", path, overlay],
                    what="amphora-check: overlay")
         foreign = foreign_client(tdp)
-        accels = [accel] if accel else (["kvm", "tcg"] if detect_accel() == "kvm" else ["tcg"])
+        accels = accel_plan(accel)
         result = None
         for i, acc in enumerate(accels):
             fallback = i + 1 < len(accels)
@@ -257,7 +256,7 @@ def check_amphora(lab: Lab, ws: Workspace, *, image: str | None = None,
                                      foreign, timeout, KVM_GRACE if fallback else None)
             if result is not None:
                 break
-            log.info("amphora-check: no usable %s boot; falling back to TCG", acc)
+            kvm_stalled("amphora-check")
             runner.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", path, overlay],
                        what="amphora-check: overlay")
     acc, boot_s, version, refused = result
@@ -293,7 +292,7 @@ def _boot_and_probe(accel, overlay, iso, console, amphora_id, client_pem, chain,
                     raise LabError(f"amphora-check: qemu exited with status {proc.returncode} "
                                    f"after {elapsed:.0f}s; console: {console}", err[-8:] + _tail(console))
                 text = _read(console)
-                if grace is not None and elapsed > grace and "Linux version" not in text:
+                if grace is not None and elapsed > grace and not kernel_started(text):
                     return None
                 now_stage = _stage(text)
                 if now_stage != stage:
@@ -303,7 +302,7 @@ def _boot_and_probe(accel, overlay, iso, console, amphora_id, client_pem, chain,
                     raise LabError(f"amphora-check: the agent did not answer on 127.0.0.1:{port} "
                                    f"within {timeout:.0f}s ({last_err}); console: {console}",
                                    _tail(console))
-                if "Linux version" in text:
+                if kernel_started(text):
                     try:
                         resp = agent_get(port, amphora_id, client_pem, chain, timeout=15)
                     except requests.exceptions.SSLError as exc:
@@ -325,7 +324,7 @@ def _boot_and_probe(accel, overlay, iso, console, amphora_id, client_pem, chain,
                         except (ValueError, KeyError, TypeError):
                             raise LabError(f"amphora-check: GET / did not answer the agent's API "
                                            f"versions: {resp.text[:200]!r}") from None
-                        refused = _foreign_refused(port, amphora_id, foreign, chain)
+                        refused = _foreign_refused(port, amphora_id, foreign, chain, client_pem)
                         return accel, boot_s, version, refused
                 time.sleep(3)
     finally:
@@ -338,17 +337,31 @@ def _boot_and_probe(accel, overlay, iso, console, amphora_id, client_pem, chain,
             proc.wait()
 
 
-def _foreign_refused(port, amphora_id, foreign, chain) -> str:
+def _foreign_refused(port, amphora_id, foreign, chain, client_pem) -> str:
+    """How the agent refused a client certificate of another CA.
+
+    A closed connection counts only if the agent still answers the right
+    certificate afterwards (a guest that died would refuse everyone).
+    """
     import requests
     try:
         resp = agent_get(port, amphora_id, foreign, chain, timeout=15)
     except requests.exceptions.SSLError as exc:
         m = re.search(r"\[SSL: ([A-Z0-9_]+)\]", str(exc))
-        return f"TLS alert {m.group(1).lower()}" if m else f"TLS error: {_short(exc)[:80]}"
+        how = f"TLS alert {m.group(1).lower()}" if m else f"TLS error: {_short(exc)[:80]}"
     except requests.exceptions.ConnectionError as exc:
-        return f"connection closed: {_short(exc)[:80]}"
-    raise LabError(f"amphora-check: the agent accepted a client certificate from a foreign CA "
-                   f"(HTTP {resp.status_code}); its client_ca.pem is not enforced")
+        how = f"connection closed: {_short(exc)[:80]}"
+    else:
+        raise LabError(f"amphora-check: the agent accepted a client certificate from a foreign CA "
+                       f"(HTTP {resp.status_code}); its client_ca.pem is not enforced")
+    try:
+        ok = agent_get(port, amphora_id, client_pem, chain, timeout=15).status_code == 200
+    except requests.RequestException:
+        ok = False
+    if not ok:
+        raise LabError("amphora-check: after refusing the foreign client certificate the agent "
+                       f"no longer answers the controller's ({how}); see the console log")
+    return how
 
 
 def _short(exc: Exception) -> str:

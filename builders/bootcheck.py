@@ -11,15 +11,16 @@ host's seed ISO as a CD-ROM, watches the serial console and passes when
   hostname or a written file printed to the console).
 
 It times out with the last console lines.  KVM is used when it can run a
-guest here (probed once per process with a tiny SeaBIOS-only guest),
-otherwise TCG; ``LABFORGE_ACCEL=kvm|tcg`` overrides the probe.  The
-console of the last boot is kept in ``artifacts/logs/boot-<host>.console.log``.
+guest here, otherwise TCG (see :func:`accel_plan`); ``LABFORGE_ACCEL=kvm|tcg``
+overrides the detection.  The console of the last boot is kept in
+``artifacts/logs/boot-<host>.console.log``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import re
 import shutil
@@ -38,22 +39,66 @@ from .outcome import Outcome
 from .overlays import overlay_path
 from .workspace import Workspace
 
+log = logging.getLogger("labforge")
+
 FINAL = re.compile(r"Cloud-init v\. \S+ finished at .*?Up ([\d.]+) seconds")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 TAIL = 15
+# A KVM guest's kernel prints "Linux version" within seconds of QEMU's start
+# (firmware and GRUB included).  Some nested hosts run the firmware under KVM
+# and then stall for good once the kernel starts; a boot that shows no
+# kernel output by then is stopped and redone under TCG.
+KVM_GRACE = 45.0
+_kvm_stall: list[str] = []          # why KVM stalled in this process (then: TCG only)
 
 
-@functools.lru_cache(maxsize=None)
 def detect_accel() -> str:
     """``kvm`` when KVM can run a guest here, else ``tcg``.
 
-    ``/dev/kvm`` existing is not enough (nested or restricted hosts abort or
-    hang): a firmware-only guest with ``-cpu host`` must reach SeaBIOS's
-    "no bootable device" and exit within seconds.
+    ``LABFORGE_ACCEL=kvm|tcg`` decides; otherwise the probe below, unless a
+    boot in this process already saw KVM stall (:func:`kvm_stalled`).
     """
     forced = os.environ.get("LABFORGE_ACCEL", "").strip().lower()
     if forced in ("kvm", "tcg"):
         return forced
+    return "tcg" if _kvm_stall else _probe_kvm()
+
+
+def accel_plan(accel: str | None = None) -> list[str]:
+    """The accelerators a boot tries, in order.
+
+    An explicit ``accel`` (option or LABFORGE_ACCEL) is used alone.  A
+    detected KVM comes with TCG behind it, because the probe only proves the
+    firmware runs: a boot watches for kernel output for ``KVM_GRACE``
+    seconds and otherwise starts over under TCG.
+    """
+    if accel:
+        if accel not in ("kvm", "tcg"):
+            raise LabError(f"--accel: {accel!r} is not kvm or tcg")
+        return [accel]
+    if os.environ.get("LABFORGE_ACCEL", "").strip().lower() in ("kvm", "tcg"):
+        return [detect_accel()]
+    return ["kvm", "tcg"] if detect_accel() == "kvm" else ["tcg"]
+
+
+def kvm_stalled(what: str) -> None:
+    """Record that a KVM boot made no progress; later boots here use TCG."""
+    if not _kvm_stall:
+        log.warning("%s: KVM showed no guest kernel output within %.0fs (nested KVM that "
+                    "stalls); redoing the boot under TCG, and using TCG from now on",
+                    what, KVM_GRACE)
+    _kvm_stall.append(what)
+
+
+def kernel_started(console_text: str) -> bool:
+    return "Linux version" in console_text
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_kvm() -> str:
+    """``/dev/kvm`` existing is not enough (nested or restricted hosts abort or
+    hang): a firmware-only guest with ``-cpu host`` must reach SeaBIOS's
+    "no bootable device" and exit within seconds."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK) or shutil.which("qemu-system-x86_64") is None:
         return "tcg"
     with tempfile.TemporaryDirectory(prefix="labforge-kvm-") as tmp:
@@ -102,33 +147,40 @@ def boot_check(lab: Lab, ws: Workspace, host: str, *, timeout: float = 900,
     seed, marker = _seed(lab, ws, h)
     runner.require("qemu-system-x86_64")
     runner.require("qemu-img")
-    accel = accel or detect_accel()
-    if accel not in ("kvm", "tcg"):
-        raise LabError(f"--accel: {accel!r} is not kvm or tcg")
+    plan = accel_plan(accel)
     console = ws.artifact_dir("logs") / f"boot-{h.name}.console.log"
-    console.unlink(missing_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f"boot-{h.name}.", dir=ws.cache_dir("boot-check")))
     disk = workdir / "disk.qcow2"
     pidfile = workdir / "qemu.pid"
     try:
-        runner.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", overlay.resolve(),
-                    "-F", "qcow2", disk], what="creating the throwaway overlay")
-        argv = ["qemu-system-x86_64", "-name", f"labforge-boot-{h.name}",
-                "-accel", accel, *(["-cpu", "host"] if accel == "kvm" else []),
-                "-smp", str(min(h.cpus, os.cpu_count() or 1, 2)), "-m", str(min(memory, h.memory)),
-                "-nodefaults", "-display", "none", "-no-reboot",
-                "-serial", f"file:{console}",
-                "-drive", f"file={disk},if=virtio,format=qcow2,cache=unsafe",
-                "-drive", f"file={seed},media=cdrom,readonly=on,format=raw",
-                "-nic", "user,model=virtio-net-pci" + (f",mac={h.mac}" if h.mac else ""),
-                "-pidfile", str(pidfile)]
-        return [_watch(h, argv, console, pidfile, marker, list(expect), timeout, accel)]
+        for i, acc in enumerate(plan):
+            console.unlink(missing_ok=True)
+            disk.unlink(missing_ok=True)
+            runner.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", overlay.resolve(),
+                        "-F", "qcow2", disk], what="creating the throwaway overlay")
+            argv = ["qemu-system-x86_64", "-name", f"labforge-boot-{h.name}",
+                    "-accel", acc, *(["-cpu", "host"] if acc == "kvm" else []),
+                    "-smp", str(min(h.cpus, os.cpu_count() or 1, 2)), "-m", str(min(memory, h.memory)),
+                    "-nodefaults", "-display", "none", "-no-reboot",
+                    "-serial", f"file:{console}",
+                    "-drive", f"file={disk},if=virtio,format=qcow2,cache=unsafe",
+                    "-drive", f"file={seed},media=cdrom,readonly=on,format=raw",
+                    "-nic", "user,model=virtio-net-pci" + (f",mac={h.mac}" if h.mac else ""),
+                    "-pidfile", str(pidfile)]
+            grace = KVM_GRACE if i + 1 < len(plan) else None
+            out = _watch(h, argv, console, pidfile, marker, list(expect), timeout, acc, grace)
+            if out is not None:
+                return [out]
+            kvm_stalled(f"boot-check {h.name}")
+        raise AssertionError("unreachable: the last accelerator has no grace period")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _watch(h: Host, argv: list[str], console: Path, pidfile: Path, marker: str,
-           expect: list[str], timeout: float, accel: str) -> Outcome:
+           expect: list[str], timeout: float, accel: str, grace: float | None) -> Outcome | None:
+    """The boot's outcome; None when ``grace`` passed (or QEMU quit) before the
+    guest kernel printed anything, so the caller can try the next accelerator."""
     result: dict = {}
 
     def work() -> None:
@@ -168,6 +220,9 @@ def _watch(h: Host, argv: list[str], console: Path, pidfile: Path, marker: str,
                     raise LabError(f"{step}: cloud-init finished but {missing[0]!r} never appeared "
                                    "on the console: the seed was not applied as expected; "
                                    f"console: {console}", _tail(text))
+                if grace is not None and not kernel_started(text) and (
+                        not thread.is_alive() or time.monotonic() - start > grace):
+                    return None
                 if not thread.is_alive():
                     proc = result.get("proc")
                     if "error" in result:

@@ -331,10 +331,25 @@ def test_kpartx_dmsetup_standins_map_loop_partitions(tmp_path):
 # --------------------------------------------------------------------------
 # boot-check plumbing (the boot itself is in test_images_e2e.py)
 # --------------------------------------------------------------------------
-@pytest.mark.integration
-def test_accel_detection_picks_a_working_accelerator():
-    from builders.bootcheck import detect_accel
-    assert detect_accel() in ("kvm", "tcg")
+def test_accel_plan_puts_tcg_behind_a_detected_kvm(monkeypatch):
+    """A probed KVM may still stall once the guest kernel starts (nested hosts):
+    a boot then starts over under TCG, and later boots go straight to TCG."""
+    from builders import bootcheck
+    monkeypatch.delenv("LABFORGE_ACCEL", raising=False)
+    monkeypatch.setattr(bootcheck, "_kvm_stall", [])
+    monkeypatch.setattr(bootcheck, "_probe_kvm", lambda: "kvm")
+    assert bootcheck.accel_plan() == ["kvm", "tcg"]
+    assert bootcheck.accel_plan("kvm") == ["kvm"]             # asked for: no fallback
+    with pytest.raises(LabError, match="'xen' is not kvm or tcg"):
+        bootcheck.accel_plan("xen")
+    monkeypatch.setenv("LABFORGE_ACCEL", "kvm")
+    assert bootcheck.accel_plan() == ["kvm"]
+    monkeypatch.delenv("LABFORGE_ACCEL")
+    bootcheck.kvm_stalled("boot-check broker1")
+    assert bootcheck.detect_accel() == "tcg" and bootcheck.accel_plan() == ["tcg"]
+    monkeypatch.setattr(bootcheck, "_probe_kvm", lambda: "tcg")
+    monkeypatch.setattr(bootcheck, "_kvm_stall", [])
+    assert bootcheck.accel_plan() == ["tcg"]
 
 
 def test_boot_check_without_overlay_is_one_line(cli):
