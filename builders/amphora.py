@@ -38,7 +38,7 @@ from pathlib import Path
 from . import docker_engine, runner
 from .console import progress
 from .dib import (DEBIAN_MINIMAL_LAYER, ca_bundle, compress_qcow2, debian_mirrors, failing_script,
-                  package_layer, prune_layers)
+                  package_layer, proxy_environment, prune_layers)
 from .errors import LabError
 from .fsutil import atomic_write
 from .lab import Lab
@@ -247,11 +247,12 @@ def _pip_index(lab: Lab) -> str:
 def check_octavia_release(lab: Lab, version: str) -> None:
     """LabError when the package index has no Octavia sdist of that version."""
     import requests
-    index = _pip_index(lab)
+    url = _pip_index(lab)
+    index = runner.safe_url(url)           # what messages show
     bundle = ca_bundle(lab)
     for attempt in range(3):  # an index behind a proxy drops a connection now and then
         try:
-            resp = requests.get(f"{index}/octavia/", timeout=60,
+            resp = requests.get(f"{url}/octavia/", timeout=60,
                                 headers={"Accept": "text/html"},
                                 verify=str(bundle) if bundle else True)
         except requests.RequestException as exc:
@@ -281,7 +282,9 @@ def _vkey(v: str):
 
 
 def _release_memo(lab: Lab, ws: Workspace, s: dict) -> tuple[Path, str]:
-    return ws.cache / "amphora" / "octavia-releases", f"{_pip_index(lab)} {s['octavia_version']}"
+    """The file of confirmed releases and this one's line (index without its password)."""
+    return (ws.cache / "amphora" / "octavia-releases",
+            f"{runner.safe_url(_pip_index(lab))} {s['octavia_version']}")
 
 
 def confirm_octavia_release(lab: Lab, ws: Workspace, s: dict) -> None:
@@ -327,16 +330,47 @@ def builder_inputs(lab: Lab, s: dict) -> dict:
     }
 
 
+def builder_from(lab: Lab) -> str:
+    """The image the builder starts FROM: build.builder_from, else the local base."""
+    return lab.build.builder_from or BASE_TAG
+
+
 def builder_tag(lab: Lab, cli, s: dict) -> str | None:
     """Tag of the builder image for these settings when the engine has it, else None.
 
     No side effects: builds nothing, contacts no package index.
     """
-    base_id = _image_id(cli, BASE_TAG)
+    base_id = _image_id(cli, builder_from(lab))
     if base_id is None:
         return None
     tag = f"{BUILDER_REPO}:{input_digest(builder_inputs(lab, s), base_id)[:16]}"
     return tag if _image_id(cli, tag) is not None else None
+
+
+def _base_for_builder(lab: Lab, ws: Workspace, cli, bar) -> str:
+    """The id of the FROM image: the local base (made when missing) or
+    build.builder_from (pulled when the engine does not have it)."""
+    ref = builder_from(lab)
+    base_id = _image_id(cli, ref)
+    if base_id is not None:
+        return base_id
+    if ref == BASE_TAG:
+        bar.set_description(f"no {BASE_TAG} yet: builder-base")
+        build_builder_base(lab, ws)
+    else:
+        from docker.errors import DockerException
+        bar.set_description(f"pulling {ref}")
+        try:
+            cli.images.pull(ref)
+        except DockerException as exc:
+            text = str(getattr(exc, "explanation", None) or exc).strip().splitlines()[-1]
+            raise LabError(f"{lab.source.name}: build.builder_from: cannot pull {ref} ({text}); "
+                           "name an image your engine has or can pull, or remove the setting "
+                           "to use the local base (`invoke builder-base`)") from None
+    base_id = _image_id(cli, ref)
+    if base_id is None:
+        raise LabError(f"build.builder_from: the engine has no {ref} after pulling it")
+    return base_id
 
 
 def ensure_builder(lab: Lab, ws: Workspace, cli, s: dict, logfh, bar) -> str:
@@ -345,12 +379,8 @@ def ensure_builder(lab: Lab, ws: Workspace, cli, s: dict, logfh, bar) -> str:
     if existing is not None:
         return existing
     inputs = builder_inputs(lab, s)
-    base_id = _image_id(cli, BASE_TAG)
     confirm_octavia_release(lab, ws, s)
-    if base_id is None:
-        bar.set_description(f"no {BASE_TAG} yet: builder-base")
-        build_builder_base(lab, ws)
-        base_id = _image_id(cli, BASE_TAG)
+    base_id = _base_for_builder(lab, ws, cli, bar)
     tag = f"{BUILDER_REPO}:{input_digest(inputs, base_id)[:16]}"
     ctx = Path(tempfile.mkdtemp(prefix="context.", dir=ws.cache_dir("amphora")))
     try:
@@ -365,10 +395,11 @@ def ensure_builder(lab: Lab, ws: Workspace, cli, s: dict, logfh, bar) -> str:
             shutil.copy2(inputs["ca_bundle"], ctx / "build-ca.crt")
         else:
             (ctx / "build-ca.crt").write_text("")
-        args = {"BASE_IMAGE": BASE_TAG, "DIB_VERSION": DIB_VERSION,
+        args = {"BASE_IMAGE": builder_from(lab), "DIB_VERSION": DIB_VERSION,
                 "OCTAVIA_VERSION": s["octavia_version"], "OCTAVIA_LIB_VERSION": OCTAVIA_LIB_VERSION,
                 "OCTAVIA_GIT": s["octavia_git"] or "", "OCTAVIA_REF": s["octavia_ref"] or "",
-                "PIP_INDEX_URL": lab.build.pip_index or ""}
+                "PIP_INDEX_URL": lab.build.pip_index or "",
+                **proxy_environment()}   # Docker's predefined proxy build args
         bar.set_description(f"builder image {tag}")
         lines: list[str] = []
         for chunk in cli.api.build(path=str(ctx), tag=tag, buildargs=args, rm=True, forcerm=True,
@@ -452,8 +483,8 @@ def dib_environment(lab: Lab, s: dict) -> dict[str, str]:
 def layer_name(lab: Lab, s: dict) -> str | None:
     """The package layer's directory under cache/amphora/dib/layers, or None
     when this build does not use one (see LAYER_PACKAGES)."""
-    if s["base_os"] != "debian" or s["agent"] != "source" or s["octavia_git"] \
-            or s["octavia_version"] != LAYER_OCTAVIA_VERSION:
+    if s["base_os"] != "debian" or s["arch"] != "amd64" or s["agent"] != "source" \
+            or s["octavia_git"] or s["octavia_version"] != LAYER_OCTAVIA_VERSION:
         return None
     main, sec = debian_mirrors(lab)
     return package_layer(s["release"], main, sec, LAYER_PACKAGES)[0]
@@ -567,7 +598,7 @@ def _run_dib(cli, tag: str, lab: Lab, s: dict, cache: Path, outdir: Path, logfh,
 
     code, lines = docker_engine.run_streaming(
         cli, tag, ["bash", "-c", build_command(s, stem)], logfh=logfh, on_line=on_line,
-        network_mode="host", environment=env, volumes=volumes,
+        network_mode="host", environment={**proxy_environment(), **env}, volumes=volumes,
         labels={"org.labforge.kind": "amphora-build"}, working_dir="/build", **device_access())
     if code != 0:
         stamp = re.compile(r"^\d{4}-\d\d-\d\d [\d:.]+ \| ")

@@ -272,6 +272,11 @@ class InContainer:
 PROXY_VARS = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
 
 
+def proxy_environment() -> dict[str, str]:
+    """This process's proxy variables, for a container or a docker build."""
+    return {k: os.environ[k] for k in PROXY_VARS if k in os.environ}
+
+
 # --------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------
@@ -450,7 +455,7 @@ def _run_in_container(c: InContainer, cmd: DibCommand, lab: Lab, ws: Workspace, 
     its output streams to the log and drives the phase shown.  Ctrl-C kills
     the container (its mounts die with its mount namespace)."""
     from . import docker_engine
-    env = {k: os.environ[k] for k in PROXY_VARS if k in os.environ}
+    env = proxy_environment()
     env.update(cmd.env)
     env["PATH"] = c.path
     elements_path = [Path(p) for p in cmd.env.get("ELEMENTS_PATH", "").split(os.pathsep) if p]

@@ -159,6 +159,10 @@ class BuildSettings:
     pip_index: str | None = None
     ca_bundle: str | None = "/etc/ssl/certs/ca-certificates.crt"  # for builds behind a proxy
     keep_ca_bundle: bool = False           # leave the CA bundle in built images
+    # FROM of the builder container; default: the local labforge/debian-base
+    # that `invoke builder-base` makes (no registry needed).  With a registry:
+    # debian:bookworm or your mirror of it.
+    builder_from: str | None = None
 
 
 @dataclass(frozen=True)

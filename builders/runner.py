@@ -64,6 +64,12 @@ def mask(text: str, secrets: Sequence[str]) -> str:
     return text
 
 
+def safe_url(url: str) -> str:
+    """``url`` with its userinfo (a password or token) masked: https://***@host/..."""
+    import re
+    return re.sub(r"^([a-z][a-z0-9+.-]*://)[^/@]+@", r"\1***@", url, flags=re.I)
+
+
 def display(argv: Sequence[str], secrets: Sequence[str] = ()) -> str:
     """The command as a shell-like line, secrets masked."""
     import shlex

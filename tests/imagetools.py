@@ -154,3 +154,27 @@ def assert_compressed_and_clean(image: Path) -> dict:
     assert report.get("check-errors", 0) == 0 and report.get("corruptions", 0) == 0, report
     assert report.get("compressed-clusters", 0) > 0, report
     return report
+
+
+def installed_packages(image: Path, tmp_path: Path) -> set[str]:
+    """Package names dpkg lists as installed in the image's root filesystem
+    (the largest partition of a raw copy, read with debugfs)."""
+    import json
+    raw = tmp_path / "pkgs.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(raw)], check=True)
+    try:
+        table = json.loads(subprocess.run(["sfdisk", "-J", str(raw)], check=True, capture_output=True,
+                                          text=True).stdout)["partitiontable"]
+        part = max(table["partitions"], key=lambda p: p["size"])
+        offset = part["start"] * table.get("sectorsize", 512)
+        status = subprocess.run(["debugfs", "-R", "cat /var/lib/dpkg/status", f"{raw}?offset={offset}"],
+                                check=True, capture_output=True, text=True).stdout
+    finally:
+        raw.unlink()
+    names, pkg = set(), None
+    for line in status.splitlines():
+        if line.startswith("Package: "):
+            pkg = line.split()[1]
+        elif line.startswith("Status: ") and line.endswith(" installed"):
+            names.add(pkg)
+    return names

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from builders import baseimage, bootcheck, dib, overlays, seediso
 from builders.fsutil import private_dir, sha256_file
 from builders.manifest import Manifest
-from imagetools import assert_compressed_and_clean, assert_error_line, lab_file
+from imagetools import assert_compressed_and_clean, assert_error_line, installed_packages, lab_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -31,26 +31,6 @@ def _lab_ssh_key(ws) -> None:
     (d / "lab_ed25519").chmod(0o600)
     (d / "lab_ed25519.pub").write_bytes(key.public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b" lab\n")
-
-
-def _installed_packages(image, tmp_path) -> set[str]:
-    """Package names dpkg lists as installed in the image's root filesystem."""
-    raw = tmp_path / "pkgs.raw"
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(raw)], check=True)
-    try:
-        start = json.loads(subprocess.run(["sfdisk", "-J", str(raw)], check=True, capture_output=True,
-                                          text=True).stdout)["partitiontable"]["partitions"][0]["start"]
-        status = subprocess.run(["debugfs", "-R", "cat /var/lib/dpkg/status", f"{raw}?offset={start * 512}"],
-                                check=True, capture_output=True, text=True).stdout
-    finally:
-        raw.unlink()
-    names, pkg = set(), None
-    for line in status.splitlines():
-        if line.startswith("Package: "):
-            pkg = line.split()[1]
-        elif line.startswith("Status: ") and line.endswith(" installed"):
-            names.add(pkg)
-    return names
 
 
 def test_dib_base_overlays_and_boot_check_broker1(tmp_path, ws, cli):
@@ -76,13 +56,13 @@ def test_dib_base_overlays_and_boot_check_broker1(tmp_path, ws, cli):
     assert "mmdebstrap is installed; use it" in log.read_text(errors="replace")
     [layer] = (ws.cache / "dib" / "layers").glob("bookworm-*/debootstrap-debian-bookworm-amd64.tar.gz")
     # the image holds the layer's packages; a rebuild from the layer installs the same set
-    installed = _installed_packages(image, tmp_path)
+    installed = installed_packages(image, tmp_path)
     assert set(baseimage.LAYER_PACKAGES) <= installed, set(baseimage.LAYER_PACKAGES) - installed
     # a forced rebuild starts from the cached package layer; that image is the one booted below
     [warm] = baseimage.build_base_image(lab, ws, force=True)
     assert warm.status == "built", warm.line()
     assert f"{layer} found in cache. Using." in log.read_text(errors="replace")
-    assert _installed_packages(image, tmp_path) == installed
+    assert installed_packages(image, tmp_path) == installed
     assert_compressed_and_clean(image)
     rec = Manifest(ws.artifacts).get(image)
     # a CI job that restores cache/ but not artifacts/ reuses the built image
