@@ -202,10 +202,7 @@ def foreign_client(directory: Path) -> Path:
 # --------------------------------------------------------------------------
 def _image(ws: Workspace, image: str | None) -> Path:
     if image:
-        p = Path(image)
-        if p.is_file():
-            return p.resolve()
-        return Manifest(ws.artifacts).find(image, kinds=("amphora",))[0]
+        return Manifest(ws.artifacts).resolve(image, kinds=("amphora",))[0]
     for ext in ("qcow2", "raw"):
         p = ws.artifacts / "images" / f"amphora-x64-haproxy.{ext}"
         if p.is_file():

@@ -391,19 +391,29 @@ def _verify_ubuntu_signature(session, url: str, sums: bytes, workdir: Path, *, r
     return "good"
 
 
+def part_path(dest: Path, expected: str) -> Path:
+    """Where the download of ``dest`` with that published checksum accumulates."""
+    return dest.with_name(f"{dest.name}.{expected[:12].lower()}.part")
+
+
 def download(url: str, dest: Path, *, expected: str, algo: str, retries: int = RETRIES,
              backoff: float = BACKOFF, session=None, label: str | None = None) -> Path:
-    """Download ``url`` to ``dest`` via ``dest.part``, resuming, verified.
+    """Download ``url`` to ``dest`` via a ``.part`` file, resuming, verified.
 
     The ``.part`` file survives an interrupted run; the next run asks the
     server for the rest (HTTP Range) and, if the server does not honour it,
-    starts over.  Memory use is constant (1 MiB chunks).  A checksum
-    mismatch deletes the download and raises.
+    starts over.  It is named after the published checksum, so a part of an
+    image the mirror has since replaced (Debian's ``latest``) is discarded
+    instead of being completed into a mismatch.  Memory use is constant
+    (1 MiB chunks).  A checksum mismatch deletes the download and raises.
     """
     import requests
     session = session or _session()
-    part = dest.with_name(dest.name + ".part")
+    part = part_path(dest, expected)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    for stale in dest.parent.glob(f"{dest.name}.*part"):
+        if stale != part:
+            stale.unlink(missing_ok=True)
     delay = backoff
     attempt = 0
     total: int | None = None

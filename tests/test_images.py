@@ -71,11 +71,23 @@ def test_dropped_connection_is_resumed_with_range(tmp_path, ws, mirror):
 def test_part_file_from_an_interrupted_run_is_resumed(tmp_path, ws, mirror):
     img, digest = publish_debian(mirror.root, data_mib=2)
     dest = ws.cache_dir("downloads") / img.name
-    part = dest.with_name(dest.name + ".part")
+    part = baseimage.part_path(dest, digest)
     part.write_bytes(img.read_bytes()[:500_000])   # what a killed run left
     baseimage.download(mirror.url + img.name, dest, expected=digest, algo="sha512")
     assert sha256_file(dest) == sha256_file(img) and not part.exists()
     assert mirror.requests[-1][1] == "bytes=500000-"
+
+
+@pytest.mark.integration
+def test_part_of_a_replaced_image_is_not_resumed(tmp_path, ws, mirror):
+    """The mirror published a new `latest` since the interrupted run: start over."""
+    img, digest = publish_debian(mirror.root, data_mib=2)
+    dest = ws.cache_dir("downloads") / img.name
+    old = baseimage.part_path(dest, "0" * 128)
+    old.write_bytes(b"x" * 500_000)                 # a part of the previous image
+    baseimage.download(mirror.url + img.name, dest, expected=digest, algo="sha512")
+    assert sha256_file(dest) == sha256_file(img) and not old.exists()
+    assert [r[1] for r in mirror.requests if r[0].endswith(img.name)] == [None]
 
 
 @pytest.mark.integration
