@@ -262,6 +262,8 @@ def _build(lab: Lab, ws: Workspace, rel: Release, target: Path, digest: str,
             with atomic_path(target) as tmp:
                 shutil.copyfile(cached, tmp)
             meta = {**known.get("meta", {}), "reused_from_cache": True}
+            if not (ws.artifacts / meta.get("log", "")).is_file():
+                meta.pop("log", None)           # that build's log went with its artifacts/
             return meta, _tools(meta, place.dib_version)
     container = _builder_container(lab, ws, rel, place) if place.kind == "container" else None
     layer = _package_layer(lab, ws, rel, on_host=container is None)
