@@ -50,6 +50,9 @@ def client(ws: Workspace, *, start: bool = True):
     if host:
         raise LabError(f"docker: no engine answers at DOCKER_HOST={host}; start it or unset "
                        "DOCKER_HOST to use the local engine")
+    if os.path.exists(DEFAULT_SOCKET) and not os.access(DEFAULT_SOCKET, os.R_OK | os.W_OK):
+        raise LabError(f"docker: permission denied on {DEFAULT_SOCKET}; run as root or join "
+                       "the group that owns it (usually `docker`), then log in again")
     if not start or os.geteuid() != 0:
         raise LabError(f"docker: no engine answers at {DEFAULT_SOCKET}; start it "
                        "(`sudo systemctl start docker` or `sudo dockerd &`) or set DOCKER_HOST")

@@ -320,3 +320,4 @@ def test_cli_builder_from_that_cannot_be_pulled(cli, ws, tmp_path):
         in errors[0], proc.stderr
     images = ws.artifacts / "images"
     assert not images.exists() or not any(images.iterdir())
+
