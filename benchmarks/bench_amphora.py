@@ -50,8 +50,7 @@ def upstream_build(lb, ws: Workspace, cache: Path, out: Path) -> float:
             env.pop(k, None)
         env["DIB_ELEMENTS"] = " ".join(amphora.elements(s))
         env["DIB_LOCAL_ELEMENTS_PATH"] = "/opt/labforge/elements"
-        script = ("set -e; if ! dmsetup version >/dev/null 2>&1; then "
-                  "export PATH=/opt/labforge/dib-bin:$PATH; fi; "
+        script = ("set -e; " + amphora.standin_prefix() +
                   "exec /opt/labforge/src/octavia/diskimage-create/diskimage-create.sh "
                   f"-d {s['release']} -s {s['size']} -c /cache -o /out/upstream-amphora.qcow2")
         t0 = time.monotonic()

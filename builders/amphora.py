@@ -38,7 +38,7 @@ from pathlib import Path
 from . import docker_engine, runner
 from .console import progress
 from .dib import (DEBIAN_MINIMAL_LAYER, ca_bundle, compress_qcow2, debian_mirrors, failing_script,
-                  package_layer, proxy_environment, prune_layers)
+                  has_device_mapper, package_layer, proxy_environment, prune_layers)
 from .errors import LabError
 from .fsutil import atomic_write
 from .lab import Lab
@@ -490,12 +490,20 @@ def layer_name(lab: Lab, s: dict) -> str | None:
     return package_layer(s["release"], main, sec, LAYER_PACKAGES)[0]
 
 
+def standin_prefix() -> str:
+    """Shell that puts the kpartx/dmsetup stand-ins first on PATH inside the
+    builder container, on kernels without device-mapper (the container shares
+    the host's kernel, so the host's test decides); empty elsewhere."""
+    if has_device_mapper():
+        return ""
+    return (f"export PATH={BUILDER_STANDIN_DIR}:$PATH; "
+            "echo 'labforge: no device-mapper: kpartx/dmsetup via partx stand-ins'; ")
+
+
 def build_command(s: dict, out_stem: str) -> str:
-    """The shell line the container runs (stand-ins on PATH only without device-mapper)."""
+    """The shell line the container runs."""
     els = " ".join(elements(s))
-    return ("set -e; if ! dmsetup version >/dev/null 2>&1; then "
-            f"export PATH={BUILDER_STANDIN_DIR}:$PATH; "
-            "echo 'labforge: no device-mapper: kpartx/dmsetup via partx stand-ins'; fi; "
+    return (f"set -e; {standin_prefix()}"
             f"exec disk-image-create -a {s['arch']} -t {s['image_type']} "
             f"{'-u ' if s['image_type'] == 'qcow2' else ''}"   # compressed by labforge, on every core
             f"--image-size {s['size']} -o /out/{out_stem} {els}")

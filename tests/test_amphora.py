@@ -80,6 +80,15 @@ def test_package_layer_only_where_its_package_list_holds(default_lab):
         assert amphora.layer_name(default_lab, amphora.settings(default_lab, **over)) is None, over
 
 
+def test_standins_only_on_kernels_without_device_mapper(default_lab, monkeypatch):
+    s = amphora.settings(default_lab)
+    monkeypatch.setattr(amphora, "has_device_mapper", lambda: True)
+    assert amphora.BUILDER_STANDIN_DIR not in amphora.build_command(s, "x")
+    monkeypatch.setattr(amphora, "has_device_mapper", lambda: False)
+    cmd = amphora.build_command(s, "x")
+    assert cmd.index(f"export PATH={amphora.BUILDER_STANDIN_DIR}:") < cmd.index("disk-image-create")
+
+
 def test_builder_starts_from_the_local_base_unless_told(default_lab):
     import dataclasses
     assert amphora.builder_from(default_lab) == amphora.BASE_TAG
