@@ -149,25 +149,30 @@ def build_certs(lab: Lab, ws: Workspace, *, force: bool = False,
         old = load_state(ws)
         new: dict = {"version": STATE_VERSION}
         plan = Plan(ws)
-        results: list[tuple[str, list[str], list[Path]]] = []
+        # set name, notes, its outputs, the files it removes
+        results: list[tuple[str, list[str], list[Path], list[Path]]] = []
+
+        def planned(name: str, fn, *args) -> None:
+            first_remove = len(plan.removes)
+            notes, paths = fn(*args)
+            results.append((name, notes, paths, plan.removes[first_remove:]))
+
         # plan every set first: any LabError here leaves certs/ untouched
-        notes, paths = plan_ssh(lab, ws, old.get("ssh"), "ssh" in rotate, plan, new)
-        results.append(("ssh", notes, paths))
-        notes, paths = certs_kafka.plan(lab, ws, old.get("kafka"), "kafka" in rotate,
-                                        force, plan, new)
-        results.append(("kafka", notes, paths))
+        planned("ssh", plan_ssh, lab, ws, old.get("ssh"), "ssh" in rotate, plan, new)
+        planned("kafka", certs_kafka.plan, lab, ws, old.get("kafka"), "kafka" in rotate,
+                force, plan, new)
         if lab.octavia.enabled:
-            notes, paths = certs_octavia.plan(lab, ws, old.get("octavia"), "octavia" in rotate,
-                                              force, plan, new)
-            results.append(("octavia", notes, paths))
+            planned("octavia", certs_octavia.plan, lab, ws, old.get("octavia"),
+                    "octavia" in rotate, force, plan, new)
         elif "octavia" in old:
             new["octavia"] = old["octavia"]  # disabled: keep what exists, untouched
         plan.put(state_path(ws), json.dumps(new, indent=2, sort_keys=True) + "\n", PUBLIC)
         changed = set(plan.commit())
         secs = time.monotonic() - started
         outcomes = []
-        for name, notes, set_paths in results:
-            touched = [p for p in set_paths if p in changed]
+        for name, notes, set_paths, set_removes in results:
+            # a removed file (a broker gone from lab.yaml) is a change too
+            touched = [p for p in (*set_paths, *set_removes) if p in changed]
             status = "built" if touched else "up to date"
             detail = "; ".join(notes) if touched or notes else ""
             outcomes.append(Outcome(f"certs {name}", status, sorted(set_paths), detail,

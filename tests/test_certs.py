@@ -131,9 +131,11 @@ def test_adding_a_broker_issues_only_that_broker(built: Workspace, tmp_path):
     ca = x509.load_pem_x509_certificate((built.certs / "kafka" / "ca.crt").read_bytes())
     b4 = x509.load_pem_x509_certificate((built.certs / "kafka" / "broker4.crt").read_bytes())
     b4.verify_directly_issued_by(ca)
-    # and removing it again removes exactly its material
-    build_certs(lab_from(default_dict(), tmp_path / "lab3"), built)
+    # and removing it again removes exactly its material, reported as a change
+    out = {o.step: o for o in build_certs(lab_from(default_dict(), tmp_path / "lab3"), built)}
     assert changed(before, snapshot(built.certs)) == {"state.json"}
+    assert (out["certs kafka"].status, out["certs kafka"].detail) == ("built", "removed broker4")
+    assert out["certs octavia"].status == "up to date"
 
 
 def test_changing_one_ip_reissues_exactly_that_broker(built: Workspace, tmp_path):
