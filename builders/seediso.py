@@ -21,9 +21,10 @@ are validated (YAML with line numbers, header, known keys) and used as is.
 
 Seeds are reproducible: ISO timestamps come from ``SOURCE_DATE_EPOCH`` (or a
 fixed date), files are in a fixed order, so the same inputs give the same
-bytes.  A seed that carries material from certs/ (``write_files[].source:
-"certs:..."``) is secret: it is written to ``certs/seed/<host>.iso`` (0600)
-and kept out of the manifest.
+bytes.  A seed that carries material from certs/ (a ``write_files[].source``
+of ``"certs:..."`` or any path that resolves under certs/, or a user-data /
+vendor-data / network-config file there) is secret: it is written to
+``certs/seed/<host>.iso`` (0600) and kept out of the manifest.
 """
 
 from __future__ import annotations
@@ -135,10 +136,26 @@ def _host(lab: Lab, host: Host | str) -> Host:
     return host if isinstance(host, Host) else lab.host(host)
 
 
-def is_secret(host: Host) -> bool:
-    """A seed is secret when a write_files entry pulls a file from certs/."""
-    return any(wf.source is not None and wf.source.startswith(CERTS_PREFIX)
-               for wf in host.write_files)
+def _under(path: Path, root: Path) -> bool:
+    """``path`` (symlinks followed) is ``root`` or inside it."""
+    try:
+        return path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):       # a symlink loop: reading it fails later, clearly
+        return False
+
+
+def is_secret(lab: Lab, ws: Workspace, host: Host) -> bool:
+    """A seed is secret when anything on it comes from the workspace's certs/:
+    a ``certs:`` write_files source, or any write_files source or user-data /
+    vendor-data / network-config file whose path (relative to the lab file,
+    symlinks followed) lies under certs/."""
+    for wf in host.write_files:
+        if wf.source is None:
+            continue
+        if wf.source.startswith(CERTS_PREFIX) or _under(lab.path(wf.source), ws.certs):
+            return True
+    return any(value is not None and _under(lab.path(value), ws.certs)
+               for value in (host.user_data, host.vendor_data, host.network_config))
 
 
 def seed_path(lab: Lab, ws: Workspace, host: Host | str, *, fmt: str = "iso") -> Path:
@@ -146,7 +163,7 @@ def seed_path(lab: Lab, ws: Workspace, host: Host | str, *, fmt: str = "iso") ->
     certs/seed/<host>.iso for a seed that carries secrets (``.img`` for vfat)."""
     h = _host(lab, host)
     suffix = ".iso" if fmt == "iso" else ".img"
-    base = ws.certs if is_secret(h) else ws.artifacts
+    base = ws.certs if is_secret(lab, ws, h) else ws.artifacts
     return base / "seed" / f"{h.name}{suffix}"
 
 
@@ -375,7 +392,7 @@ def render(lab: Lab, ws: Workspace, host: Host | str) -> Seed:
         files["vendor-data"] = supplied["vendor-data"]
     files = {k: files[k] for k in _ORDER if k in files}
     seed = Seed(host=h.name, files=files, instance_id=instance_id, marker=marker,
-                secret=is_secret(h), generated_user_data=cfg is not None, warnings=warnings)
+                secret=is_secret(lab, ws, h), generated_user_data=cfg is not None, warnings=warnings)
     if seed.size > MAX_SEED_BYTES:
         raise LabError(f"{_where(lab, f'hosts.{h.name}')}: the seed would hold "
                        f"{_human(seed.size)}, over the {_human(MAX_SEED_BYTES)} limit; ship large "

@@ -191,6 +191,46 @@ def test_a_seed_with_certs_material_is_secret(tmp_path, ws, lab_key):
     assert build_seed_isos(lab, ws, hosts=["broker1"])[0].status == "up to date"
 
 
+@pytest.mark.parametrize("how", ["relative", "absolute", "symlink", "user_data",
+                                 "network_config", "vendor_data"])
+def test_any_file_from_certs_makes_the_seed_secret(ws, lab_key, how):
+    """Not only `certs:` sources: any path that resolves under the workspace's
+    certs/ (relative to a lab file in the workspace, absolute, through a
+    symlink, or a host's own user-data/network-config/vendor-data there)
+    keeps the seed out of artifacts/ and the manifest."""
+    kafka = ws.certs_dir("kafka")
+    secret_bytes = b"\xfe\xed\xfe\xed secret keystore"
+    (kafka / "broker1.keystore.jks").write_bytes(secret_bytes)
+    (kafka / "ud.yaml").write_text("#cloud-config\nruncmd: [true]\n")
+    (kafka / "nc.yaml").write_text("version: 2\nethernets:\n  eth0: {dhcp4: true}\n")
+    (kafka / "vd.yaml").write_text("#cloud-config\npackages: [jq]\n")
+    (ws.root / "link.jks").symlink_to(kafka / "broker1.keystore.jks")
+    source = {"relative": "certs/kafka/broker1.keystore.jks",
+              "absolute": str(kafka / "broker1.keystore.jks"),
+              "symlink": "link.jks"}.get(how)
+    text = LAB
+    if source:
+        text = LAB.replace('content: "hello broker1\\n"', f'source: "{source}"')
+    else:
+        name = {"user_data": "ud", "network_config": "nc", "vendor_data": "vd"}[how]
+        text = LAB.replace("  broker2:\n", f"  broker2:\n    {how}: certs/kafka/{name}.yaml\n")
+    lab = labmod.load(write_lab(ws.root, text))           # the lab file sits in the workspace
+    host = "broker1" if source else "broker2"
+    other = "broker2" if source else "broker1"
+    outcomes = {o.step: o for o in build_seed_isos(lab, ws)}
+    secret = ws.certs / "seed" / f"{host}.iso"
+    assert seed_path(lab, ws, host) == secret and outcomes[f"seed-iso {host}"].paths == [secret]
+    assert secret.stat().st_mode & 0o777 == 0o600
+    assert not (ws.artifacts / "seed" / f"{host}.iso").exists()
+    assert list(Manifest(ws.artifacts).entries()) == [f"seed/{other}.iso"]
+    if source:
+        wf = yaml.safe_load(read_seed(secret)["user-data"])["write_files"][0]
+        assert base64.b64decode(wf["content"]) == secret_bytes
+        for p in ws.artifacts.rglob("*"):
+            if p.is_file():
+                assert base64.b64encode(secret_bytes) not in p.read_bytes(), p
+
+
 def test_user_supplied_files_are_used_as_is(tmp_path, ws, lab_key):
     ud = "#cloud-config\nhostname: custom\nruncmd: [true]\nfrobnicate: 1\n"
     nc = "network:\n  version: 2\n  ethernets:\n    eth0: {dhcp4: true}\n"
