@@ -247,6 +247,12 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = Fal
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError:   # `{[a]: 1}` or `? [a]`: a list or mapping as a key
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a key must be a plain value (a name or a number), not "
+                f"{_tname(key)}", key_node.start_mark) from None
         if key in seen:
             loader.duplicates.append((key_node.start_mark.line + 1, key, seen[key]))
         else:
@@ -279,17 +285,27 @@ def parse_yaml(text: str, name: str) -> Any:
     return data
 
 
+def decode_text(raw: bytes, name: str) -> str:
+    """UTF-8 text of a YAML file; anything else is a LabError naming the line."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise LabError(f"{name}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                       f"{exc.start}); save the file as UTF-8") from None
+
+
 def load(path: Path | str | None = None) -> Lab:
     """Load and validate a lab file; raise LabError listing every problem."""
     path = Path(path) if path else DEFAULT_LAB
     name = path.name
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise LabError(f"{path}: lab file not found; pass --lab FILE or create lab.yaml") from None
     except OSError as exc:
         raise LabError(f"{path}: cannot read lab file: {exc.strerror}") from None
-    data = parse_yaml(text, name)
+    data = parse_yaml(decode_text(raw, name), name)
     return from_dict(data, source=path.resolve())
 
 

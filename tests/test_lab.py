@@ -102,6 +102,25 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
     assert "invalid YAML" in str(err.value)
 
 
+@pytest.mark.parametrize("raw,needles", [
+    (b"name: lab\n# caf\xe9 (latin-1)\nhosts: {}\n",
+     ("lab.yaml:2: not UTF-8 text (byte 0xe9", "save the file as UTF-8")),
+    (b"name: lab\nhosts:\n  {[a]: 1}: x\n",
+     ("lab.yaml:3: invalid YAML: a key must be a plain value", "not a list")),
+    (b"name: lab\n? {a: 1}\n: x\n",
+     ("lab.yaml:2: invalid YAML: a key must be a plain value", "not a mapping")),
+])
+def test_undecodable_or_unhashable_lab_is_one_line(tmp_path, cli, raw, needles):
+    p = tmp_path / "lab.yaml"
+    p.write_bytes(raw)
+    with pytest.raises(LabError) as err:
+        labmod.load(p)
+    assert err.value.lines() == [str(err.value)]
+    for n in needles:
+        assert n in str(err.value)
+    assert_one_line_error(cli("check-lab", "--lab", str(p)), *needles)
+
+
 def test_missing_lab_file_says_what_to_do(tmp_path):
     with pytest.raises(LabError, match="lab file not found; pass --lab FILE"):
         labmod.load(tmp_path / "nope.yaml")

@@ -278,6 +278,22 @@ def test_cli_invalid_yaml_in_user_data_names_the_line(tmp_path, ws, cli, lab_key
     _no_iso(ws)
 
 
+@pytest.mark.parametrize("raw,needles", [
+    (b"#cloud-config\nruncmd: [ls]\n? [a, b]\n: 1\n",
+     ("ud.yaml:3: invalid YAML: a key must be a plain value", "not a list")),
+    (b"#cloud-config\nruncmd: [ls]\nwrite_files:\n  - {[x]: 1}\n",
+     ("ud.yaml:4: invalid YAML: a key must be a plain value",)),
+    (b"#cloud-config\n# caf\xe9\nruncmd: [ls]\n", ("ud.yaml: not UTF-8 text",)),
+])
+def test_cli_unhashable_key_or_bad_encoding_in_user_data(tmp_path, ws, cli, lab_key, raw,
+                                                        needles):
+    (tmp_path / "ud.yaml").write_bytes(raw)
+    lab = write_lab(tmp_path, LAB.replace("  broker2:\n", "  broker2:\n    user_data: ud.yaml\n"))
+    proc = cli("seed-iso", "--lab", str(lab))
+    assert_one_line_error(proc, "hosts.broker2.user_data", *needles)
+    _no_iso(ws)
+
+
 def test_cli_missing_ssh_key_file(tmp_path, ws, cli, lab_key):
     lab = write_lab(tmp_path, LAB.replace(
         "  broker2:\n", "  broker2:\n    ssh_authorized_keys: [keys/nope.pub]\n"))
