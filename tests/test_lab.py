@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -39,8 +40,10 @@ def test_default_lab_is_the_kafka_and_octavia_lab(default_lab):
 
 
 def test_objects_are_frozen(default_lab):
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         default_lab.hosts[0].ip = "1.2.3.4"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        default_lab.octavia.amphora.size = 9  # type: ignore[misc]
 
 
 def test_ip_outside_network_names_field_and_network():
