@@ -33,6 +33,15 @@ _DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _DNS_NAME = re.compile(r"^(?=.{1,253}$)((?!-)[a-z0-9-]{1,63}(?<!-)\.)*(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 _CN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# the files `invoke certs` writes in certs/octavia/ besides the amphora SSH key
+# pair (builders.certs_octavia.F; a test keeps the two the same): the key pair
+# named octavia.amp_ssh_key_name must not overwrite one of them
+OCTAVIA_FILES = frozenset({
+    "server_ca.cert.pem", "server_ca.key.pem", "server_ca-chain.cert.pem",
+    "client_ca.cert.pem", "client_ca.key.pem", "client.cert-and-key.pem",
+    "ca_private_key_passphrase", "server_certs_key_passphrase", "heartbeat_key",
+    "octavia-certificates.conf",
+})
 
 
 # --------------------------------------------------------------------------
@@ -547,9 +556,13 @@ def _check(lab: Lab, errors: list[str]) -> None:
         if not (_is_ip(ip.strip("[]")) and port.isdigit() and 0 < int(port) < 65536):
             errors.append(f"octavia.health_managers[{i}]: {hm!r} is not ADDRESS:PORT "
                           "like 10.100.0.5:5555")
-    if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", lab.octavia.amp_ssh_key_name):
-        errors.append(f"octavia.amp_ssh_key_name: {lab.octavia.amp_ssh_key_name!r} is not a valid "
+    key_name = lab.octavia.amp_ssh_key_name
+    if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", key_name) or key_name in (".", ".."):
+        errors.append(f"octavia.amp_ssh_key_name: {key_name!r} is not a valid "
                       "key pair name (letters, digits, '.', '_', '-')")
+    elif key_name in OCTAVIA_FILES or f"{key_name}.pub" in OCTAVIA_FILES:
+        errors.append(f"octavia.amp_ssh_key_name: {key_name!r} is the name of another file in "
+                      "certs/octavia/; choose another name (default octavia_ssh_key)")
     if not 1 <= lab.octavia.cert_validity_days <= lab.pki.ca_days:
         errors.append(f"octavia.cert_validity_days: {lab.octavia.cert_validity_days} must be "
                       f"between 1 and pki.ca_days ({lab.pki.ca_days})")

@@ -68,11 +68,21 @@ def test_ip_outside_network_names_field_and_network():
     (lambda d: d["hosts"]["broker1"].update(ip="10.100.0.1"), "is the gateway"),
     (lambda d: d["hosts"]["broker1"].update(disk=0), "hosts.broker1.disk: 0 GiB is out of range"),
     (lambda d: d["octavia"]["amphora"].update(base_os="centos"), "octavia.amphora.base_os: 'centos' is not one of"),
+    (lambda d: d["octavia"].update(amp_ssh_key_name="heartbeat_key"),
+     "octavia.amp_ssh_key_name: 'heartbeat_key' is the name of another file in certs/octavia/"),
+    (lambda d: d["octavia"].update(amp_ssh_key_name="server_ca.cert.pem"), "another file"),
+    (lambda d: d["octavia"].update(amp_ssh_key_name=".."), "not a valid key pair name"),
 ])
 def test_each_bad_value_is_one_named_problem(change, needle):
     out = mutate(change)
     assert len(out) == 1, out
     assert needle in out[0], out
+
+
+def test_octavia_file_names_match_the_certs_builder():
+    """The names amp_ssh_key_name may not take are exactly the other Octavia files."""
+    from builders.certs_octavia import F
+    assert labmod.OCTAVIA_FILES == set(F.values())
 
 
 def test_all_problems_are_reported_at_once():
