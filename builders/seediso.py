@@ -423,8 +423,12 @@ def validate_user_data(data: bytes, name: str) -> list[str]:
     if first.startswith("## template:"):                 # jinja: the next line is the header
         rest = text.split("\n", 1)[1] if "\n" in text else ""
         first = rest.split("\n", 1)[0].strip()
-        return [] if first.startswith("#cloud-config") or first.startswith("#!") else \
-            _bad_header(name)
+        if first.startswith(("#!", "#cloud-config-")):   # a script, an archive: as before
+            return []
+        if not first.startswith("#cloud-config"):
+            raise LabError(f"{name}:2: a '## template: jinja' user-data needs #cloud-config "
+                           "(or #! for a script) on its second line")
+        return _check_jinja_cloud_config(text, name)
     if first.startswith("#cloud-config-archive"):
         doc = parse_yaml(text, name)
         if not isinstance(doc, list):
@@ -437,6 +441,25 @@ def validate_user_data(data: bytes, name: str) -> list[str]:
     if re.match(r"^(content-type|mime-version)\s*:", first, re.I):
         return _check_mime(data, name)
     return _bad_header(name)
+
+
+_JINJA = re.compile(r"\{\{|\{%|\{#")
+
+
+def _check_jinja_cloud_config(text: str, name: str) -> list[str]:
+    """A cloud-config behind a '## template: jinja' line: the header line is a
+    YAML comment, so the whole text is checked (line numbers stay the file's).
+    Jinja syntax ({{ }}, {% %}) is often not YAML until cloud-init renders it:
+    then only the header is checked, with a warning."""
+    try:
+        return check_cloud_config(text, name)
+    except LabError as exc:
+        if not _JINJA.search(text):
+            raise
+        msg = (f"{name}: a jinja template that is not YAML before rendering ({exc}); "
+               "checked the #cloud-config header only")
+        log.warning("warning: %s", msg)
+        return [msg]
 
 
 def _bad_header(name: str) -> list[str]:
@@ -489,10 +512,12 @@ def validate_network_config(data: bytes, name: str) -> None:
     doc = parse_yaml(text, name)
     if isinstance(doc, dict) and isinstance(doc.get("network"), dict):
         doc = doc["network"]
-    if not isinstance(doc, dict) or doc.get("version") not in (1, 2):
+    version = doc.get("version") if isinstance(doc, dict) else None
+    # type(...) is int: `version: true` is a bool, which Python would take for 1
+    if type(version) is not int or version not in (1, 2):
         raise LabError(f"{name}:1: network-config must be a mapping with 'version: 1' or "
                        "'version: 2' (optionally under 'network:')")
-    if doc["version"] == 2:
+    if version == 2:
         for section in ("ethernets", "bonds", "bridges", "vlans"):
             if section in doc and not isinstance(doc[section], dict):
                 raise LabError(f"{name}: network-config {section}: expected a mapping of "

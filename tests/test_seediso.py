@@ -264,6 +264,34 @@ def test_user_data_headers(text, ok):
             seediso.validate_user_data(text.encode(), "ud")
 
 
+def test_jinja_user_data_is_checked_below_its_header():
+    ok = "## template: jinja\n#cloud-config\nruncmd: [ls]\nfrobnicate: 1\n"
+    assert any("unknown cloud-config key 'frobnicate'" in w
+               for w in seediso.validate_user_data(ok.encode(), "ud"))
+    # no jinja syntax: a YAML error is an error, with the file's line number
+    bad = "## template: jinja\n#cloud-config\nruncmd:\n  - ls\n bad: [\n"
+    with pytest.raises(LabError, match=r"^ud:5: invalid YAML"):
+        seediso.validate_user_data(bad.encode(), "ud")
+    # jinja syntax that is not YAML before rendering: the header is checked, with a warning
+    tpl = ("## template: jinja\n#cloud-config\nruncmd:\n{% for n in [1, 2] %}\n"
+           "  - echo {{ n }}\n{% endfor %}\n")
+    (warning,) = seediso.validate_user_data(tpl.encode(), "ud")
+    assert "not YAML before rendering" in warning and "checked the #cloud-config header only" \
+        in warning
+    with pytest.raises(LabError, match=r"^ud:2: .*needs #cloud-config"):
+        seediso.validate_user_data(b"## template: jinja\nhostname: x\n", "ud")
+    assert seediso.validate_user_data(b"## template: jinja\n#!/bin/sh\necho {{ v1.x }}\n",
+                                      "ud") == []
+
+
+@pytest.mark.parametrize("text", ["version: true\nconfig: []\n", "version: 2.0\nethernets: {}\n",
+                                  "version: '2'\nethernets: {}\n"])
+def test_network_config_version_must_be_the_number_1_or_2(text):
+    with pytest.raises(LabError, match="'version: 1' or 'version: 2'"):
+        seediso.validate_network_config(text.encode(), "nc")
+    seediso.validate_network_config(b"version: 1\nconfig: []\n", "nc")
+
+
 # ---- bad input through the CLI: one line, exit 1, nothing written ----------
 def _no_iso(ws: Workspace) -> None:
     for d in (ws.artifacts / "seed", ws.certs / "seed"):
