@@ -148,3 +148,27 @@ def test_cli_reports_bad_lab_without_traceback(tmp_path, cli):
 def test_cli_check_lab_ok(cli):
     proc = cli("check-lab", check=True)
     assert "broker3" in proc.stdout
+
+
+def test_readme_lists_every_lab_key():
+    """README's lab.yaml table names every key of the schema (nested ones too)."""
+    import re
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## lab.yaml"):text.index("A problem in the file is reported")]
+    shown = set()
+    for token in re.findall(r"`([^`]+)`", section):
+        shown.update(part for part in re.split(r"[./ ]", token) if part)
+    missing = []
+
+    def walk(cls, where):
+        for f in dataclasses.fields(cls):
+            if cls is labmod.Lab and f.name in ("source", "raw"):
+                continue
+            if f.name not in shown:
+                missing.append(f"{where}{f.name}")
+            inner = labmod.typing.get_type_hints(cls)[f.name]
+            for arg in (inner, *labmod.typing.get_args(inner)):
+                if dataclasses.is_dataclass(arg):
+                    walk(arg, f"{where}{f.name}.")
+    walk(labmod.Lab, "")
+    assert not missing, f"README.md lab.yaml table lacks: {missing}"
