@@ -103,7 +103,7 @@ def certs(c, lab=None, force=False, rotate=None):
 })
 def certs_check(c, lab=None, warn_days=30):
     """List every certificate with subject, SANs and days to expiry; fail on problems."""
-    from builders.certs import check_certs
+    from builders.certs import check_certs, fix_hint
     ws = Workspace.default()
     rows = check_certs(_load(lab), ws, warn_days=int(warn_days))
     for r in rows:
@@ -111,8 +111,7 @@ def certs_check(c, lab=None, warn_days=30):
     bad = [r for r in rows if not r.ok]
     if bad:
         raise LabError(f"certs-check: {len(bad)} of {len(rows)} certificates have problems "
-                       f"(first: {bad[0].path.name}: {bad[0].problems[0]}); run "
-                       "`invoke certs` (or `--rotate SET` for a CA)")
+                       f"(first: {bad[0].path.name}: {bad[0].problems[0]}); {fix_hint(bad)}")
 
 
 # ---- seed ISOs -------------------------------------------------------------

@@ -47,6 +47,44 @@ PUBLIC = 0o644
 
 SSH_KEY = "lab_ed25519"
 
+# Renewal: `invoke certs` re-issues a leaf (new key, same CA) once less than
+# RENEW_DAYS of it are left, or less than a third of its validity when that
+# is shorter (so that a deliberately short-lived leaf is not renewed on every
+# run).  A CA is never renewed: an expiring CA needs `--rotate SET`.
+RENEW_DAYS = 30
+RENEW_FRACTION = 3
+
+
+def renewal_window(cert) -> _dt.timedelta:
+    """How long before its end a leaf is renewed: 30 days, or a third of its life."""
+    life = cert.not_valid_after_utc - cert.not_valid_before_utc
+    return min(_dt.timedelta(days=RENEW_DAYS), life / RENEW_FRACTION)
+
+
+def leaf_due(cert, ca, now: _dt.datetime | None = None) -> str:
+    """"ok", "renew" (inside its renewal window; a new leaf from ``ca`` would
+    last longer) or "ca" (inside the window but it already ends with its CA:
+    only rotating the CA helps)."""
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    if cert.not_valid_after_utc - now >= renewal_window(cert):
+        return "ok"
+    return "renew" if cert.not_valid_after_utc < ca.not_valid_after_utc else "ca"
+
+
+def ca_due(ca, now: _dt.datetime | None = None) -> bool:
+    """True when a CA has less than the renewal window left (rotate it)."""
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    return ca.not_valid_after_utc - now < renewal_window(ca)
+
+
+def time_left(cert, now: _dt.datetime | None = None) -> str:
+    """"expired", "under a day left" or "N days left"."""
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    left = cert.not_valid_after_utc - now
+    if left <= _dt.timedelta(0):
+        return "expired"
+    return "under a day left" if left.days < 1 else f"{left.days} days left"
+
 
 # --------------------------------------------------------------------------
 # plan: everything to write, computed before anything is written
@@ -149,25 +187,30 @@ def build_certs(lab: Lab, ws: Workspace, *, force: bool = False,
         old = load_state(ws)
         new: dict = {"version": STATE_VERSION}
         plan = Plan(ws)
-        results: list[tuple[str, list[str], list[Path]]] = []
+        # set name, notes, its outputs, the files it removes
+        results: list[tuple[str, list[str], list[Path], list[Path]]] = []
+
+        def planned(name: str, fn, *args) -> None:
+            first_remove = len(plan.removes)
+            notes, paths = fn(*args)
+            results.append((name, notes, paths, plan.removes[first_remove:]))
+
         # plan every set first: any LabError here leaves certs/ untouched
-        notes, paths = plan_ssh(lab, ws, old.get("ssh"), "ssh" in rotate, plan, new)
-        results.append(("ssh", notes, paths))
-        notes, paths = certs_kafka.plan(lab, ws, old.get("kafka"), "kafka" in rotate,
-                                        force, plan, new)
-        results.append(("kafka", notes, paths))
+        planned("ssh", plan_ssh, lab, ws, old.get("ssh"), "ssh" in rotate, plan, new)
+        planned("kafka", certs_kafka.plan, lab, ws, old.get("kafka"), "kafka" in rotate,
+                force, plan, new)
         if lab.octavia.enabled:
-            notes, paths = certs_octavia.plan(lab, ws, old.get("octavia"), "octavia" in rotate,
-                                              force, plan, new)
-            results.append(("octavia", notes, paths))
+            planned("octavia", certs_octavia.plan, lab, ws, old.get("octavia"),
+                    "octavia" in rotate, force, plan, new)
         elif "octavia" in old:
             new["octavia"] = old["octavia"]  # disabled: keep what exists, untouched
         plan.put(state_path(ws), json.dumps(new, indent=2, sort_keys=True) + "\n", PUBLIC)
         changed = set(plan.commit())
         secs = time.monotonic() - started
         outcomes = []
-        for name, notes, set_paths in results:
-            touched = [p for p in set_paths if p in changed]
+        for name, notes, set_paths, set_removes in results:
+            # a removed file (a broker gone from lab.yaml) is a change too
+            touched = [p for p in (*set_paths, *set_removes) if p in changed]
             status = "built" if touched else "up to date"
             detail = "; ".join(notes) if touched or notes else ""
             outcomes.append(Outcome(f"certs {name}", status, sorted(set_paths), detail,
@@ -252,6 +295,7 @@ class CertStatus:
     days_left: int
     issuer_path: Path | None
     problems: list[str]
+    fixes: list[str] = field(default_factory=list)   # what to run about the problems
 
     @property
     def ok(self) -> bool:
@@ -292,24 +336,54 @@ def check_certs(lab: Lab, ws: Workspace, warn_days: int = 30) -> list[CertStatus
 
     out = []
     for set_name, cp, ip in pairs:
+        rotate = f"run `invoke certs --rotate {set_name}`"
         cert = load(cp)
         if cert is None:
             out.append(CertStatus(set_name, cp, "?", [], 0, ip,
-                                  ["missing or not a PEM certificate; run `invoke certs`"]))
+                                  ["missing or not a PEM certificate; run `invoke certs`"],
+                                  ["run `invoke certs`"]))
             continue
         problems = []
+        fixes = []
         days = (cert.not_valid_after_utc - now).days
+        expiring = cert.not_valid_after_utc <= now or days < warn_days
         if cert.not_valid_after_utc <= now:
             problems.append("EXPIRED")
         elif days < warn_days:
             problems.append(f"expires within {warn_days} days")
         if cert.not_valid_before_utc > now + _dt.timedelta(minutes=5):
             problems.append("not valid yet")
+            fixes.append(rotate if ip is None else "run `invoke certs --force`")
         issuer = load(ip) if ip else cert
         if issuer is None:
             problems.append(f"its CA {ip.name} is missing")
+            fixes.append("run `invoke certs`")
         elif not pki.signed_by(cert, issuer):
             problems.append(f"not signed by {ip.name if ip else 'itself'}")
+            fixes.append(rotate if ip is None else "run `invoke certs`")
+        if expiring:
+            if ip is None:
+                fixes.append(rotate)                      # a CA is never renewed silently
+            elif issuer is None:
+                pass
+            elif (cert.not_valid_after_utc - cert.not_valid_before_utc).days < warn_days \
+                    and cert.not_valid_after_utc < issuer.not_valid_after_utc:
+                fixes.append("raise pki.leaf_days above --warn-days and run `invoke certs "
+                             "--force`, or lower --warn-days (the leaves live shorter)")
+            else:
+                due = leaf_due(cert, issuer, now)
+                fixes.append({
+                    "renew": "run `invoke certs` to renew the expiring leaves",
+                    "ca": f"{rotate} (a leaf cannot outlive its CA)",
+                    "ok": "run `invoke certs --force` to re-issue the leaves now (`invoke "
+                          f"certs` renews a leaf only in its last {RENEW_DAYS} days)",
+                }[due])
         out.append(CertStatus(set_name, cp, cert.subject.rfc4514_string(), pki.sans_of(cert),
-                              days, ip, problems))
+                              days, ip, problems, list(dict.fromkeys(fixes))))
     return out
+
+
+def fix_hint(rows: Iterable[CertStatus]) -> str:
+    """What to run for the certificates with problems, each distinct fix once."""
+    fixes = [f for r in rows if not r.ok for f in r.fixes]
+    return "; ".join(dict.fromkeys(fixes)) or "run `invoke certs`"

@@ -17,7 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import pki
-from .certs import PUBLIC, SECRET, Plan, cert_record, exists, read_bytes
+from .certs import (PUBLIC, SECRET, Plan, ca_due, cert_record, exists, leaf_due, read_bytes,
+                    time_left)
 from .errors import LabError
 from .lab import Host, Lab
 from .manifest import input_digest
@@ -96,8 +97,9 @@ def _load_ca(d: Path) -> tuple:
         raise LabError(f"{key_p}: cannot load the Kafka CA key (not an unencrypted PEM key); "
                        "restore it or run `invoke certs --rotate kafka` to replace the CA") from None
     if not pki.same_public_key(key, cert):
-        raise LabError(f"{key_p}: this key does not belong to {crt_p.name}; restore the "
-                       "matching pair or run `invoke certs --rotate kafka`")
+        raise LabError(f"{key_p}: this key does not belong to {crt_p.name} (an interrupted "
+                       "rotation?); restore the matching pair or run "
+                       "`invoke certs --rotate kafka` to replace the CA")
     return cert, key
 
 
@@ -164,15 +166,20 @@ def plan(lab: Lab, ws: Workspace, st: dict | None, rotate: bool, force: bool, pl
         raise LabError(f"{missing}: missing while certificates of this CA exist in {d}; restore "
                        "it, or run `invoke certs --rotate kafka` to replace the CA and re-issue "
                        "every Kafka certificate")
+    # the key is written before its certificate (the plan writes in order):
+    # a run stopped in between leaves a pair _load_ca refuses with one line
     if ca_new:
         ca_key = pki.new_key(pk.key_type, pk.rsa_bits)
         ca = pki.new_ca(ca_key, pki.name(ca_cn, lab.name), pk.ca_days)
         notes.append("new CA" + (" (rotated)" if rotate else ""))
-        plan_.put(ca_crt_p, pki.cert_pem(ca), PUBLIC)
         plan_.put(ca_key_p, pki.key_pem(ca_key), SECRET)
+        plan_.put(ca_crt_p, pki.cert_pem(ca), PUBLIC)
     else:
-        plan_.put(ca_crt_p, read_bytes(ca_crt_p, "the Kafka CA certificate"), PUBLIC)
         plan_.put(ca_key_p, read_bytes(ca_key_p, "the Kafka CA key"), SECRET)
+        plan_.put(ca_crt_p, read_bytes(ca_crt_p, "the Kafka CA certificate"), PUBLIC)
+        if ca_due(ca):
+            notes.append(f"the CA has {time_left(ca)}: run `invoke certs --rotate kafka` "
+                         "to replace it")
     paths += [ca_crt_p, ca_key_p]
     ca_fp = pki.fingerprint(ca)
     reissue_all = ca_new or force
@@ -187,6 +194,7 @@ def plan(lab: Lab, ws: Workspace, st: dict | None, rotate: bool, force: bool, pl
     old_leaves = st.get("leaves", {}) if not reissue_all else {}
     leaves: dict[str, dict] = {}
     issued: list[str] = []
+    renewed: list[str] = []
     client_pair = None
     for ident in identities(lab):
         n = ident["name"]
@@ -203,17 +211,28 @@ def plan(lab: Lab, ws: Workspace, st: dict | None, rotate: bool, force: bool, pl
             if cert is not None and (pki.fingerprint(cert) != rec.get("fingerprint_sha256")
                                      or not pki.same_public_key(key, cert)):
                 cert = key = None
+        renewing = False
+        if cert is not None:
+            due = leaf_due(cert, ca)
+            if due == "renew":
+                renewed.append(f"{n} ({time_left(cert)})")
+                renewing = True
+                cert = key = None
+            elif due == "ca":
+                notes.append(f"{n} has {time_left(cert)} and ends with the CA: run "
+                             "`invoke certs --rotate kafka`")
         fresh = cert is None
         if fresh:
             key = pki.new_key(pk.key_type, pk.rsa_bits)
             cert = pki.issue(ca, ca_key, key, pki.name(ident["cn"], lab.name), pk.leaf_days,
                              ident["sans"], [_EKU[e] for e in ident["eku"]])
-            issued.append(n)
-            plan_.put(f["crt"], pki.cert_pem(cert), PUBLIC)
+            if not renewing:
+                issued.append(n)
             plan_.put(f["key"], pki.key_pem(key), SECRET)
+            plan_.put(f["crt"], pki.cert_pem(cert), PUBLIC)
         else:
-            plan_.put(f["crt"], f["crt"].read_bytes(), PUBLIC)
             plan_.put(f["key"], f["key"].read_bytes(), SECRET)
+            plan_.put(f["crt"], f["crt"].read_bytes(), PUBLIC)
         plan_.put(f["chain"], pki.cert_pem(cert, ca), PUBLIC)
         if fresh or not exists(f["p12"]):
             plan_.put(f["p12"], pki.p12_keystore(n, key, cert, [ca], password), SECRET)
@@ -225,6 +244,8 @@ def plan(lab: Lab, ws: Workspace, st: dict | None, rotate: bool, force: bool, pl
             client_pair = (cert, key)
     if issued:
         notes.append("issued " + ", ".join(issued))
+    if renewed:
+        notes.append("renewed " + ", ".join(renewed) + " under the existing CA")
 
     # -- truststores (also when an interrupted rotation left the old CA in them) --
     ca_moved = st.get("ca", {}).get("fingerprint_sha256") != ca_fp

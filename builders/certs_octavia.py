@@ -21,7 +21,8 @@ import re
 from pathlib import Path
 
 from . import pki
-from .certs import PUBLIC, SECRET, Plan, cert_record, exists, read_bytes
+from .certs import (PUBLIC, SECRET, Plan, ca_due, cert_record, exists, leaf_due, read_bytes,
+                    time_left)
 from .errors import LabError
 from .lab import Lab
 from .manifest import input_digest
@@ -68,8 +69,9 @@ def _load_ca(crt_p: Path, key_p: Path, passphrase: str) -> tuple:
                        f"{F['ca_pass']}; restore the matching pair or run "
                        "`invoke certs --rotate octavia`") from None
     if not pki.same_public_key(key, cert):
-        raise LabError(f"{key_p}: this key does not belong to {crt_p.name}; restore the matching "
-                       "pair or run `invoke certs --rotate octavia`")
+        raise LabError(f"{key_p}: this key does not belong to {crt_p.name} (an interrupted "
+                       "rotation?); restore the matching pair or run "
+                       "`invoke certs --rotate octavia` to replace both CAs")
     return cert, key
 
 
@@ -140,8 +142,11 @@ def plan(lab: Lab, ws: Workspace, st: dict | None, rotate: bool, force: bool, pl
             fresh = False
             old = st.get(f"{role}_ca", {})
             digest = old.get("digest", digest)
-            plan_.put(crt_p, read_bytes(crt_p, "an Octavia CA certificate"), PUBLIC)
             plan_.put(key_p, read_bytes(key_p, "an Octavia CA key"), SECRET)
+            plan_.put(crt_p, read_bytes(crt_p, "an Octavia CA certificate"), PUBLIC)
+            if ca_due(cert):
+                notes.append(f"the {role} CA has {time_left(cert)}: run "
+                             "`invoke certs --rotate octavia` to replace both CAs")
         elif not rotate and (exists(crt_p) or exists(key_p) or in_use):
             missing = key_p if not exists(key_p) else crt_p
             raise LabError(f"{missing}: missing while the Octavia {role} CA is in use; restore it "
@@ -151,8 +156,10 @@ def plan(lab: Lab, ws: Workspace, st: dict | None, rotate: bool, force: bool, pl
             cert = pki.new_ca(key, pki.name(cn, lab.name), pk.ca_days)
             fresh = True
             notes.append(f"new {role} CA" + (" (rotated)" if rotate else ""))
-            plan_.put(crt_p, pki.cert_pem(cert), PUBLIC)
+            # key before certificate: a run stopped in between leaves a pair
+            # that _load_ca refuses with one line
             plan_.put(key_p, pki.key_pem(key, ca_pass), SECRET)
+            plan_.put(crt_p, pki.cert_pem(cert), PUBLIC)
         cas[role] = (cert, key, fresh, digest)
         paths += [crt_p, key_p]
     server_ca = cas["server"][0]
@@ -174,12 +181,22 @@ def plan(lab: Lab, ws: Workspace, st: dict | None, rotate: bool, force: bool, pl
                 cert = None
         except (OSError, ValueError, TypeError, IndexError, pki.UnsupportedAlgorithm):
             cert = None
+    renewing = ""
+    if cert is not None:
+        due = leaf_due(cert, client_ca)
+        if due == "renew":
+            renewing = time_left(cert)
+            cert = None
+        elif due == "ca":
+            notes.append(f"the controller client certificate has {time_left(cert)} and ends "
+                         "with its CA: run `invoke certs --rotate octavia`")
     if cert is None:
         key = pki.new_key(pk.key_type, pk.rsa_bits)
         cert = pki.issue(client_ca, client_ca_key, key, pki.name(CLIENT_CN, lab.name),
                          pk.leaf_days, [CLIENT_CN], [pki.CLIENT_AUTH])
         plan_.put(cp, pki.key_pem(key) + pki.cert_pem(cert), SECRET)
-        notes.append("issued controller client certificate")
+        notes.append(f"renewed controller client certificate ({renewing}) under the existing "
+                     "client CA" if renewing else "issued controller client certificate")
     else:
         plan_.put(cp, data, SECRET)
     paths.append(cp)

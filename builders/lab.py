@@ -33,6 +33,15 @@ _DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _DNS_NAME = re.compile(r"^(?=.{1,253}$)((?!-)[a-z0-9-]{1,63}(?<!-)\.)*(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 _CN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# the files `invoke certs` writes in certs/octavia/ besides the amphora SSH key
+# pair (builders.certs_octavia.F; a test keeps the two the same): the key pair
+# named octavia.amp_ssh_key_name must not overwrite one of them
+OCTAVIA_FILES = frozenset({
+    "server_ca.cert.pem", "server_ca.key.pem", "server_ca-chain.cert.pem",
+    "client_ca.cert.pem", "client_ca.key.pem", "client.cert-and-key.pem",
+    "ca_private_key_passphrase", "server_certs_key_passphrase", "heartbeat_key",
+    "octavia-certificates.conf",
+})
 
 
 # --------------------------------------------------------------------------
@@ -247,6 +256,12 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = Fal
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError:   # `{[a]: 1}` or `? [a]`: a list or mapping as a key
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a key must be a plain value (a name or a number), not "
+                f"{_tname(key)}", key_node.start_mark) from None
         if key in seen:
             loader.duplicates.append((key_node.start_mark.line + 1, key, seen[key]))
         else:
@@ -279,17 +294,27 @@ def parse_yaml(text: str, name: str) -> Any:
     return data
 
 
+def decode_text(raw: bytes, name: str) -> str:
+    """UTF-8 text of a YAML file; anything else is a LabError naming the line."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise LabError(f"{name}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                       f"{exc.start}); save the file as UTF-8") from None
+
+
 def load(path: Path | str | None = None) -> Lab:
     """Load and validate a lab file; raise LabError listing every problem."""
     path = Path(path) if path else DEFAULT_LAB
     name = path.name
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise LabError(f"{path}: lab file not found; pass --lab FILE or create lab.yaml") from None
     except OSError as exc:
         raise LabError(f"{path}: cannot read lab file: {exc.strerror}") from None
-    data = parse_yaml(text, name)
+    data = parse_yaml(decode_text(raw, name), name)
     return from_dict(data, source=path.resolve())
 
 
@@ -531,9 +556,13 @@ def _check(lab: Lab, errors: list[str]) -> None:
         if not (_is_ip(ip.strip("[]")) and port.isdigit() and 0 < int(port) < 65536):
             errors.append(f"octavia.health_managers[{i}]: {hm!r} is not ADDRESS:PORT "
                           "like 10.100.0.5:5555")
-    if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", lab.octavia.amp_ssh_key_name):
-        errors.append(f"octavia.amp_ssh_key_name: {lab.octavia.amp_ssh_key_name!r} is not a valid "
+    key_name = lab.octavia.amp_ssh_key_name
+    if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", key_name) or key_name in (".", ".."):
+        errors.append(f"octavia.amp_ssh_key_name: {key_name!r} is not a valid "
                       "key pair name (letters, digits, '.', '_', '-')")
+    elif key_name in OCTAVIA_FILES or f"{key_name}.pub" in OCTAVIA_FILES:
+        errors.append(f"octavia.amp_ssh_key_name: {key_name!r} is the name of another file in "
+                      "certs/octavia/; choose another name (default octavia_ssh_key)")
     if not 1 <= lab.octavia.cert_validity_days <= lab.pki.ca_days:
         errors.append(f"octavia.cert_validity_days: {lab.octavia.cert_validity_days} must be "
                       f"between 1 and pki.ca_days ({lab.pki.ca_days})")

@@ -21,9 +21,10 @@ are validated (YAML with line numbers, header, known keys) and used as is.
 
 Seeds are reproducible: ISO timestamps come from ``SOURCE_DATE_EPOCH`` (or a
 fixed date), files are in a fixed order, so the same inputs give the same
-bytes.  A seed that carries material from certs/ (``write_files[].source:
-"certs:..."``) is secret: it is written to ``certs/seed/<host>.iso`` (0600)
-and kept out of the manifest.
+bytes.  A seed that carries material from certs/ (a ``write_files[].source``
+of ``"certs:..."`` or any path that resolves under certs/, or a user-data /
+vendor-data / network-config file there) is secret: it is written to
+``certs/seed/<host>.iso`` (0600) and kept out of the manifest.
 """
 
 from __future__ import annotations
@@ -135,10 +136,26 @@ def _host(lab: Lab, host: Host | str) -> Host:
     return host if isinstance(host, Host) else lab.host(host)
 
 
-def is_secret(host: Host) -> bool:
-    """A seed is secret when a write_files entry pulls a file from certs/."""
-    return any(wf.source is not None and wf.source.startswith(CERTS_PREFIX)
-               for wf in host.write_files)
+def _under(path: Path, root: Path) -> bool:
+    """``path`` (symlinks followed) is ``root`` or inside it."""
+    try:
+        return path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):       # a symlink loop: reading it fails later, clearly
+        return False
+
+
+def is_secret(lab: Lab, ws: Workspace, host: Host) -> bool:
+    """A seed is secret when anything on it comes from the workspace's certs/:
+    a ``certs:`` write_files source, or any write_files source or user-data /
+    vendor-data / network-config file whose path (relative to the lab file,
+    symlinks followed) lies under certs/."""
+    for wf in host.write_files:
+        if wf.source is None:
+            continue
+        if wf.source.startswith(CERTS_PREFIX) or _under(lab.path(wf.source), ws.certs):
+            return True
+    return any(value is not None and _under(lab.path(value), ws.certs)
+               for value in (host.user_data, host.vendor_data, host.network_config))
 
 
 def seed_path(lab: Lab, ws: Workspace, host: Host | str, *, fmt: str = "iso") -> Path:
@@ -146,7 +163,7 @@ def seed_path(lab: Lab, ws: Workspace, host: Host | str, *, fmt: str = "iso") ->
     certs/seed/<host>.iso for a seed that carries secrets (``.img`` for vfat)."""
     h = _host(lab, host)
     suffix = ".iso" if fmt == "iso" else ".img"
-    base = ws.certs if is_secret(h) else ws.artifacts
+    base = ws.certs if is_secret(lab, ws, h) else ws.artifacts
     return base / "seed" / f"{h.name}{suffix}"
 
 
@@ -375,7 +392,7 @@ def render(lab: Lab, ws: Workspace, host: Host | str) -> Seed:
         files["vendor-data"] = supplied["vendor-data"]
     files = {k: files[k] for k in _ORDER if k in files}
     seed = Seed(host=h.name, files=files, instance_id=instance_id, marker=marker,
-                secret=is_secret(h), generated_user_data=cfg is not None, warnings=warnings)
+                secret=is_secret(lab, ws, h), generated_user_data=cfg is not None, warnings=warnings)
     if seed.size > MAX_SEED_BYTES:
         raise LabError(f"{_where(lab, f'hosts.{h.name}')}: the seed would hold "
                        f"{_human(seed.size)}, over the {_human(MAX_SEED_BYTES)} limit; ship large "
@@ -406,8 +423,12 @@ def validate_user_data(data: bytes, name: str) -> list[str]:
     if first.startswith("## template:"):                 # jinja: the next line is the header
         rest = text.split("\n", 1)[1] if "\n" in text else ""
         first = rest.split("\n", 1)[0].strip()
-        return [] if first.startswith("#cloud-config") or first.startswith("#!") else \
-            _bad_header(name)
+        if first.startswith(("#!", "#cloud-config-")):   # a script, an archive: as before
+            return []
+        if not first.startswith("#cloud-config"):
+            raise LabError(f"{name}:2: a '## template: jinja' user-data needs #cloud-config "
+                           "(or #! for a script) on its second line")
+        return _check_jinja_cloud_config(text, name)
     if first.startswith("#cloud-config-archive"):
         doc = parse_yaml(text, name)
         if not isinstance(doc, list):
@@ -420,6 +441,25 @@ def validate_user_data(data: bytes, name: str) -> list[str]:
     if re.match(r"^(content-type|mime-version)\s*:", first, re.I):
         return _check_mime(data, name)
     return _bad_header(name)
+
+
+_JINJA = re.compile(r"\{\{|\{%|\{#")
+
+
+def _check_jinja_cloud_config(text: str, name: str) -> list[str]:
+    """A cloud-config behind a '## template: jinja' line: the header line is a
+    YAML comment, so the whole text is checked (line numbers stay the file's).
+    Jinja syntax ({{ }}, {% %}) is often not YAML until cloud-init renders it:
+    then only the header is checked, with a warning."""
+    try:
+        return check_cloud_config(text, name)
+    except LabError as exc:
+        if not _JINJA.search(text):
+            raise
+        msg = (f"{name}: a jinja template that is not YAML before rendering ({exc}); "
+               "checked the #cloud-config header only")
+        log.warning("warning: %s", msg)
+        return [msg]
 
 
 def _bad_header(name: str) -> list[str]:
@@ -472,10 +512,12 @@ def validate_network_config(data: bytes, name: str) -> None:
     doc = parse_yaml(text, name)
     if isinstance(doc, dict) and isinstance(doc.get("network"), dict):
         doc = doc["network"]
-    if not isinstance(doc, dict) or doc.get("version") not in (1, 2):
+    version = doc.get("version") if isinstance(doc, dict) else None
+    # type(...) is int: `version: true` is a bool, which Python would take for 1
+    if type(version) is not int or version not in (1, 2):
         raise LabError(f"{name}:1: network-config must be a mapping with 'version: 1' or "
                        "'version: 2' (optionally under 'network:')")
-    if doc["version"] == 2:
+    if version == 2:
         for section in ("ethernets", "bonds", "bridges", "vlans"):
             if section in doc and not isinstance(doc[section], dict):
                 raise LabError(f"{name}: network-config {section}: expected a mapping of "

@@ -6,6 +6,7 @@ input) are in test_certs_tools.py.
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 import stat
@@ -16,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from builders import pki
+from builders import certs, pki
 from builders.certs import (build_certs, check_certs, issue_amphora_cert, lab_ssh_public_key)
 from builders.errors import LabError
 from builders.workspace import Workspace
@@ -131,9 +132,11 @@ def test_adding_a_broker_issues_only_that_broker(built: Workspace, tmp_path):
     ca = x509.load_pem_x509_certificate((built.certs / "kafka" / "ca.crt").read_bytes())
     b4 = x509.load_pem_x509_certificate((built.certs / "kafka" / "broker4.crt").read_bytes())
     b4.verify_directly_issued_by(ca)
-    # and removing it again removes exactly its material
-    build_certs(lab_from(default_dict(), tmp_path / "lab3"), built)
+    # and removing it again removes exactly its material, reported as a change
+    out = {o.step: o for o in build_certs(lab_from(default_dict(), tmp_path / "lab3"), built)}
     assert changed(before, snapshot(built.certs)) == {"state.json"}
+    assert (out["certs kafka"].status, out["certs kafka"].detail) == ("built", "removed broker4")
+    assert out["certs octavia"].status == "up to date"
 
 
 def test_changing_one_ip_reissues_exactly_that_broker(built: Workspace, tmp_path):
@@ -336,3 +339,112 @@ def test_lost_state_keeps_the_ca_and_reissues_leaves(built: Workspace, default_l
     before = snapshot(built.certs)
     build_certs(default_lab, built)
     assert changed(before, snapshot(built.certs)) == set()
+
+
+# ---- expiry: leaves are renewed, CAs need --rotate ---------------------------
+def _back_date(monkeypatch, days: int) -> None:
+    """Issue as if it were ``days`` ago (the certificates' notBefore moves back)."""
+    then = pki._now() - datetime.timedelta(days=days)
+    monkeypatch.setattr(pki, "_now", lambda: then)
+
+
+def test_renewal_window():
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = pki.new_key("ecdsa")
+    ca = pki.new_ca(ca_key, pki.name("t CA"), 3650)
+
+    def leaf(days):
+        return pki.issue(ca, ca_key, pki.new_key("ecdsa"), pki.name("x"), days)
+    assert certs.renewal_window(leaf(825)) == datetime.timedelta(days=30)
+    assert certs.renewal_window(leaf(30)) == datetime.timedelta(days=10)
+    assert certs.leaf_due(leaf(825), ca, now) == "ok"
+    assert certs.leaf_due(leaf(825), ca, now + datetime.timedelta(days=796)) == "renew"
+    assert certs.leaf_due(leaf(3), ca, now) == "ok"        # a short life is not renewed at once
+    assert certs.leaf_due(leaf(3), ca, now + datetime.timedelta(days=2, hours=1)) == "renew"
+    # a leaf that ends with its CA cannot be renewed: the CA must be rotated
+    assert certs.leaf_due(leaf(3650), ca, now + datetime.timedelta(days=3640)) == "ca"
+    assert not certs.ca_due(ca, now) and certs.ca_due(ca, now + datetime.timedelta(days=3630))
+
+
+def test_expiring_leaves_are_renewed_under_the_same_ca(ws, default_lab, monkeypatch):
+    with monkeypatch.context() as m:
+        _back_date(m, 800)                                 # 825-day leaves: 25 days left
+        build_certs(default_lab, ws)
+    k, o = ws.certs / "kafka", ws.certs / "octavia"
+    rows = check_certs(default_lab, ws)
+    bad = [r for r in rows if not r.ok]
+    assert {r.path.name for r in bad} == {"broker1.crt", "broker2.crt", "broker3.crt",
+                                          "kafka-client.crt", "client.cert-and-key.pem"}
+    assert certs.fix_hint(bad) == "run `invoke certs` to renew the expiring leaves"
+    cas = {n: (k / n).read_bytes() for n in ("ca.crt", "ca.key")}
+    before = snapshot(ws.certs)
+    out = {o_.step: o_ for o_ in build_certs(default_lab, ws)}
+    assert out["certs kafka"].status == "built"
+    assert "renewed broker1 (24 days left), broker2 (24 days left)" in out["certs kafka"].detail
+    assert "under the existing CA" in out["certs kafka"].detail
+    assert "renewed controller client certificate" in out["certs octavia"].detail
+    assert {n: (k / n).read_bytes() for n in cas} == cas
+    diff = changed(before, snapshot(ws.certs))
+    assert "kafka/ca.crt" not in diff and "octavia/server_ca.cert.pem" not in diff
+    assert {f"kafka/{n}.{ext}" for n in KAFKA_IDS for ext in ("crt", "key", "keystore.jks")} <= diff
+    ca = x509.load_pem_x509_certificate(cas["ca.crt"])
+    for n in KAFKA_IDS:
+        c = x509.load_pem_x509_certificate((k / f"{n}.crt").read_bytes())
+        c.verify_directly_issued_by(ca)
+        assert (c.not_valid_after_utc - c.not_valid_before_utc).days == 825
+    assert all(r.ok for r in check_certs(default_lab, ws))
+    # renewed once: the next run changes nothing
+    before = snapshot(ws.certs)
+    assert [o_.status for o_ in build_certs(default_lab, ws)] == ["up to date"] * 3
+    assert changed(before, snapshot(ws.certs)) == set()
+
+
+def test_an_expiring_ca_needs_rotate(ws, tmp_path, monkeypatch):
+    lab = variant(tmp_path / "short-ca", **{"pki.ca_days": 20, "pki.leaf_days": 20,
+                                              "octavia.cert_validity_days": 20})
+    with monkeypatch.context() as m:
+        _back_date(m, 16)                                  # CA and leaves: 4 days left
+        build_certs(lab, ws)
+    bad = [r for r in check_certs(lab, ws) if not r.ok]
+    assert "kafka/ca.crt" in {str(r.path.relative_to(ws.certs)) for r in bad}
+    hint = certs.fix_hint(bad)
+    assert "run `invoke certs --rotate kafka`" in hint
+    assert "run `invoke certs --rotate octavia`" in hint
+    assert "renew" not in hint          # `invoke certs` alone cannot help here
+    # `invoke certs` says so and re-issues nothing: the leaves end with their CA
+    before = snapshot(ws.certs)
+    out = {o.step: o for o in build_certs(lab, ws)}
+    assert out["certs kafka"].status == "up to date"
+    assert "the CA has 3 days left: run `invoke certs --rotate kafka`" in out["certs kafka"].detail
+    assert "--rotate octavia" in out["certs octavia"].detail
+    assert changed(before, snapshot(ws.certs)) == set()
+    build_certs(lab, ws, rotate=("kafka", "octavia"))
+    assert all(r.ok for r in check_certs(lab, ws, warn_days=10))
+
+
+def test_an_interrupted_rotation_is_refused_in_one_line(built: Workspace, default_lab,
+                                                        monkeypatch):
+    """The CA key is written before its certificate; a run stopped in between
+    leaves a pair the next run refuses (never a silent mismatch)."""
+    k = built.certs / "kafka"
+    old_key, old_crt = (k / "ca.key").read_bytes(), (k / "ca.crt").read_bytes()
+    real_write = certs.atomic_write
+
+    def stop_at_ca_crt(path, data, mode=0o644):
+        if path == k / "ca.crt":
+            raise KeyboardInterrupt
+        return real_write(path, data, mode=mode)
+    with monkeypatch.context() as m:
+        m.setattr(certs, "atomic_write", stop_at_ca_crt)
+        with pytest.raises(KeyboardInterrupt):
+            build_certs(default_lab, built, rotate=("kafka",))
+    assert (k / "ca.key").read_bytes() != old_key and (k / "ca.crt").read_bytes() == old_crt
+    before = snapshot(built.certs)
+    with pytest.raises(LabError, match=r"ca.key: this key does not belong to ca.crt "
+                                       r"\(an interrupted rotation\?\).*--rotate kafka"):
+        build_certs(default_lab, built)
+    assert changed(before, snapshot(built.certs)) == set()
+    build_certs(default_lab, built, rotate=("kafka",))
+    ca = x509.load_pem_x509_certificate((k / "ca.crt").read_bytes())
+    assert pki.same_public_key(serialization.load_pem_private_key((k / "ca.key").read_bytes(),
+                                                                  None), ca)

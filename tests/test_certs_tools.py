@@ -259,6 +259,33 @@ def test_cli_certs_and_check(cli, ws):
     assert pw not in first.stdout + first.stderr + ok.stdout
 
 
+def test_cli_renews_an_expiring_leaf(cli, ws, monkeypatch):
+    """certs-check's hint works: `invoke certs` renews leaves near their end under the same CA."""
+    import datetime
+    from builders import lab as labmod
+    from builders import pki
+    then = pki._now() - datetime.timedelta(days=800)       # 825-day leaves: 25 days left
+    with monkeypatch.context() as m:
+        m.setattr(pki, "_now", lambda: then)
+        build_certs(labmod.load(), ws)
+    k = ws.certs / "kafka"
+    ca = (k / "ca.crt").read_bytes()
+    warn = cli("certs-check")
+    assert_one_line_error(warn, "expires within 30 days",
+                          "run `invoke certs` to renew the expiring leaves")
+    proc = cli("certs", check=True)
+    assert "certs kafka: built (renewed broker1 (24 days left)" in proc.stdout, proc.stdout
+    assert "renewed controller client certificate" in proc.stdout
+    assert (k / "ca.crt").read_bytes() == ca
+    out = sh("openssl", "verify", "-CAfile", k / "ca.crt", *[k / f"{n}.crt" for n in KAFKA_IDS])
+    assert out.stdout.count(": OK") == 4
+    o = ws.certs / "octavia"
+    sh("openssl", "verify", "-CAfile", o / "client_ca.cert.pem", o / "client.cert-and-key.pem")
+    assert "chain length: 2" in keytool_list(k / "broker1.keystore.jks", k / "store.password")
+    cli("certs-check", check=True)
+    assert cli("certs", check=True).stdout.count("up to date") == 3
+
+
 def test_cli_wrong_store_password_file(cli, ws, tmp_path):
     pwf = tmp_path / "store-pw.txt"
     pwf.write_text("first-password-123\n")

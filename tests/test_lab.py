@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -39,8 +40,10 @@ def test_default_lab_is_the_kafka_and_octavia_lab(default_lab):
 
 
 def test_objects_are_frozen(default_lab):
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         default_lab.hosts[0].ip = "1.2.3.4"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        default_lab.octavia.amphora.size = 9  # type: ignore[misc]
 
 
 def test_ip_outside_network_names_field_and_network():
@@ -65,11 +68,21 @@ def test_ip_outside_network_names_field_and_network():
     (lambda d: d["hosts"]["broker1"].update(ip="10.100.0.1"), "is the gateway"),
     (lambda d: d["hosts"]["broker1"].update(disk=0), "hosts.broker1.disk: 0 GiB is out of range"),
     (lambda d: d["octavia"]["amphora"].update(base_os="centos"), "octavia.amphora.base_os: 'centos' is not one of"),
+    (lambda d: d["octavia"].update(amp_ssh_key_name="heartbeat_key"),
+     "octavia.amp_ssh_key_name: 'heartbeat_key' is the name of another file in certs/octavia/"),
+    (lambda d: d["octavia"].update(amp_ssh_key_name="server_ca.cert.pem"), "another file"),
+    (lambda d: d["octavia"].update(amp_ssh_key_name=".."), "not a valid key pair name"),
 ])
 def test_each_bad_value_is_one_named_problem(change, needle):
     out = mutate(change)
     assert len(out) == 1, out
     assert needle in out[0], out
+
+
+def test_octavia_file_names_match_the_certs_builder():
+    """The names amp_ssh_key_name may not take are exactly the other Octavia files."""
+    from builders.certs_octavia import F
+    assert labmod.OCTAVIA_FILES == set(F.values())
 
 
 def test_all_problems_are_reported_at_once():
@@ -102,6 +115,25 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
     assert "invalid YAML" in str(err.value)
 
 
+@pytest.mark.parametrize("raw,needles", [
+    (b"name: lab\n# caf\xe9 (latin-1)\nhosts: {}\n",
+     ("lab.yaml:2: not UTF-8 text (byte 0xe9", "save the file as UTF-8")),
+    (b"name: lab\nhosts:\n  {[a]: 1}: x\n",
+     ("lab.yaml:3: invalid YAML: a key must be a plain value", "not a list")),
+    (b"name: lab\n? {a: 1}\n: x\n",
+     ("lab.yaml:2: invalid YAML: a key must be a plain value", "not a mapping")),
+])
+def test_undecodable_or_unhashable_lab_is_one_line(tmp_path, cli, raw, needles):
+    p = tmp_path / "lab.yaml"
+    p.write_bytes(raw)
+    with pytest.raises(LabError) as err:
+        labmod.load(p)
+    assert err.value.lines() == [str(err.value)]
+    for n in needles:
+        assert n in str(err.value)
+    assert_one_line_error(cli("check-lab", "--lab", str(p)), *needles)
+
+
 def test_missing_lab_file_says_what_to_do(tmp_path):
     with pytest.raises(LabError, match="lab file not found; pass --lab FILE"):
         labmod.load(tmp_path / "nope.yaml")
@@ -116,3 +148,27 @@ def test_cli_reports_bad_lab_without_traceback(tmp_path, cli):
 def test_cli_check_lab_ok(cli):
     proc = cli("check-lab", check=True)
     assert "broker3" in proc.stdout
+
+
+def test_readme_lists_every_lab_key():
+    """README's lab.yaml table names every key of the schema (nested ones too)."""
+    import re
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## lab.yaml"):text.index("A problem in the file is reported")]
+    shown = set()
+    for token in re.findall(r"`([^`]+)`", section):
+        shown.update(part for part in re.split(r"[./ ]", token) if part)
+    missing = []
+
+    def walk(cls, where):
+        for f in dataclasses.fields(cls):
+            if cls is labmod.Lab and f.name in ("source", "raw"):
+                continue
+            if f.name not in shown:
+                missing.append(f"{where}{f.name}")
+            inner = labmod.typing.get_type_hints(cls)[f.name]
+            for arg in (inner, *labmod.typing.get_args(inner)):
+                if dataclasses.is_dataclass(arg):
+                    walk(arg, f"{where}{f.name}.")
+    walk(labmod.Lab, "")
+    assert not missing, f"README.md lab.yaml table lacks: {missing}"

@@ -67,26 +67,35 @@ def test_default_lab_seeds_show_the_names_tools_expect(default_lab, ws, lab_key)
 
 
 @pytest.mark.integration
-def test_xorriso_isoinfo_blkid_see_a_cidata_volume(default_lab, ws, lab_key):
-    build_seed_isos(default_lab, ws, hosts=["broker1"])
-    iso = ws.artifacts / "seed" / "broker1.iso"
-    xo = subprocess.run(["xorriso", "-indev", str(iso), "-ls", "/"], capture_output=True,
-                        text=True, check=True)
-    assert xo.stdout.split() == ["'meta-data'", "'network-config'", "'user-data'"]
-    assert "Volume id    : 'cidata'" in xo.stderr
-    rr = subprocess.run(["isoinfo", "-R", "-l", "-i", str(iso)], capture_output=True,
-                        text=True, check=True).stdout
-    jo = subprocess.run(["isoinfo", "-J", "-l", "-i", str(iso)], capture_output=True,
-                        text=True, check=True).stdout
-    for listing in (rr, jo):
-        files = [ln.split()[-1] for ln in listing.splitlines() if ln.startswith("-")]
-        assert files == ["meta-data", "network-config", "user-data"]
-    info = subprocess.run(["isoinfo", "-d", "-i", str(iso)], capture_output=True, text=True,
-                          check=True).stdout
-    assert "Volume id: cidata" in info and "Rock Ridge" in info and "Joliet" in info
-    bl = subprocess.run(["blkid", "-o", "export", str(iso)], capture_output=True, text=True,
-                        check=True).stdout
-    assert "LABEL=cidata" in bl.split() and "TYPE=iso9660" in bl.split()
+def test_xorriso_isoinfo_blkid_see_a_cidata_volume(tmp_path, ws, lab_key):
+    """The default lab, with vendor-data on broker1: xorriso and isoinfo (Rock
+    Ridge and Joliet) show exactly the four names; broker2 has the three."""
+    from conftest import ROOT
+    (tmp_path / "vendor.yaml").write_text("#cloud-config\npackages: [jq]\n")
+    text = (ROOT / "lab.yaml").read_text().replace(
+        '    mac: "52:54:00:64:00:0b"\n', '    mac: "52:54:00:64:00:0b"\n    vendor_data: vendor.yaml\n')
+    lab = labmod.load(write_lab(tmp_path, text))
+    build_seed_isos(lab, ws, hosts=["broker1", "broker2"])
+    four = ["meta-data", "network-config", "user-data", "vendor-data"]
+    for host, names in (("broker1", four), ("broker2", [n for n in four if n != "vendor-data"])):
+        iso = ws.artifacts / "seed" / f"{host}.iso"
+        xo = subprocess.run(["xorriso", "-indev", str(iso), "-ls", "/"], capture_output=True,
+                            text=True, check=True)
+        assert xo.stdout.split() == [f"'{n}'" for n in names]
+        assert "Volume id    : 'cidata'" in xo.stderr
+        rr = subprocess.run(["isoinfo", "-R", "-l", "-i", str(iso)], capture_output=True,
+                            text=True, check=True).stdout
+        jo = subprocess.run(["isoinfo", "-J", "-l", "-i", str(iso)], capture_output=True,
+                            text=True, check=True).stdout
+        for listing in (rr, jo):
+            files = [ln.split()[-1] for ln in listing.splitlines() if ln.startswith("-")]
+            assert files == names
+        info = subprocess.run(["isoinfo", "-d", "-i", str(iso)], capture_output=True,
+                              text=True, check=True).stdout
+        assert "Volume id: cidata" in info and "Rock Ridge" in info and "Joliet" in info
+        bl = subprocess.run(["blkid", "-o", "export", str(iso)], capture_output=True,
+                            text=True, check=True).stdout
+        assert "LABEL=cidata" in bl.split() and "TYPE=iso9660" in bl.split()
 
 
 @pytest.mark.integration
@@ -97,7 +106,9 @@ def test_contents_round_trip_through_xorriso(tmp_path, ws, lab_key):
     out = tmp_path / "extract"
     subprocess.run(["xorriso", "-osirrox", "on", "-indev", str(iso), "-extract", "/", str(out)],
                    check=True, capture_output=True)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == read_seed(iso)
+    # against what labforge rendered, not pycdlib reading back what it wrote
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == \
+        seediso.render(lab, ws, "broker1").files
     meta = yaml.safe_load((out / "meta-data").read_text())
     ud_text = (out / "user-data").read_text()
     assert ud_text.startswith("#cloud-config\n")
@@ -191,6 +202,46 @@ def test_a_seed_with_certs_material_is_secret(tmp_path, ws, lab_key):
     assert build_seed_isos(lab, ws, hosts=["broker1"])[0].status == "up to date"
 
 
+@pytest.mark.parametrize("how", ["relative", "absolute", "symlink", "user_data",
+                                 "network_config", "vendor_data"])
+def test_any_file_from_certs_makes_the_seed_secret(ws, lab_key, how):
+    """Not only `certs:` sources: any path that resolves under the workspace's
+    certs/ (relative to a lab file in the workspace, absolute, through a
+    symlink, or a host's own user-data/network-config/vendor-data there)
+    keeps the seed out of artifacts/ and the manifest."""
+    kafka = ws.certs_dir("kafka")
+    secret_bytes = b"\xfe\xed\xfe\xed secret keystore"
+    (kafka / "broker1.keystore.jks").write_bytes(secret_bytes)
+    (kafka / "ud.yaml").write_text("#cloud-config\nruncmd: [true]\n")
+    (kafka / "nc.yaml").write_text("version: 2\nethernets:\n  eth0: {dhcp4: true}\n")
+    (kafka / "vd.yaml").write_text("#cloud-config\npackages: [jq]\n")
+    (ws.root / "link.jks").symlink_to(kafka / "broker1.keystore.jks")
+    source = {"relative": "certs/kafka/broker1.keystore.jks",
+              "absolute": str(kafka / "broker1.keystore.jks"),
+              "symlink": "link.jks"}.get(how)
+    text = LAB
+    if source:
+        text = LAB.replace('content: "hello broker1\\n"', f'source: "{source}"')
+    else:
+        name = {"user_data": "ud", "network_config": "nc", "vendor_data": "vd"}[how]
+        text = LAB.replace("  broker2:\n", f"  broker2:\n    {how}: certs/kafka/{name}.yaml\n")
+    lab = labmod.load(write_lab(ws.root, text))           # the lab file sits in the workspace
+    host = "broker1" if source else "broker2"
+    other = "broker2" if source else "broker1"
+    outcomes = {o.step: o for o in build_seed_isos(lab, ws)}
+    secret = ws.certs / "seed" / f"{host}.iso"
+    assert seed_path(lab, ws, host) == secret and outcomes[f"seed-iso {host}"].paths == [secret]
+    assert secret.stat().st_mode & 0o777 == 0o600
+    assert not (ws.artifacts / "seed" / f"{host}.iso").exists()
+    assert list(Manifest(ws.artifacts).entries()) == [f"seed/{other}.iso"]
+    if source:
+        wf = yaml.safe_load(read_seed(secret)["user-data"])["write_files"][0]
+        assert base64.b64decode(wf["content"]) == secret_bytes
+        for p in ws.artifacts.rglob("*"):
+            if p.is_file():
+                assert base64.b64encode(secret_bytes) not in p.read_bytes(), p
+
+
 def test_user_supplied_files_are_used_as_is(tmp_path, ws, lab_key):
     ud = "#cloud-config\nhostname: custom\nruncmd: [true]\nfrobnicate: 1\n"
     nc = "network:\n  version: 2\n  ethernets:\n    eth0: {dhcp4: true}\n"
@@ -224,6 +275,34 @@ def test_user_data_headers(text, ok):
             seediso.validate_user_data(text.encode(), "ud")
 
 
+def test_jinja_user_data_is_checked_below_its_header():
+    ok = "## template: jinja\n#cloud-config\nruncmd: [ls]\nfrobnicate: 1\n"
+    assert any("unknown cloud-config key 'frobnicate'" in w
+               for w in seediso.validate_user_data(ok.encode(), "ud"))
+    # no jinja syntax: a YAML error is an error, with the file's line number
+    bad = "## template: jinja\n#cloud-config\nruncmd:\n  - ls\n bad: [\n"
+    with pytest.raises(LabError, match=r"^ud:5: invalid YAML"):
+        seediso.validate_user_data(bad.encode(), "ud")
+    # jinja syntax that is not YAML before rendering: the header is checked, with a warning
+    tpl = ("## template: jinja\n#cloud-config\nruncmd:\n{% for n in [1, 2] %}\n"
+           "  - echo {{ n }}\n{% endfor %}\n")
+    (warning,) = seediso.validate_user_data(tpl.encode(), "ud")
+    assert "not YAML before rendering" in warning and "checked the #cloud-config header only" \
+        in warning
+    with pytest.raises(LabError, match=r"^ud:2: .*needs #cloud-config"):
+        seediso.validate_user_data(b"## template: jinja\nhostname: x\n", "ud")
+    assert seediso.validate_user_data(b"## template: jinja\n#!/bin/sh\necho {{ v1.x }}\n",
+                                      "ud") == []
+
+
+@pytest.mark.parametrize("text", ["version: true\nconfig: []\n", "version: 2.0\nethernets: {}\n",
+                                  "version: '2'\nethernets: {}\n"])
+def test_network_config_version_must_be_the_number_1_or_2(text):
+    with pytest.raises(LabError, match="'version: 1' or 'version: 2'"):
+        seediso.validate_network_config(text.encode(), "nc")
+    seediso.validate_network_config(b"version: 1\nconfig: []\n", "nc")
+
+
 # ---- bad input through the CLI: one line, exit 1, nothing written ----------
 def _no_iso(ws: Workspace) -> None:
     for d in (ws.artifacts / "seed", ws.certs / "seed"):
@@ -235,6 +314,22 @@ def test_cli_invalid_yaml_in_user_data_names_the_line(tmp_path, ws, cli, lab_key
     lab = write_lab(tmp_path, LAB.replace("  broker2:\n", "  broker2:\n    user_data: ud.yaml\n"))
     proc = cli("seed-iso", "--lab", str(lab))
     assert_one_line_error(proc, "hosts.broker2.user_data", "ud.yaml:4", "invalid YAML")
+    _no_iso(ws)
+
+
+@pytest.mark.parametrize("raw,needles", [
+    (b"#cloud-config\nruncmd: [ls]\n? [a, b]\n: 1\n",
+     ("ud.yaml:3: invalid YAML: a key must be a plain value", "not a list")),
+    (b"#cloud-config\nruncmd: [ls]\nwrite_files:\n  - {[x]: 1}\n",
+     ("ud.yaml:4: invalid YAML: a key must be a plain value",)),
+    (b"#cloud-config\n# caf\xe9\nruncmd: [ls]\n", ("ud.yaml: not UTF-8 text",)),
+])
+def test_cli_unhashable_key_or_bad_encoding_in_user_data(tmp_path, ws, cli, lab_key, raw,
+                                                        needles):
+    (tmp_path / "ud.yaml").write_bytes(raw)
+    lab = write_lab(tmp_path, LAB.replace("  broker2:\n", "  broker2:\n    user_data: ud.yaml\n"))
+    proc = cli("seed-iso", "--lab", str(lab))
+    assert_one_line_error(proc, "hosts.broker2.user_data", *needles)
     _no_iso(ws)
 
 

@@ -118,3 +118,30 @@ def test_build_lock_is_reentrant_within_a_process(tmp_path):
             pass
         with BuildLock(ws):
             pass
+
+
+# ---- tasks.py: `invoke --list` reads well ----------------------------------
+def _collection():
+    import importlib.util
+
+    from invoke import Collection
+
+    from conftest import ROOT
+    spec = importlib.util.spec_from_file_location("labforge_tasks", ROOT / "tasks.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return Collection.from_module(mod)
+
+
+def test_every_task_has_a_one_line_docstring_and_every_option_help(cli):
+    ns = _collection()
+    assert {"certs", "certs-check", "seed-iso", "check-lab"} <= set(ns.tasks)
+    listing = " ".join(cli("--list", check=True).stdout.split())
+    for name, t in sorted(ns.tasks.items()):
+        doc = (t.__doc__ or "").strip()
+        summary = doc.split("\n\n")[0]
+        assert summary and "\n" not in summary, f"{name}: docstring needs a one-line summary"
+        assert summary.endswith("."), f"{name}: {summary!r}"
+        assert f"{name} {summary}" in listing, f"{name}: not listed with its summary"
+        missing = [a.name for a in t.get_arguments() if not (a.help or "").strip()]
+        assert not missing, f"{name}: options without help text: {missing}"
