@@ -40,7 +40,9 @@ class Step:
 
 
 def _amphora_skip(lab: Lab, ws: Workspace) -> str | None:
-    if not lab.octavia.enabled or not lab.octavia.amphora.build:
+    if not lab.octavia.enabled:
+        return "lab.yaml octavia.enabled is false"
+    if not lab.octavia.amphora.build:
         return "lab.yaml octavia.amphora.build is false"
     from .docker_engine import client
     try:

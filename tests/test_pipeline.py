@@ -132,3 +132,12 @@ def test_kill_9_at_random_points_then_rerun_completes(ws, cli, quick_lab):
         manifest = json.loads((ws.artifacts / "manifest.json").read_text())
         for rel, rec in manifest["artifacts"].items():
             assert hashlib.sha256((ws.artifacts / rel).read_bytes()).hexdigest() == rec["sha256"]
+
+
+def test_amphora_skip_gives_the_real_reason(ws, tmp_path):
+    from imagetools import load_lab
+    from builders import pipeline
+    off = load_lab(tmp_path, {"octavia": {"enabled": False}}, "off.yaml")
+    assert pipeline._amphora_skip(off, ws) == "lab.yaml octavia.enabled is false"
+    nobuild = load_lab(tmp_path, {"octavia": {"amphora": {"build": False}}}, "nobuild.yaml")
+    assert pipeline._amphora_skip(nobuild, ws) == "lab.yaml octavia.amphora.build is false"
