@@ -31,6 +31,7 @@ class Step:
     skip_if: Callable[[Lab, Workspace], str | None] | None = None  # reason to skip, or None
     help: str = ""
     takes_force: bool = True                    # publishers have nothing to force
+    publishes: bool = False                     # consumes artifacts, produces none
 
     def run(self, lab: Lab, ws: Workspace, force: bool) -> list[Outcome]:
         module, func = self.target.split(":")
@@ -67,8 +68,9 @@ STEPS: tuple[Step, ...] = (
     Step("vagrant", "vagrant:build_lab_vagrant", needs=("base-image", "seed-iso"),
          help="Vagrant box of the base image, Vagrantfile, network XML"),
     Step("glance", "glance:publish_amphora", needs=("amphora",), skip_if=_glance_skip,
-         takes_force=False, help="publish the amphora to Glance, tagged"),
+         takes_force=False, publishes=True, help="publish the amphora to Glance, tagged"),
 )
+BY_NAME = {s.name: s for s in STEPS}
 KINDS = tuple(s.name for s in STEPS)
 
 
@@ -137,14 +139,22 @@ def to_json(lab: Lab, ws: Workspace, reports: list[StepReport]) -> dict:
     """The machine-readable result (validated by schemas/run.schema.json)."""
     manifest = Manifest(ws.artifacts)
     entries = manifest.entries() if manifest.path.exists() else {}
+    # an artifact's status is what the step that produced it did: publishers
+    # (glance) name the artifact they consumed and do not change it; within
+    # the producing step the strongest status wins (built over up to date)
+    rank = {"failed": 3, "built": 2, "up to date": 1, "skipped": 0}
     outcome_status: dict[str, str] = {}
     for r in reports:
+        if BY_NAME[r.name].publishes:
+            continue
         for o in r.outcomes:
             for p in o.paths:
                 try:
-                    outcome_status[manifest.rel(Path(p))] = o.status
+                    rel = manifest.rel(Path(p))
                 except LabError:
-                    pass  # outputs outside artifacts/ (certs) are not published
+                    continue  # outputs outside artifacts/ (certs) are not published
+                if rank.get(o.status, -1) > rank.get(outcome_status.get(rel, ""), -1):
+                    outcome_status[rel] = o.status
     return {
         "lab": lab.name,
         "lab_file": str(lab.source),

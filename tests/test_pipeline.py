@@ -134,6 +134,33 @@ def test_kill_9_at_random_points_then_rerun_completes(ws, cli, quick_lab):
             assert hashlib.sha256((ws.artifacts / rel).read_bytes()).hexdigest() == rec["sha256"]
 
 
+def test_artifact_status_comes_from_the_step_that_produced_it(ws, tmp_path):
+    """The glance step names the amphora it published; that must not turn the
+    amphora's "built" (this run) into the publisher's "up to date"."""
+    from imagetools import load_lab, make_qcow2
+    from builders import pipeline
+    from builders.manifest import Manifest
+    from builders.outcome import Outcome
+    lab = load_lab(tmp_path, {})
+    amp = make_qcow2(ws.artifacts / "images" / "amphora-x64-haproxy.qcow2", "64M")
+    Manifest(ws.artifacts).record(amp, "amphora", "d1")
+
+    def doc(amphora_status: str, glance_status: str) -> dict:
+        reports = [pipeline.StepReport("amphora", amphora_status, 1.0, "",
+                                       [Outcome("amphora", amphora_status, [amp])]
+                                       if amphora_status != "skipped" else []),
+                   pipeline.StepReport("glance", glance_status, 1.0, "",
+                                       [Outcome("publish-amphora lab", glance_status, [amp])])]
+        out = pipeline.to_json(lab, ws, reports)
+        jsonschema.validate(out, SCHEMA)
+        return {a["path"]: a["status"] for a in out["artifacts"]}
+
+    assert doc("built", "up to date") == {"images/amphora-x64-haproxy.qcow2": "built"}
+    assert doc("up to date", "built") == {"images/amphora-x64-haproxy.qcow2": "up to date"}
+    # left out (--skip amphora) and published: not rebuilt, so unchanged
+    assert doc("skipped", "built") == {"images/amphora-x64-haproxy.qcow2": "unchanged"}
+
+
 def test_amphora_skip_gives_the_real_reason(ws, tmp_path):
     from imagetools import load_lab
     from builders import pipeline
