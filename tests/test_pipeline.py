@@ -134,6 +134,85 @@ def test_kill_9_at_random_points_then_rerun_completes(ws, cli, quick_lab):
             assert hashlib.sha256((ws.artifacts / rel).read_bytes()).hexdigest() == rec["sha256"]
 
 
+# ---------------------------------------------------------------------------
+# a step that fails with something other than a LabError; --skip / --only
+# ---------------------------------------------------------------------------
+def run_all_failing(cli, lab: Path, *extra: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, dict]:
+    proc = cli("all", "--lab", str(lab), "--json", *extra, env=env)
+    assert proc.returncode != 0, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    doc = json.loads(proc.stdout)
+    jsonschema.validate(doc, SCHEMA)
+    return proc, doc
+
+
+def test_an_os_error_in_one_step_is_reported_and_independent_steps_still_run(ws, cli, quick_lab):
+    """artifacts/vms is a file, not a directory: the overlays step meets an
+    OSError (not a LabError).  The run still reports every step in JSON."""
+    ws.artifacts.mkdir(parents=True)
+    (ws.artifacts / "vms").write_text("not a directory\n")
+    proc, doc = run_all_failing(cli, quick_lab, *QUICK)
+    assert proc.returncode == 1, proc.stderr
+    assert doc["ok"] is False
+    st = statuses(doc)
+    assert st == {"certs": "built", "seed-iso": "built", "base-image": "built",
+                  "overlays": "failed", "amphora": "skipped", "vagrant": "built",
+                  "glance": "skipped"}, st
+    overlays = next(s for s in doc["steps"] if s["name"] == "overlays")
+    assert "vms" in overlays["detail"] and "\n" not in overlays["detail"], overlays
+    assert "fix it and rerun" in overlays["detail"]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert errors == ["error: overlays failed; see the lines above"], proc.stderr
+    assert "overlays: failed (" in proc.stderr
+    # what did build is recorded and intact
+    (ws.artifacts / "vms").unlink()
+    assert cli("verify").returncode == 0
+
+
+def test_skipped_step_outputs_are_used_when_present_else_a_clear_skip(ws, cli, quick_lab):
+    """--skip / --only leave a step out; the steps that need it use its earlier
+    outputs when they are in the manifest and intact, and are skipped with the
+    reason when not (instead of failing on the missing input)."""
+    from imagetools import make_qcow2
+    from builders.manifest import Manifest
+    cloud = {"OS_AUTH_URL": "http://127.0.0.1:9/v3", "OS_USERNAME": "admin", "OS_PASSWORD": "pw",
+             "OS_PROJECT_NAME": "admin", "OS_USER_DOMAIN_NAME": "Default",
+             "OS_PROJECT_DOMAIN_NAME": "Default", "OS_CLOUD": ""}
+    # no amphora: publishing it is skipped, saying why; the run is ok
+    proc = cli("all", "--lab", str(quick_lab), "--json", "--only", "glance", env=cloud)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    jsonschema.validate(doc, SCHEMA)
+    glance = next(s for s in doc["steps"] if s["name"] == "glance")
+    assert glance["status"] == "skipped", glance
+    assert glance["detail"].startswith("needs amphora (not in --only), but ") and \
+        "no amphora image amphora-x64-haproxy" in glance["detail"], glance
+    # an existing amphora (built earlier): --skip amphora publishes it, so the
+    # glance step runs (and here meets the unreachable Keystone)
+    amp = make_qcow2(ws.artifacts / "images" / "amphora-x64-haproxy.qcow2", "64M", data_mib=1)
+    Manifest(ws.artifacts).record(amp, "amphora", "built-earlier", meta={"arch": "x86_64"})
+    skip_all_but_glance = [a for k in ("certs", "seed-iso", "base-image", "overlays", "vagrant",
+                                       "amphora") for a in ("--skip", k)]
+    proc, doc = run_all_failing(cli, quick_lab, *skip_all_but_glance, env=cloud)
+    glance = next(s for s in doc["steps"] if s["name"] == "glance")
+    assert glance["status"] == "failed" and "127.0.0.1:9" in glance["detail"], glance
+    assert next(a for a in doc["artifacts"] if a["kind"] == "amphora")["status"] == "unchanged"
+    # the amphora on disk no longer matches the manifest: not published
+    with open(amp, "ab") as fh:
+        fh.write(b"tampered")
+    proc = cli("all", "--lab", str(quick_lab), "--json", *skip_all_but_glance, env=cloud)
+    assert proc.returncode == 0, proc.stderr
+    glance = next(s for s in json.loads(proc.stdout)["steps"] if s["name"] == "glance")
+    assert glance["status"] == "skipped" and "differs from the manifest" in glance["detail"], glance
+    # --only overlays on a workspace without a base image: a clear skip too
+    proc = cli("all", "--lab", str(quick_lab), "--json", "--only", "overlays")
+    assert proc.returncode == 0, proc.stderr
+    overlays = next(s for s in json.loads(proc.stdout)["steps"] if s["name"] == "overlays")
+    assert overlays["status"] == "skipped" and \
+        "needs base-image (not in --only), but" in overlays["detail"], overlays
+    assert not (ws.artifacts / "vms").exists()
+
+
 def test_artifact_status_comes_from_the_step_that_produced_it(ws, tmp_path):
     """The glance step names the amphora it published; that must not turn the
     amphora's "built" (this run) into the publisher's "up to date"."""
