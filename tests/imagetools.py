@@ -50,6 +50,14 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Content-Type", "application/octet-stream")
         self.end_headers()
+        hold = self.server.hold
+        if hold is not None and path.suffix in (".qcow2", ".img") and len(body) > 1:
+            self.server.hold = None                      # only once
+            self.wfile.write(body[:len(body) // 2])
+            self.wfile.flush()
+            self.server.held.set()                       # a client is mid-transfer now
+            hold.wait(120)
+            body = body[len(body) // 2:]
         drop = self.server.drop_after
         if drop is not None and path.suffix in (".qcow2", ".img") and len(body) > drop:
             self.server.drop_after = None               # only once
@@ -68,6 +76,9 @@ class Mirror(http.server.ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), MirrorHandler)
         self.root = root
         self.drop_after: int | None = None
+        # set to an Event: the next image transfer stops halfway until it is set
+        self.hold: threading.Event | None = None
+        self.held = threading.Event()
         self.ranges = True
         self.requests: list = []
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)

@@ -213,6 +213,45 @@ def test_skipped_step_outputs_are_used_when_present_else_a_clear_skip(ws, cli, q
     assert not (ws.artifacts / "vms").exists()
 
 
+def test_sigterm_stops_like_ctrl_c_and_a_rerun_completes(ws, cli, tmp_path, mirror):
+    """A cancelled CI job gets SIGTERM: the run unwinds like Ctrl-C (one line,
+    exit 143, no traceback, nothing half-written under artifacts/), and the
+    next run completes, resuming the interrupted download."""
+    import threading
+    publish_debian(mirror.root, data_mib=8)
+    lab = lab_file(tmp_path, {"base_image": {"source": "download", "url": mirror.url}})
+    release = threading.Event()
+    mirror.hold = release
+    proc = subprocess.Popen([*INVOKE, "all", "--lab", str(lab), *QUICK],
+                            env=dict(os.environ, LABFORGE_WORKDIR=str(ws.root)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert mirror.held.wait(300), "the base image download never started"
+        part = ws.cache / "downloads" / "debian-12"
+        for _ in range(600):             # the client has written what it got
+            if any(p.stat().st_size for p in part.glob("*.part")):
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        release.set()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, (proc.returncode, err)
+    assert "Traceback" not in err, err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert errors == ["error: terminated (SIGTERM); partial outputs were removed, "
+                      "rerun to continue"], err
+    assert not [p for p in ws.artifacts.rglob("*.part")], list(ws.artifacts.rglob("*.part"))
+    assert not (ws.artifacts / "images" / "debian-12.qcow2").exists()
+    assert cli("verify").returncode == 0                 # what was recorded is intact
+    mirror.requests.clear()
+    _, doc = run_all(cli, lab)
+    assert statuses(doc)["base-image"] == "built"
+    assert any(rng for path, rng in mirror.requests if path.endswith(".qcow2")), mirror.requests
+
+
 def test_artifact_status_comes_from_the_step_that_produced_it(ws, tmp_path):
     """The glance step names the amphora it published; that must not turn the
     amphora's "built" (this run) into the publisher's "up to date"."""
