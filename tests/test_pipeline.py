@@ -72,7 +72,7 @@ def test_all_builds_the_lab_then_everything_is_up_to_date(ws, cli, quick_lab):
 
 def test_changing_broker2_ip_rebuilds_exactly_broker2(tmp_path, ws, cli, quick_lab):
     run_all(cli, quick_lab)
-    certs_before = tree_hashes(ws.certs / "kafka")
+    certs_before = tree_hashes(ws.certs)          # kafka, octavia, ssh, seed, state.json
     art_before = tree_hashes(ws.artifacts)
 
     data = yaml.safe_load(quick_lab.read_text())
@@ -80,20 +80,74 @@ def test_changing_broker2_ip_rebuilds_exactly_broker2(tmp_path, ws, cli, quick_l
     quick_lab.write_text(yaml.safe_dump(data, sort_keys=False))
     _, doc = run_all(cli, quick_lab)
 
-    certs_after = tree_hashes(ws.certs / "kafka")
+    certs_after = tree_hashes(ws.certs)
+    assert set(certs_after) == set(certs_before), set(certs_after) ^ set(certs_before)
     changed_certs = {p for p in certs_after if certs_before.get(p) != certs_after[p]}
-    assert changed_certs and all(p.startswith(("broker2.", "broker2-", "server-broker2"))
-                                 for p in changed_certs), changed_certs
-    built = {o["step"] for s in doc["steps"] for o in s["outcomes"] if o["status"] == "built"}
-    per_host = {b for b in built if b.startswith(("seed-iso ", "overlay "))}
-    assert per_host == {"seed-iso broker2", "overlay broker2"}, built
-    assert statuses(doc)["base-image"] == "up to date"
-    # on disk: broker2's seed changed; lab-wide files that list every host's
-    # address change with it; nothing else does
+    # broker2's identity and its files; state.json records its new serial
+    assert changed_certs - {"state.json"} and all(
+        p.startswith(("kafka/broker2.", "kafka/broker2-", "kafka/server-broker2"))
+        for p in changed_certs - {"state.json"}), changed_certs
+    # every rebuilt outcome across all steps: broker2's certificate (in the
+    # kafka set), seed and overlay, and the Vagrantfile, which lists broker2's
+    # address; nothing else (the octavia and ssh sets, other hosts, base, box)
+    built = {o["step"]: o["detail"] for s in doc["steps"] for o in s["outcomes"]
+             if o["status"] == "built"}
+    assert set(built) == {"certs kafka", "seed-iso broker2", "overlay broker2",
+                          "vagrantfile vagrant/Vagrantfile"}, built
+    assert "broker2" in built["certs kafka"] and "broker1" not in built["certs kafka"] \
+        and "broker3" not in built["certs kafka"], built["certs kafka"]
+    assert {s["name"]: s["status"] for s in doc["steps"]} == {
+        "certs": "built", "seed-iso": "built", "base-image": "up to date", "overlays": "built",
+        "amphora": "skipped", "vagrant": "built", "glance": "skipped"}
+    # on disk: broker2's seed changed, and the Vagrantfile; nothing else did
     art_after = tree_hashes(ws.artifacts)
     changed = {p for p in art_after if art_before.get(p) != art_after[p]} - {"manifest.json"}
-    assert "seed/broker2.iso" in changed
-    assert changed - {"seed/broker2.iso"} <= {"vagrant/Vagrantfile"}, changed
+    assert changed == {"seed/broker2.iso", "vagrant/Vagrantfile"}, changed
+    rebuilt = {a["path"] for a in doc["artifacts"] if a["status"] == "built"}
+    assert rebuilt == {"seed/broker2.iso", "vms/broker2.qcow2", "vagrant/Vagrantfile"}, rebuilt
+
+
+def test_only_seed_iso_builds_just_the_seeds(ws, cli, quick_lab):
+    # without certs the seeds cannot be made: a clear skip, nothing written
+    proc = cli("all", "--lab", str(quick_lab), "--json", "--only", "seed-iso")
+    assert proc.returncode == 0, proc.stderr
+    seed = next(s for s in json.loads(proc.stdout)["steps"] if s["name"] == "seed-iso")
+    assert seed["status"] == "skipped" and "needs certs (not in --only)" in seed["detail"], seed
+    assert not (ws.artifacts / "seed").exists()
+
+    cli("certs", "--lab", str(quick_lab), check=True)
+    _, doc = run_all(cli, quick_lab, "--only", "seed-iso")
+    assert statuses(doc) == {"certs": "skipped", "seed-iso": "built", "base-image": "skipped",
+                             "overlays": "skipped", "amphora": "skipped", "vagrant": "skipped",
+                             "glance": "skipped"}
+    assert {a["path"] for a in doc["artifacts"]} == {"seed/broker1.iso", "seed/broker2.iso",
+                                                      "seed/broker3.iso"}
+    assert {p.name for p in ws.artifacts.iterdir() if not p.name.startswith(".")} == \
+        {"seed", "manifest.json"}
+
+
+def test_manifest_prints_it_and_verify_reports_drift(ws, cli, quick_lab):
+    run_all(cli, quick_lab)
+    shown = cli("manifest", check=True)
+    assert json.loads(shown.stdout) == json.loads((ws.artifacts / "manifest.json").read_text())
+    n = len(json.loads(shown.stdout)["artifacts"])
+    ok = cli("verify", check=True)
+    assert f"all {n} artifacts verify" in ok.stdout
+    before = (ws.artifacts / "manifest.json").read_bytes()
+    seed = ws.artifacts / "seed" / "broker2.iso"
+    data = bytearray(seed.read_bytes())
+    data[40000] ^= 0xFF                                   # same size, other content
+    seed.write_bytes(bytes(data))
+    (ws.artifacts / "vms" / "broker3.qcow2").unlink()
+    proc = cli("verify")
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert "seed/broker2.iso: sha256 differs from the manifest" in lines, proc.stderr
+    assert "vms/broker3.qcow2: missing" in lines, proc.stderr
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    assert len(errors) == 1 and f"2 of {n} artifacts drifted" in errors[0], proc.stderr
+    assert (ws.artifacts / "manifest.json").read_bytes() == before   # verify only reads
 
 
 def test_no_secret_reaches_artifacts_or_the_manifest(ws, cli, quick_lab):
