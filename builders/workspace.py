@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,17 @@ class Workspace:
         return path
 
 
+def _holder(fd: int) -> str:
+    """The pid the lock's holder wrote into the lock file.  A holder that
+    took the lock a moment ago may not have written it yet: wait briefly."""
+    for _ in range(50):
+        pid = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        if pid:
+            return pid
+        time.sleep(0.02)
+    return "unknown"
+
+
 class BuildLock:
     """An exclusive lock on a workspace for the length of a build.
 
@@ -93,7 +105,7 @@ class BuildLock:
             if exc.errno not in (errno.EAGAIN, errno.EACCES):
                 os.close(fd)
                 raise
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            holder = _holder(fd)
             os.close(fd)
             raise LabError(f"{self.ws.artifacts}: another build is running (pid {holder}); "
                            "wait for it to finish or stop it") from None

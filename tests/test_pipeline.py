@@ -150,6 +150,49 @@ def test_manifest_prints_it_and_verify_reports_drift(ws, cli, quick_lab):
     assert (ws.artifacts / "manifest.json").read_bytes() == before   # verify only reads
 
 
+def test_two_runs_at_once_one_is_refused_and_the_tree_stays_valid(ws, cli, tmp_path, mirror):
+    """Both runs start together; the local mirror holds the winner's base image
+    download halfway, so the runs certainly overlap."""
+    import threading
+    publish_debian(mirror.root, data_mib=8)
+    lab = lab_file(tmp_path, {"base_image": {"source": "download", "url": mirror.url}})
+    release = threading.Event()
+    mirror.hold = release
+    env = dict(os.environ, LABFORGE_WORKDIR=str(ws.root))
+    argv = [*INVOKE, "all", "--lab", str(lab), "--json", *QUICK]
+    procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    try:
+        assert mirror.held.wait(300), "no run reached the base image download"
+        loser = None
+        for _ in range(1200):
+            loser = next((p for p in procs if p.poll() is not None), None)
+            if loser is not None:
+                break
+            time.sleep(0.05)
+        assert loser is not None, "neither run was refused"
+        lost_out, lost_err = loser.communicate()
+        release.set()
+        winner = next(p for p in procs if p is not loser)
+        won_out, won_err = winner.communicate(timeout=600)
+    finally:
+        release.set()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert loser.returncode == 1, lost_err
+    assert lost_err.splitlines() == [
+        f"error: {ws.artifacts}: another build is running (pid {winner.pid}); "
+        "wait for it to finish or stop it"], lost_err
+    assert lost_out == ""
+    assert winner.returncode == 0, won_err
+    doc = json.loads(won_out)
+    jsonschema.validate(doc, SCHEMA)
+    assert doc["ok"] and statuses(doc)["base-image"] == "built"
+    assert cli("verify").returncode == 0
+    assert not [p for p in ws.root.rglob("*.part") if "downloads" not in p.parts]
+
+
 def test_no_secret_reaches_artifacts_or_the_manifest(ws, cli, quick_lab):
     run_all(cli, quick_lab)
     secrets = []
