@@ -227,8 +227,17 @@ def test_kill_9_at_random_points_then_rerun_completes(ws, cli, quick_lab):
         v = cli("verify")
         assert v.returncode == 0, (f"seed {seed}, kill after {delay:.2f}s", v.stderr)
         manifest = json.loads((ws.artifacts / "manifest.json").read_text())
+        assert manifest["artifacts"], "the rerun recorded nothing"
         for rel, rec in manifest["artifacts"].items():
-            assert hashlib.sha256((ws.artifacts / rel).read_bytes()).hexdigest() == rec["sha256"]
+            path = ws.artifacts / rel
+            assert path.stat().st_size == rec["size"], (seed, delay, rel)
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == rec["sha256"], (seed, delay, rel)
+        # no temporary file of the killed run is left behind (a resumable
+        # download under cache/downloads/ is kept on purpose, by design)
+        leftovers = [str(p.relative_to(ws.root)) for p in ws.root.rglob("*")
+                     if (p.name.endswith((".part", ".tmp", ".dib")) or ".part." in p.name)
+                     and "downloads" not in p.relative_to(ws.root).parts]
+        assert not leftovers, (f"seed {seed}, kill after {delay:.2f}s", leftovers)
 
 
 # ---------------------------------------------------------------------------
