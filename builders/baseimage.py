@@ -156,6 +156,21 @@ def qemu_info(path: Path) -> dict:
     return json.loads(proc.stdout)
 
 
+def qemu_check(path: Path, what: str) -> None:
+    """``qemu-img check`` of a qcow2 (reads only its tables, so it is quick):
+    a truncated or damaged image is a LabError ending in ``what`` (what to
+    do about it).  Leaked clusters (exit status 3) are harmless."""
+    chk = runner.run(["qemu-img", "check", "-U", path], check=False,
+                     what=f"checking image {Path(path).name}")
+    if chk.returncode in (0, 3):
+        return
+    out = chk.stdout + chk.stderr
+    text = out.decode(errors="replace") if isinstance(out, bytes) else out
+    found = [ln.strip() for ln in text.splitlines() if "error" in ln.lower() or "corrupt" in ln.lower()]
+    raise LabError(f"{path}: `qemu-img check` finds the image damaged "
+                   f"({found[0].rstrip('.') if found else f'exit status {chk.returncode}'}); {what}")
+
+
 def _requests_version() -> str:
     import requests
     return requests.__version__

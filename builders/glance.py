@@ -601,6 +601,10 @@ def upload_image(lab: Lab, ws: Workspace, *, image: str, name: str | None = None
     src = resolve_image(ws, image, kinds)
     name = name or src.path.name.rsplit(".", 1)[0]
     fmt = disk_format or detect_disk_format(src.path)
+    if fmt == "qcow2" and shutil.which("qemu-img"):
+        # before contacting the cloud: a truncated image must not become a Glance image
+        from .baseimage import qemu_check
+        qemu_check(src.path, "rebuild it before uploading")
     all_tags = list(dict.fromkeys([*tags, *([rotate_tag] if rotate_tag else [])]))
     cl = connect(cloud or lab.glance.cloud, cacert=cacert, insecure=insecure)
     api = Api(cl)

@@ -45,6 +45,7 @@ from typing import Any
 from xml.sax.saxutils import quoteattr
 
 from . import seediso
+from .baseimage import qemu_check
 from .console import log, progress
 from .errors import LabError
 from .fsutil import atomic_path, atomic_write, remove_stale_parts
@@ -155,12 +156,7 @@ def image_info(path: Path) -> dict:
                        f"{path.with_suffix('.qcow2')}`")
     # metadata consistency (reads only the qcow2 tables): a truncated or
     # damaged image must not become a box; leaked clusters (status 3) are harmless
-    chk = run(["qemu-img", "check", "-U", path], check=False, what=f"checking image {path.name}")
-    if chk.returncode not in (0, 3):
-        found = [ln.strip() for ln in (chk.stdout + chk.stderr).decode(errors="replace").splitlines()
-                 if "error" in ln.lower() or "corrupt" in ln.lower()]
-        raise LabError(f"{path}: `qemu-img check` finds the image damaged "
-                       f"({found[0].rstrip('.') if found else f'exit status {chk.returncode}'}); rebuild it")
+    qemu_check(path, "rebuild it")
     backing = info.get("full-backing-filename") or info.get("backing-filename")
     if backing:
         bpath = Path(backing)
