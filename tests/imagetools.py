@@ -104,10 +104,11 @@ def make_qcow2(path: Path, size: str = "64M", data_mib: int = 0) -> Path:
 
 
 def publish_debian(root: Path, version: str = "12", data_mib: int = 3,
-                   wrong_sum: bool = False) -> tuple[Path, str]:
-    """Lay out a Debian cloud image directory like cloud.debian.org's."""
+                   wrong_sum: bool = False, size: str = "1G") -> tuple[Path, str]:
+    """Lay out a Debian cloud image directory like cloud.debian.org's
+    (an image of ``size`` virtual bytes)."""
     name = f"debian-{version}-genericcloud-amd64.qcow2"
-    img = make_qcow2(root / name, "1G", data_mib)
+    img = make_qcow2(root / name, size, data_mib)
     digest = hashlib.sha512(img.read_bytes()).hexdigest()
     listed = ("0" * 128) if wrong_sum else digest
     (root / "SHA512SUMS").write_text(f"{'1' * 128}  debian-{version}-generic-amd64.qcow2\n"
