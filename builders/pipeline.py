@@ -3,8 +3,11 @@
 Each step is a builder entry point; the pipeline only sequences them,
 decides what to skip (and says why), times them, and reports.  Steps whose
 inputs did not change are "up to date" by the builders' own manifest
-checks, so a second run does nothing.  A failed step marks the steps that
-depend on it as skipped; independent steps still run.
+checks, so a second run does nothing.  A failed step (whatever it raised)
+marks the steps that depend on it as skipped; independent steps still run.
+A step the user left out (``--skip``, or not in ``--only``) does not stop
+the steps that need it: they use its outputs from an earlier run when those
+are present and intact, and are skipped, saying so, when they are not.
 """
 
 from __future__ import annotations
