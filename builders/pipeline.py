@@ -197,9 +197,10 @@ def _run_step(lab: Lab, ws: Workspace, step: Step, state: dict[str, str],
         state[step.name] = "--skip" if step.name in skip else "not in --only"
         return StepReport(step.name, "skipped", 0.0, state[step.name])
     try:
-        reason = _blocked(lab, ws, step, state)
-        if reason is None and step.skip_if is not None:
-            reason = step.skip_if(lab, ws)
+        # the step's own reason first: "no cloud configured" says more than
+        # "needs amphora" to a user who never meant to publish
+        reason = step.skip_if(lab, ws) if step.skip_if is not None else None
+        reason = reason or _blocked(lab, ws, step, state)
         if reason:
             state[step.name] = "skipped"
             return StepReport(step.name, "skipped", 0.0, reason)

@@ -392,3 +392,13 @@ def test_amphora_skip_gives_the_real_reason(ws, tmp_path):
     assert pipeline._amphora_skip(off, ws) == "lab.yaml octavia.enabled is false"
     nobuild = load_lab(tmp_path, {"octavia": {"amphora": {"build": False}}}, "nobuild.yaml")
     assert pipeline._amphora_skip(nobuild, ws) == "lab.yaml octavia.amphora.build is false"
+
+
+def test_a_step_gives_its_own_skip_reason_before_its_needs(ws, cli, quick_lab):
+    """No cloud configured and no amphora: the glance step says the first,
+    which is what a user who never meant to publish needs to read."""
+    env = {k: "" for k in ("OS_CLOUD", "OS_AUTH_URL")}
+    proc = cli("all", "--lab", str(quick_lab), "--json", "--only", "glance", env=env)
+    assert proc.returncode == 0, proc.stderr
+    glance = next(s for s in json.loads(proc.stdout)["steps"] if s["name"] == "glance")
+    assert glance["status"] == "skipped" and glance["detail"].startswith("no cloud configured"), glance
