@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 
 from invoke import Exit, task
@@ -24,21 +25,35 @@ from builders.workspace import Workspace
 LAB_HELP = "lab description to read (default: the embedded lab.yaml)"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI job cancelled, `kill PID`), unwound exactly like Ctrl-C so
+    that every builder's cleanup (temporary files, containers, VMs) runs."""
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the cleanup short
+    raise Terminated()
+
+
 def _user_errors(fn):
-    """Turn a LabError into its line(s) on stderr and exit status 1; Ctrl-C into 130."""
+    """Turn a LabError into its line(s) on stderr and exit status 1; Ctrl-C
+    into exit status 130 and SIGTERM into 143 (128 + the signal number, as a
+    shell reports them), both after the partial outputs were removed."""
     @functools.wraps(fn)
     def wrapper(c, *args, **kwargs):
         setup_logging(verbose=bool(kwargs.get("verbose")))
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             return fn(c, *args, **kwargs)
         except LabError as exc:
             for i, line in enumerate(exc.lines()):
                 print(("error: " if i == 0 else "  ") + line, file=sys.stderr)
             raise Exit(code=1) from None
-        except KeyboardInterrupt:
-            print("error: interrupted; partial outputs were removed, rerun to continue",
+        except KeyboardInterrupt as exc:
+            how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+            print(f"error: {how}; partial outputs were removed, rerun to continue",
                   file=sys.stderr)
-            raise Exit(code=130) from None
+            raise Exit(code=143 if isinstance(exc, Terminated) else 130) from None
         except BrokenPipeError:  # `invoke manifest | head`: the reader is gone, stop quietly
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise Exit(code=0) from None
@@ -54,6 +69,8 @@ def _user_errors(fn):
             print(f"error: internal error ({type(exc).__name__}: {exc}); this is a labforge "
                   "bug: rerun with LABFORGE_DEBUG=1 and report the traceback", file=sys.stderr)
             raise Exit(code=2) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     return wrapper
 
 

@@ -156,6 +156,21 @@ def qemu_info(path: Path) -> dict:
     return json.loads(proc.stdout)
 
 
+def qemu_check(path: Path, what: str) -> None:
+    """``qemu-img check`` of a qcow2 (reads only its tables, so it is quick):
+    a truncated or damaged image is a LabError ending in ``what`` (what to
+    do about it).  Leaked clusters (exit status 3) are harmless."""
+    chk = runner.run(["qemu-img", "check", "-U", path], check=False,
+                     what=f"checking image {Path(path).name}")
+    if chk.returncode in (0, 3):
+        return
+    out = chk.stdout + chk.stderr
+    text = out.decode(errors="replace") if isinstance(out, bytes) else out
+    found = [ln.strip() for ln in text.splitlines() if "error" in ln.lower() or "corrupt" in ln.lower()]
+    raise LabError(f"{path}: `qemu-img check` finds the image damaged "
+                   f"({found[0].rstrip('.') if found else f'exit status {chk.returncode}'}); {what}")
+
+
 def _requests_version() -> str:
     import requests
     return requests.__version__
@@ -359,7 +374,7 @@ def _get(session, url: str, what: str, *, retries: int, backoff: float, **kwargs
 
 
 def fetch_checksum(session, url: str, sums_name: str, image_name: str, *, retries: int,
-                   backoff: float) -> tuple[str, bytes]:
+                   backoff: float, algo: str = "sha512") -> tuple[str, bytes]:
     """The expected hex digest of ``image_name`` from the checksum file at ``url``."""
     resp = _get(session, url + sums_name, "base-image", retries=retries, backoff=backoff)
     if resp.status_code != 200:
@@ -369,7 +384,13 @@ def fetch_checksum(session, url: str, sums_name: str, image_name: str, *, retrie
     for line in body.decode("utf-8", "replace").splitlines():
         parts = line.split()
         if len(parts) == 2 and parts[1].lstrip("*") == image_name:
-            return parts[0].lower(), body
+            value = parts[0].lower()
+            if len(value) != hashlib.new(algo).digest_size * 2 or \
+                    not all(c in "0123456789abcdef" for c in value):
+                raise LabError(f"base-image: {url}{sums_name}: the entry for {image_name} is not "
+                               f"a {algo} digest ({len(value)} characters); the checksum file "
+                               "is damaged: check base_image.url or try again later")
+            return value, body
     raise LabError(f"base-image: {url}{sums_name} lists no {image_name}; "
                    "check base_image.url and base_image.release")
 
@@ -483,7 +504,7 @@ def _download(lab: Lab, ws: Workspace, rel: Release, target: Path) -> dict:
     bundle = dib.ca_bundle(lab)
     if bundle is not None and url.startswith("https:"):
         session.verify = str(bundle)
-    expected, sums = fetch_checksum(session, url, sums_name, image_name,
+    expected, sums = fetch_checksum(session, url, sums_name, image_name, algo=algo,
                                     retries=RETRIES, backoff=BACKOFF)
     cache = ws.cache_dir("downloads", rel.name)
     signature = None

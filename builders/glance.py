@@ -164,7 +164,9 @@ def connect(cloud: str | None = None, *, cacert: str | None = None,
         raise fail(f"glance: {where}: incomplete credentials ({_first_line(exc)}): set "
                    "username/password/project or an application credential") from None
     except (ka.ClientException, osexc.SDKException) as exc:
-        raise fail(f"glance: authentication at {auth_url} failed: {_first_line(exc)}") from None
+        raise fail(f"glance: authentication at {auth_url} failed: {_first_line(exc)}; check "
+                   f"that auth_url in {where} is Keystone's identity URL "
+                   "(https://HOST:5000/v3)") from None
     if not endpoint:
         raise fail(f"glance: no image endpoint in the catalog of {auth_url}: check {where}")
     return Cloud(conn=conn, label=region.name or "envvars", auth_url=auth_url,
@@ -181,13 +183,16 @@ def _image_endpoint(conn, auth_url: str, where: str, secrets: tuple[str, ...]) -
                                                 skip_discovery=True)
     except ka.EndpointNotFound:
         raise
+    override = conn.config.get_endpoint("image")
+    source = (f"image_endpoint_override in {where}" if override
+              else f"image endpoint in the catalog of {auth_url}")
     try:
         return conn.image.get_endpoint()
     except (ka.ConnectFailure, ka.ConnectTimeout, ka.DiscoveryFailure, osexc.SDKException,
             ka.ClientException) as exc:
-        raise LabError(mask(f"glance: Glance at {catalog_url} (image endpoint in the catalog of "
-                            f"{auth_url}) does not answer ({_reason(exc)}): check that it runs "
-                            "and rerun", secrets)) from None
+        raise LabError(mask(f"glance: Glance at {override or catalog_url} ({source}) does not "
+                            f"answer ({_reason(exc)}): check that it runs and rerun",
+                            secrets)) from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -601,6 +606,10 @@ def upload_image(lab: Lab, ws: Workspace, *, image: str, name: str | None = None
     src = resolve_image(ws, image, kinds)
     name = name or src.path.name.rsplit(".", 1)[0]
     fmt = disk_format or detect_disk_format(src.path)
+    if fmt == "qcow2" and shutil.which("qemu-img"):
+        # before contacting the cloud: a truncated image must not become a Glance image
+        from .baseimage import qemu_check
+        qemu_check(src.path, "rebuild it before uploading")
     all_tags = list(dict.fromkeys([*tags, *([rotate_tag] if rotate_tag else [])]))
     cl = connect(cloud or lab.glance.cloud, cacert=cacert, insecure=insecure)
     api = Api(cl)

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from . import runner
-from .baseimage import qemu_info
+from .baseimage import qemu_check, qemu_info
 from .errors import LabError
 from .fsutil import atomic_path, sha256_file
 from .lab import Host, Lab
@@ -64,7 +64,12 @@ def _check_base(lab: Lab, ws: Workspace, host: Host, manifest: Manifest,
         raise LabError(f"{where}.image: {base} does not exist; run `invoke base-image` "
                        f"(or put a qcow2 named {host.image}.qcow2 there)")
     if base not in seen:
-        seen[base] = (qemu_info(base), _base_sha(base, manifest))
+        info = qemu_info(base)
+        if info.get("format") == "qcow2":
+            # a truncated or damaged base would give every overlay a broken disk
+            qemu_check(base, "rebuild it with `invoke base-image` (it fetches or builds "
+                             "again an image that differs from the manifest)")
+        seen[base] = (info, _base_sha(base, manifest))
     info, sha = seen[base]
     fmt = info.get("format")
     if fmt != "qcow2":

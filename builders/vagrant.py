@@ -44,6 +44,8 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
+from . import seediso
+from .baseimage import qemu_check
 from .console import log, progress
 from .errors import LabError
 from .fsutil import atomic_path, atomic_write, remove_stale_parts
@@ -154,12 +156,7 @@ def image_info(path: Path) -> dict:
                        f"{path.with_suffix('.qcow2')}`")
     # metadata consistency (reads only the qcow2 tables): a truncated or
     # damaged image must not become a box; leaked clusters (status 3) are harmless
-    chk = run(["qemu-img", "check", "-U", path], check=False, what=f"checking image {path.name}")
-    if chk.returncode not in (0, 3):
-        found = [ln.strip() for ln in (chk.stdout + chk.stderr).decode(errors="replace").splitlines()
-                 if "error" in ln.lower() or "corrupt" in ln.lower()]
-        raise LabError(f"{path}: `qemu-img check` finds the image damaged "
-                       f"({found[0].rstrip('.') if found else f'exit status {chk.returncode}'}); rebuild it")
+    qemu_check(path, "rebuild it")
     backing = info.get("full-backing-filename") or info.get("backing-filename")
     if backing:
         bpath = Path(backing)
@@ -605,9 +602,22 @@ def _rb(value: Any) -> str:
     return f'"{s}"'
 
 
-def seed_iso_path(ws: Workspace, host: Host) -> Path:
-    """Where the seed ISO builder writes a host's cloud-init seed."""
-    return ws.artifacts / "seed" / f"{host.name}.iso"
+def seed_iso_path(lab: Lab, ws: Workspace, host: Host) -> Path:
+    """Where the seed ISO builder writes a host's cloud-init seed: the seed
+    builder's own answer (artifacts/seed/, or certs/seed/ for a seed that
+    carries certs/ material).  Always the ISO: vagrant-libvirt attaches a
+    file given by absolute path only as a cdrom or floppy, and a vfat seed
+    (.img) cannot be mounted from a cdrom (512-byte FAT sectors on a
+    2048-byte device)."""
+    return seediso.seed_path(lab, ws, host, fmt="iso")
+
+
+def vfat_only_hosts(lab: Lab, ws: Workspace) -> list[str]:
+    """Hosts whose seed exists only as a vfat image, which the Vagrantfile
+    cannot attach (see seed_iso_path)."""
+    return [h.name for h in lab.hosts
+            if not seed_iso_path(lab, ws, h).exists()
+            and seediso.seed_path(lab, ws, h, fmt="vfat").exists()]
 
 
 def ssh_private_key(lab: Lab, ws: Workspace) -> Path | None:
@@ -621,6 +631,11 @@ def ssh_private_key(lab: Lab, ws: Workspace) -> Path | None:
     keys = sorted(p for p in d.iterdir()
                   if p.is_file() and p.suffix != ".pub" and p.with_name(p.name + ".pub").exists())
     return keys[0] if len(keys) == 1 else None
+
+
+def _seed_where(lab: Lab, ws: Workspace, host: Host) -> str:
+    base = "certs" if seediso.is_secret(host) else "artifacts"
+    return f"{base}/seed/{host.name}.iso"
 
 
 def render_vagrantfile(lab: Lab, ws: Workspace) -> str:
@@ -659,7 +674,7 @@ def render_vagrantfile(lab: Lab, ws: Workspace) -> str:
     ]
     for h in lab.hosts:
         net = _host_network(lab, h)
-        seed = seed_iso_path(ws, h).resolve()
+        seed = seed_iso_path(lab, ws, h).resolve()
         opts = [f"ip: {_rb(str(h.ip))}", f"netmask: {_rb(str(net.cidr.netmask))}",
                 f"libvirt__network_name: {_rb(net.name)}",
                 f"libvirt__dhcp_enabled: {_rb(net.dhcp)}",
@@ -681,7 +696,7 @@ def render_vagrantfile(lab: Lab, ws: Workspace) -> str:
             f"      libvirt.cpus = {h.cpus}",
             f"      libvirt.memory = {h.memory}",
             f"      libvirt.machine_virtual_size = {h.disk}",
-            "      # cloud-init NoCloud seed (artifacts/seed/<host>.iso) as a cdrom",
+            f"      # cloud-init NoCloud seed ({_seed_where(lab, ws, h)}) as a cdrom",
             "      libvirt.storage :file, device: :cdrom, path: seed if File.exist?(seed)",
             "    end",
             "  end",
@@ -716,17 +731,21 @@ def build_vagrantfile(lab: Lab, ws: Workspace, *, force: bool = False) -> list[O
         files[vdir / "networks" / f"{net.name}.xml"] = (NETWORK_KIND, render_network_xml(lab, net))
     files[vdir / "Vagrantfile"] = (VAGRANTFILE_KIND, render_vagrantfile(lab, ws))
     manifest = Manifest(ws.artifacts)
+    vfat = vfat_only_hosts(lab, ws)
+    note = (f"{', '.join(vfat)}: only a vfat seed, which vagrant-libvirt cannot attach; "
+            "run `invoke seed-iso` (ISO format) for them" if vfat else "")
     outcomes = []
     with BuildLock(ws):
         for path, (kind, text) in files.items():
             digest = input_digest(FORMAT, kind, text)
             rel = manifest.rel(path)
+            detail = note if kind == VAGRANTFILE_KIND else ""
             if not force and manifest.is_current(path, digest):
-                outcomes.append(Outcome(f"vagrantfile {rel}", "up to date", [path]))
+                outcomes.append(Outcome(f"vagrantfile {rel}", "up to date", [path], detail))
                 continue
             atomic_write(path, text)
             manifest.record(path, kind, digest, meta={"lab": lab.name})
-            outcomes.append(Outcome(f"vagrantfile {rel}", "built", [path],
+            outcomes.append(Outcome(f"vagrantfile {rel}", "built", [path], detail,
                                     seconds=time.monotonic() - start))
         # networks no longer in the lab: their XML would only mislead
         wanted = {manifest.rel(p) for p in files}

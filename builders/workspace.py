@@ -9,9 +9,12 @@ runs).  The default is the project directory; ``LABFORGE_WORKDIR`` moves it
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +67,77 @@ class Workspace:
         return path
 
 
+# names of the temporary outputs builders make next to their targets
+# (fsutil.atomic_path, seediso, vagrant, amphora: .NAME.XXXX.part; dib: .NAME.XXXX.dib)
+TEMP_SUFFIXES = (".part", ".dib")
+
+
+def _same_fs_tree(path: Path) -> bool:
+    """True when nothing under ``path`` is a mount point (a dead image build
+    may have left one; removing through it would reach another file system)."""
+    dev = path.lstat().st_dev
+    for dirpath, dirnames, _ in os.walk(path):
+        for d in dirnames:
+            full = os.path.join(dirpath, d)
+            with contextlib.suppress(OSError):
+                if os.lstat(full).st_dev != dev or os.path.ismount(full):
+                    return False
+    return True
+
+
+def remove_stale_temps(ws: "Workspace") -> list[Path]:
+    """Remove the temporary outputs a killed run (kill -9, power loss) left
+    under artifacts/ and certs/; return what was removed.
+
+    Only called with the build lock held, so no live build owns them; the
+    manifest's temporary file is removed under the manifest's own lock too
+    (a reader refreshing recorded stats may write it without the build
+    lock).  cache/ is not swept: an interrupted download there is resumed on
+    purpose."""
+    removed: list[Path] = []
+    manifest_tmp = sorted(ws.artifacts.glob(".manifest.json.*.part"))
+    if manifest_tmp:
+        fd = os.open(ws.artifacts / ".manifest.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            for tmp in ws.artifacts.glob(".manifest.json.*.part"):
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                    removed.append(tmp)
+        finally:
+            os.close(fd)
+    for root in (ws.artifacts, ws.certs):
+        if not root.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in [*filenames, *dirnames]:
+                if not (name.startswith(".") and name.endswith(TEMP_SUFFIXES)) or \
+                        name.startswith(".manifest.json."):
+                    continue
+                full = Path(dirpath) / name
+                with contextlib.suppress(OSError):
+                    if full.is_dir() and not full.is_symlink():
+                        if not _same_fs_tree(full):
+                            continue
+                        shutil.rmtree(full)
+                    else:
+                        full.unlink()
+                    removed.append(full)
+            dirnames[:] = [d for d in dirnames if (Path(dirpath) / d).exists()]
+    return removed
+
+
+def _holder(fd: int) -> str:
+    """The pid the lock's holder wrote into the lock file.  A holder that
+    took the lock a moment ago may not have written it yet: wait briefly."""
+    for _ in range(50):
+        pid = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        if pid:
+            return pid
+        time.sleep(0.02)
+    return "unknown"
+
+
 class BuildLock:
     """An exclusive lock on a workspace for the length of a build.
 
@@ -93,13 +167,14 @@ class BuildLock:
             if exc.errno not in (errno.EAGAIN, errno.EACCES):
                 os.close(fd)
                 raise
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            holder = _holder(fd)
             os.close(fd)
             raise LabError(f"{self.ws.artifacts}: another build is running (pid {holder}); "
                            "wait for it to finish or stop it") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         BuildLock._held[self.path] = [fd, 1]
+        remove_stale_temps(self.ws)     # ours now: what a killed run left is garbage
         return self
 
     def __exit__(self, *exc) -> None:

@@ -50,6 +50,14 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Content-Type", "application/octet-stream")
         self.end_headers()
+        hold = self.server.hold
+        if hold is not None and path.suffix in (".qcow2", ".img") and len(body) > 1:
+            self.server.hold = None                      # only once
+            self.wfile.write(body[:len(body) // 2])
+            self.wfile.flush()
+            self.server.held.set()                       # a client is mid-transfer now
+            hold.wait(120)
+            body = body[len(body) // 2:]
         drop = self.server.drop_after
         if drop is not None and path.suffix in (".qcow2", ".img") and len(body) > drop:
             self.server.drop_after = None               # only once
@@ -68,6 +76,9 @@ class Mirror(http.server.ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), MirrorHandler)
         self.root = root
         self.drop_after: int | None = None
+        # set to an Event: the next image transfer stops halfway until it is set
+        self.hold: threading.Event | None = None
+        self.held = threading.Event()
         self.ranges = True
         self.requests: list = []
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
@@ -93,10 +104,11 @@ def make_qcow2(path: Path, size: str = "64M", data_mib: int = 0) -> Path:
 
 
 def publish_debian(root: Path, version: str = "12", data_mib: int = 3,
-                   wrong_sum: bool = False) -> tuple[Path, str]:
-    """Lay out a Debian cloud image directory like cloud.debian.org's."""
+                   wrong_sum: bool = False, size: str = "1G") -> tuple[Path, str]:
+    """Lay out a Debian cloud image directory like cloud.debian.org's
+    (an image of ``size`` virtual bytes)."""
     name = f"debian-{version}-genericcloud-amd64.qcow2"
-    img = make_qcow2(root / name, "1G", data_mib)
+    img = make_qcow2(root / name, size, data_mib)
     digest = hashlib.sha512(img.read_bytes()).hexdigest()
     listed = ("0" * 128) if wrong_sum else digest
     (root / "SHA512SUMS").write_text(f"{'1' * 128}  debian-{version}-generic-amd64.qcow2\n"

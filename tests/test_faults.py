@@ -208,12 +208,12 @@ def _base_not_qcow2(tmp_path, ws, cli):
 
 
 def _disk_smaller_than_base(tmp_path, ws, cli, mirror):
-    publish_debian(mirror.root)  # a 1 GiB virtual base
-    lab = _lab(tmp_path, base_image={"source": "download", "url": mirror.url},
-               defaults={"disk": 1, "cpus": 2, "memory": 2048, "image": "debian-12",
-                         "roles": ["kafka-broker"]}, **_host(disk=1))
+    # a valid lab (disk: 1 GiB passes lab validation) whose base image is
+    # 2 GiB virtual: only the overlay builder can see that the disk is too small
+    publish_debian(mirror.root, size="2G")
+    lab = _lab(tmp_path, base_image={"source": "download", "url": mirror.url}, **_host(disk=1))
+    assert cli("check-lab", "--lab", lab).returncode == 0
     assert cli("base-image", "--lab", lab).returncode == 0
-    lab = _lab(tmp_path, base_image={"source": "download", "url": mirror.url}, **_host(disk=0))
     return ["overlays", "--lab", lab]
 
 
@@ -256,6 +256,110 @@ def _publish_without_amphora(tmp_path, ws, cli):
     return ["publish-amphora"], env
 
 
+def _download_lab(tmp_path, mirror):
+    return ["base-image", "--lab", _lab(tmp_path, base_image={"source": "download", "url": mirror.url})]
+
+
+def _sums_without_the_image(tmp_path, ws, cli, mirror):
+    publish_debian(mirror.root)
+    sums = mirror.root / "SHA512SUMS"
+    sums.write_text("".join(ln + "\n" for ln in sums.read_text().splitlines()
+                            if "genericcloud" not in ln))
+    return _download_lab(tmp_path, mirror)
+
+
+def _sums_malformed(tmp_path, ws, cli, mirror):
+    publish_debian(mirror.root)
+    (mirror.root / "SHA512SUMS").write_text("<html><body>mirror maintenance</body></html>\n")
+    return _download_lab(tmp_path, mirror)
+
+
+def _sums_not_found(tmp_path, ws, cli, mirror):
+    publish_debian(mirror.root)
+    (mirror.root / "SHA512SUMS").unlink()
+    return _download_lab(tmp_path, mirror)
+
+
+def _sums_short_digest(tmp_path, ws, cli, mirror):
+    img, digest = publish_debian(mirror.root)
+    (mirror.root / "SHA512SUMS").write_text(f"{digest[:64]}  {img.name}\n")  # a sha256-long value
+    return _download_lab(tmp_path, mirror)
+
+
+def _ssh_key_is_private(tmp_path, ws, cli):
+    key = tmp_path / "id_ed25519"
+    import subprocess
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    return ["seed-iso", "--lab", _lab(tmp_path, **_host(ssh_authorized_keys=[str(key)]))]
+
+
+def _ssh_key_garbage(tmp_path, ws, cli):
+    assert cli("certs").returncode == 0
+    key = tmp_path / "lab.pub"
+    key.write_text("this is not a key\n")
+    return ["seed-iso", "--lab", _lab(tmp_path, **_host(ssh_authorized_keys=[str(key)]))]
+
+
+def _empty_password_file(tmp_path, ws, cli):
+    pw = tmp_path / "store.pw"
+    pw.write_text("")
+    return ["certs", "--lab", _lab(tmp_path, kafka={"password_file": str(pw)})]
+
+
+def _truncated_qcow2(tmp_path, ws, cli):
+    img = make_qcow2(tmp_path / "trunc.qcow2", "64M", data_mib=4)
+    with open(img, "r+b") as fh:
+        fh.truncate(img.stat().st_size // 3)
+    return ["vagrant-box", "--image", str(img)]
+
+
+def _truncated_base_image(tmp_path, ws, cli, mirror):
+    publish_debian(mirror.root, data_mib=4)
+    lab = _lab(tmp_path, base_image={"source": "download", "url": mirror.url})
+    assert cli("base-image", "--lab", lab).returncode == 0
+    base = ws.artifacts / "images" / "debian-12.qcow2"
+    with open(base, "r+b") as fh:
+        fh.truncate(base.stat().st_size // 3)
+    return ["overlays", "--lab", lab]
+
+
+def _truncated_glance_image(tmp_path, ws, cli):
+    img = make_qcow2(tmp_path / "trunc.qcow2", "64M", data_mib=4)
+    with open(img, "r+b") as fh:
+        fh.truncate(img.stat().st_size // 3)
+    env = {"OS_AUTH_URL": "http://127.0.0.1:9/v3", "OS_USERNAME": "admin", "OS_PASSWORD": "pw",
+           "OS_PROJECT_NAME": "admin", "OS_USER_DOMAIN_NAME": "Default",
+           "OS_PROJECT_DOMAIN_NAME": "Default", "OS_CLOUD": ""}
+    return ["glance-upload", "--image", str(img)], env
+
+
+def _clouds_yaml(tmp_path, auth_url="http://127.0.0.1:9/v3", password="pw", name="lab"):
+    path = tmp_path / "clouds.yaml"
+    path.write_text(yaml.safe_dump({"clouds": {name: {
+        "auth": {"auth_url": auth_url, "username": "admin", "password": password,
+                 "project_name": "admin", "user_domain_name": "Default",
+                 "project_domain_name": "Default"},
+        "region_name": "RegionOne", "identity_api_version": 3}}}))
+    return path
+
+
+def _glance_unknown_cloud(tmp_path, ws, cli):
+    img = make_qcow2(tmp_path / "x.qcow2", "64M")
+    env = {"OS_CLIENT_CONFIG_FILE": str(_clouds_yaml(tmp_path)), "OS_CLOUD": "",
+           "OS_AUTH_URL": ""}
+    return ["glance-upload", "--image", str(img), "--cloud", "no-such-cloud"], env
+
+
+def _keystone_not_keystone(tmp_path, ws, cli, mirror):
+    # a web server that answers 200 with a page, at the auth_url
+    (mirror.root / "v3").write_text("<html><body>Welcome to nginx!</body></html>\n")
+    img = make_qcow2(tmp_path / "x.qcow2", "64M")
+    env = {"OS_AUTH_URL": mirror.url + "v3", "OS_USERNAME": "admin", "OS_PASSWORD": "pw",
+           "OS_PROJECT_NAME": "admin", "OS_USER_DOMAIN_NAME": "Default",
+           "OS_PROJECT_DOMAIN_NAME": "Default", "OS_CLOUD": ""}
+    return ["glance-upload", "--image", str(img)], env
+
+
 PIPELINE_CASES = [
     ("seed-user-data-yaml", _bad_yaml_user_data, "user-data:3: invalid YAML"),
     ("seed-missing-ssh-key", _missing_ssh_key, "nope.pub"),
@@ -274,7 +378,7 @@ PIPELINE_CASES = [
     ("base-unknown-release", _unknown_release, "99"),
     ("overlays-without-base", _overlays_without_base, "base-image"),
     ("overlays-base-not-qcow2", _base_not_qcow2, "qcow2"),
-    ("overlays-disk-too-small", _disk_smaller_than_base, "disk"),
+    ("overlays-disk-too-small", _disk_smaller_than_base, "hosts.broker1.disk: 1 GiB is smaller than the base image"),
     ("boot-unknown-host", _boot_unknown_host, "zookeeper1"),
     ("amphora-docker-unreachable", _docker_unreachable, "DOCKER_HOST"),
     ("amphora-unknown-os", _amphora_unknown_os, "centos"),
@@ -283,6 +387,18 @@ PIPELINE_CASES = [
     ("glance-unreachable-keystone", _glance_unreachable, "127.0.0.1:9"),
     ("glance-missing-image", _glance_missing_image, "no-such-image"),
     ("publish-without-amphora", _publish_without_amphora, "amphora"),
+    ("sums-without-the-image", _sums_without_the_image, "lists no debian-12-genericcloud-amd64.qcow2"),
+    ("sums-malformed", _sums_malformed, "SHA512SUMS"),
+    ("sums-not-found", _sums_not_found, "SHA512SUMS: HTTP 404"),
+    ("sums-short-digest", _sums_short_digest, "is not a sha512 digest (64 characters)"),
+    ("key-ssh-is-private", _ssh_key_is_private, "id_ed25519 is a private key; name the .pub file"),
+    ("key-ssh-garbage", _ssh_key_garbage, "lab.pub is not an OpenSSH public key"),
+    ("key-empty-password-file", _empty_password_file, "store.pw is empty"),
+    ("image-truncated-qcow2-box", _truncated_qcow2, "trunc.qcow2: `qemu-img check` finds the image damaged"),
+    ("image-truncated-base", _truncated_base_image, "debian-12.qcow2: `qemu-img check` finds the image damaged"),
+    ("image-truncated-qcow2-glance", _truncated_glance_image, "trunc.qcow2: `qemu-img check` finds the image damaged"),
+    ("service-unknown-cloud", _glance_unknown_cloud, "no-such-cloud"),
+    ("service-keystone-not-keystone", _keystone_not_keystone, "is Keystone's identity URL"),
 ]
 
 
@@ -295,6 +411,12 @@ def test_bad_input_across_the_pipeline(tmp_path, ws, cli, request, case_id, prep
     args, env = prepared if isinstance(prepared, tuple) else (prepared, {})
     before = snapshot(ws.root)
     proc = cli(*args, env=env, timeout=300)
+    assert_bad_input_outcome(proc, needle, before, ws)
+
+
+def assert_bad_input_outcome(proc, needle: str, before: dict, ws) -> None:
+    """Exit 1, one `error:` line holding ``needle``, no traceback, and the
+    workspace as it was (nothing half-written, manifest unchanged)."""
     assert proc.returncode == 1, (proc.returncode, proc.stderr)
     assert "Traceback" not in proc.stderr, proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
@@ -305,3 +427,65 @@ def test_bad_input_across_the_pipeline(tmp_path, ws, cli, request, case_id, prep
     assert {k: v for k, v in after.items() if not k.startswith("artifacts/logs/")} == \
         {k: v for k, v in before.items() if not k.startswith("artifacts/logs/")}
     assert not [p for p in ws.root.rglob("*.part") if p.is_file()]
+
+
+# ---------------------------------------------------------------------------
+# faults of real services: a real Keystone and Glance (slow: they start once)
+# ---------------------------------------------------------------------------
+from tests.openstack_services import openstack_services, services  # noqa: E402,F401
+
+
+def _wrong_password_in_env(tmp_path, ws, cli, services):
+    img = make_qcow2(tmp_path / "x.qcow2", "64M")
+    return ["glance-upload", "--image", str(img), "--name", "lf-fault-badpw"], \
+        {**services.os_env(password="not-the-password-q7"), "OS_CLOUD": ""}
+
+
+def _glance_answers_5xx(tmp_path, ws, cli, services, request):
+    """Keystone is real and authenticates; the image endpoint answers 503 to
+    everything (a Glance behind a failing proxy or out of workers)."""
+    import http.server
+    import threading
+
+    class Unavailable(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _answer(self):
+            body = b"<html><body>503 Service Unavailable</body></html>"
+            self.send_response(503)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _answer
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    request.addfinalizer(srv.shutdown)
+    cfg = {**services.cloud_config(),
+           "image_endpoint_override": f"http://127.0.0.1:{srv.server_address[1]}/"}
+    clouds = services.write_clouds_yaml(tmp_path / "clouds.yaml", {"lab-5xx": cfg})
+    img = make_qcow2(tmp_path / "x.qcow2", "64M")
+    return ["glance-upload", "--image", str(img), "--name", "lf-fault-5xx", "--cloud", "lab-5xx"], \
+        {"OS_CLIENT_CONFIG_FILE": str(clouds), "OS_CLOUD": "", "OS_AUTH_URL": ""}
+
+
+SERVICE_CASES = [
+    ("service-wrong-password-env", _wrong_password_in_env,
+     "refused user admin (HTTP 401): check the password"),
+    ("service-glance-5xx", _glance_answers_5xx, "(image_endpoint_override in clouds.yaml cloud 'lab-5xx') does not answer"),
+]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("case_id,prepare,needle", SERVICE_CASES, ids=[c[0] for c in SERVICE_CASES])
+def test_service_faults(tmp_path, ws, cli, services, request, case_id, prepare, needle):
+    import inspect
+    extra = {"request": request} if "request" in inspect.signature(prepare).parameters else {}
+    args, env = prepare(tmp_path, ws, cli, services, **extra)
+    before = snapshot(ws.root)
+    proc = cli(*args, env=env, timeout=300)
+    assert_bad_input_outcome(proc, needle, before, ws)
+    assert services.admin_password not in proc.stderr
+    assert "not-the-password-q7" not in proc.stderr

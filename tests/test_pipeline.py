@@ -72,7 +72,7 @@ def test_all_builds_the_lab_then_everything_is_up_to_date(ws, cli, quick_lab):
 
 def test_changing_broker2_ip_rebuilds_exactly_broker2(tmp_path, ws, cli, quick_lab):
     run_all(cli, quick_lab)
-    certs_before = tree_hashes(ws.certs / "kafka")
+    certs_before = tree_hashes(ws.certs)          # kafka, octavia, ssh, seed, state.json
     art_before = tree_hashes(ws.artifacts)
 
     data = yaml.safe_load(quick_lab.read_text())
@@ -80,20 +80,117 @@ def test_changing_broker2_ip_rebuilds_exactly_broker2(tmp_path, ws, cli, quick_l
     quick_lab.write_text(yaml.safe_dump(data, sort_keys=False))
     _, doc = run_all(cli, quick_lab)
 
-    certs_after = tree_hashes(ws.certs / "kafka")
+    certs_after = tree_hashes(ws.certs)
+    assert set(certs_after) == set(certs_before), set(certs_after) ^ set(certs_before)
     changed_certs = {p for p in certs_after if certs_before.get(p) != certs_after[p]}
-    assert changed_certs and all(p.startswith(("broker2.", "broker2-", "server-broker2"))
-                                 for p in changed_certs), changed_certs
-    built = {o["step"] for s in doc["steps"] for o in s["outcomes"] if o["status"] == "built"}
-    per_host = {b for b in built if b.startswith(("seed-iso ", "overlay "))}
-    assert per_host == {"seed-iso broker2", "overlay broker2"}, built
-    assert statuses(doc)["base-image"] == "up to date"
-    # on disk: broker2's seed changed; lab-wide files that list every host's
-    # address change with it; nothing else does
+    # broker2's identity and its files; state.json records its new serial
+    assert changed_certs - {"state.json"} and all(
+        p.startswith(("kafka/broker2.", "kafka/broker2-", "kafka/server-broker2"))
+        for p in changed_certs - {"state.json"}), changed_certs
+    # every rebuilt outcome across all steps: broker2's certificate (in the
+    # kafka set), seed and overlay, and the Vagrantfile, which lists broker2's
+    # address; nothing else (the octavia and ssh sets, other hosts, base, box)
+    built = {o["step"]: o["detail"] for s in doc["steps"] for o in s["outcomes"]
+             if o["status"] == "built"}
+    assert set(built) == {"certs kafka", "seed-iso broker2", "overlay broker2",
+                          "vagrantfile vagrant/Vagrantfile"}, built
+    assert "broker2" in built["certs kafka"] and "broker1" not in built["certs kafka"] \
+        and "broker3" not in built["certs kafka"], built["certs kafka"]
+    assert {s["name"]: s["status"] for s in doc["steps"]} == {
+        "certs": "built", "seed-iso": "built", "base-image": "up to date", "overlays": "built",
+        "amphora": "skipped", "vagrant": "built", "glance": "skipped"}
+    # on disk: broker2's seed changed, and the Vagrantfile; nothing else did
     art_after = tree_hashes(ws.artifacts)
     changed = {p for p in art_after if art_before.get(p) != art_after[p]} - {"manifest.json"}
-    assert "seed/broker2.iso" in changed
-    assert changed - {"seed/broker2.iso"} <= {"vagrant/Vagrantfile"}, changed
+    assert changed == {"seed/broker2.iso", "vagrant/Vagrantfile"}, changed
+    rebuilt = {a["path"] for a in doc["artifacts"] if a["status"] == "built"}
+    assert rebuilt == {"seed/broker2.iso", "vms/broker2.qcow2", "vagrant/Vagrantfile"}, rebuilt
+
+
+def test_only_seed_iso_builds_just_the_seeds(ws, cli, quick_lab):
+    # without certs the seeds cannot be made: a clear skip, nothing written
+    proc = cli("all", "--lab", str(quick_lab), "--json", "--only", "seed-iso")
+    assert proc.returncode == 0, proc.stderr
+    seed = next(s for s in json.loads(proc.stdout)["steps"] if s["name"] == "seed-iso")
+    assert seed["status"] == "skipped" and "needs certs (not in --only)" in seed["detail"], seed
+    assert not (ws.artifacts / "seed").exists()
+
+    cli("certs", "--lab", str(quick_lab), check=True)
+    _, doc = run_all(cli, quick_lab, "--only", "seed-iso")
+    assert statuses(doc) == {"certs": "skipped", "seed-iso": "built", "base-image": "skipped",
+                             "overlays": "skipped", "amphora": "skipped", "vagrant": "skipped",
+                             "glance": "skipped"}
+    assert {a["path"] for a in doc["artifacts"]} == {"seed/broker1.iso", "seed/broker2.iso",
+                                                      "seed/broker3.iso"}
+    assert {p.name for p in ws.artifacts.iterdir() if not p.name.startswith(".")} == \
+        {"seed", "manifest.json"}
+
+
+def test_manifest_prints_it_and_verify_reports_drift(ws, cli, quick_lab):
+    run_all(cli, quick_lab)
+    shown = cli("manifest", check=True)
+    assert json.loads(shown.stdout) == json.loads((ws.artifacts / "manifest.json").read_text())
+    n = len(json.loads(shown.stdout)["artifacts"])
+    ok = cli("verify", check=True)
+    assert f"all {n} artifacts verify" in ok.stdout
+    before = (ws.artifacts / "manifest.json").read_bytes()
+    seed = ws.artifacts / "seed" / "broker2.iso"
+    data = bytearray(seed.read_bytes())
+    data[40000] ^= 0xFF                                   # same size, other content
+    seed.write_bytes(bytes(data))
+    (ws.artifacts / "vms" / "broker3.qcow2").unlink()
+    proc = cli("verify")
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert "seed/broker2.iso: sha256 differs from the manifest" in lines, proc.stderr
+    assert "vms/broker3.qcow2: missing" in lines, proc.stderr
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    assert len(errors) == 1 and f"2 of {n} artifacts drifted" in errors[0], proc.stderr
+    assert (ws.artifacts / "manifest.json").read_bytes() == before   # verify only reads
+
+
+def test_two_runs_at_once_one_is_refused_and_the_tree_stays_valid(ws, cli, tmp_path, mirror):
+    """Both runs start together; the local mirror holds the winner's base image
+    download halfway, so the runs certainly overlap."""
+    import threading
+    publish_debian(mirror.root, data_mib=8)
+    lab = lab_file(tmp_path, {"base_image": {"source": "download", "url": mirror.url}})
+    release = threading.Event()
+    mirror.hold = release
+    env = dict(os.environ, LABFORGE_WORKDIR=str(ws.root))
+    argv = [*INVOKE, "all", "--lab", str(lab), "--json", *QUICK]
+    procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    try:
+        assert mirror.held.wait(300), "no run reached the base image download"
+        loser = None
+        for _ in range(1200):
+            loser = next((p for p in procs if p.poll() is not None), None)
+            if loser is not None:
+                break
+            time.sleep(0.05)
+        assert loser is not None, "neither run was refused"
+        lost_out, lost_err = loser.communicate()
+        release.set()
+        winner = next(p for p in procs if p is not loser)
+        won_out, won_err = winner.communicate(timeout=600)
+    finally:
+        release.set()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert loser.returncode == 1, lost_err
+    assert lost_err.splitlines() == [
+        f"error: {ws.artifacts}: another build is running (pid {winner.pid}); "
+        "wait for it to finish or stop it"], lost_err
+    assert lost_out == ""
+    assert winner.returncode == 0, won_err
+    doc = json.loads(won_out)
+    jsonschema.validate(doc, SCHEMA)
+    assert doc["ok"] and statuses(doc)["base-image"] == "built"
+    assert cli("verify").returncode == 0
+    assert not [p for p in ws.root.rglob("*.part") if "downloads" not in p.parts]
 
 
 def test_no_secret_reaches_artifacts_or_the_manifest(ws, cli, quick_lab):
@@ -130,5 +227,178 @@ def test_kill_9_at_random_points_then_rerun_completes(ws, cli, quick_lab):
         v = cli("verify")
         assert v.returncode == 0, (f"seed {seed}, kill after {delay:.2f}s", v.stderr)
         manifest = json.loads((ws.artifacts / "manifest.json").read_text())
+        assert manifest["artifacts"], "the rerun recorded nothing"
         for rel, rec in manifest["artifacts"].items():
-            assert hashlib.sha256((ws.artifacts / rel).read_bytes()).hexdigest() == rec["sha256"]
+            path = ws.artifacts / rel
+            assert path.stat().st_size == rec["size"], (seed, delay, rel)
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == rec["sha256"], (seed, delay, rel)
+        # no temporary file of the killed run is left behind (a resumable
+        # download under cache/downloads/ is kept on purpose, by design)
+        leftovers = [str(p.relative_to(ws.root)) for p in ws.root.rglob("*")
+                     if (p.name.endswith((".part", ".tmp", ".dib")) or ".part." in p.name)
+                     and "downloads" not in p.relative_to(ws.root).parts]
+        assert not leftovers, (f"seed {seed}, kill after {delay:.2f}s", leftovers)
+
+
+# ---------------------------------------------------------------------------
+# a step that fails with something other than a LabError; --skip / --only
+# ---------------------------------------------------------------------------
+def run_all_failing(cli, lab: Path, *extra: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, dict]:
+    proc = cli("all", "--lab", str(lab), "--json", *extra, env=env)
+    assert proc.returncode != 0, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    doc = json.loads(proc.stdout)
+    jsonschema.validate(doc, SCHEMA)
+    return proc, doc
+
+
+def test_an_os_error_in_one_step_is_reported_and_independent_steps_still_run(ws, cli, quick_lab):
+    """artifacts/vms is a file, not a directory: the overlays step meets an
+    OSError (not a LabError).  The run still reports every step in JSON."""
+    ws.artifacts.mkdir(parents=True)
+    (ws.artifacts / "vms").write_text("not a directory\n")
+    proc, doc = run_all_failing(cli, quick_lab, *QUICK)
+    assert proc.returncode == 1, proc.stderr
+    assert doc["ok"] is False
+    st = statuses(doc)
+    assert st == {"certs": "built", "seed-iso": "built", "base-image": "built",
+                  "overlays": "failed", "amphora": "skipped", "vagrant": "built",
+                  "glance": "skipped"}, st
+    overlays = next(s for s in doc["steps"] if s["name"] == "overlays")
+    assert "vms" in overlays["detail"] and "\n" not in overlays["detail"], overlays
+    assert "fix it and rerun" in overlays["detail"]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert errors == ["error: overlays failed; see the lines above"], proc.stderr
+    assert "overlays: failed (" in proc.stderr
+    # what did build is recorded and intact
+    (ws.artifacts / "vms").unlink()
+    assert cli("verify").returncode == 0
+
+
+def test_skipped_step_outputs_are_used_when_present_else_a_clear_skip(ws, cli, quick_lab):
+    """--skip / --only leave a step out; the steps that need it use its earlier
+    outputs when they are in the manifest and intact, and are skipped with the
+    reason when not (instead of failing on the missing input)."""
+    from imagetools import make_qcow2
+    from builders.manifest import Manifest
+    cloud = {"OS_AUTH_URL": "http://127.0.0.1:9/v3", "OS_USERNAME": "admin", "OS_PASSWORD": "pw",
+             "OS_PROJECT_NAME": "admin", "OS_USER_DOMAIN_NAME": "Default",
+             "OS_PROJECT_DOMAIN_NAME": "Default", "OS_CLOUD": ""}
+    # no amphora: publishing it is skipped, saying why; the run is ok
+    proc = cli("all", "--lab", str(quick_lab), "--json", "--only", "glance", env=cloud)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    jsonschema.validate(doc, SCHEMA)
+    glance = next(s for s in doc["steps"] if s["name"] == "glance")
+    assert glance["status"] == "skipped", glance
+    assert glance["detail"].startswith("needs amphora (not in --only), but ") and \
+        "no amphora image amphora-x64-haproxy" in glance["detail"], glance
+    # an existing amphora (built earlier): --skip amphora publishes it, so the
+    # glance step runs (and here meets the unreachable Keystone)
+    amp = make_qcow2(ws.artifacts / "images" / "amphora-x64-haproxy.qcow2", "64M", data_mib=1)
+    Manifest(ws.artifacts).record(amp, "amphora", "built-earlier", meta={"arch": "x86_64"})
+    skip_all_but_glance = [a for k in ("certs", "seed-iso", "base-image", "overlays", "vagrant",
+                                       "amphora") for a in ("--skip", k)]
+    proc, doc = run_all_failing(cli, quick_lab, *skip_all_but_glance, env=cloud)
+    glance = next(s for s in doc["steps"] if s["name"] == "glance")
+    assert glance["status"] == "failed" and "127.0.0.1:9" in glance["detail"], glance
+    assert next(a for a in doc["artifacts"] if a["kind"] == "amphora")["status"] == "unchanged"
+    # the amphora on disk no longer matches the manifest: not published
+    with open(amp, "ab") as fh:
+        fh.write(b"tampered")
+    proc = cli("all", "--lab", str(quick_lab), "--json", *skip_all_but_glance, env=cloud)
+    assert proc.returncode == 0, proc.stderr
+    glance = next(s for s in json.loads(proc.stdout)["steps"] if s["name"] == "glance")
+    assert glance["status"] == "skipped" and "differs from the manifest" in glance["detail"], glance
+    # --only overlays on a workspace without a base image: a clear skip too
+    proc = cli("all", "--lab", str(quick_lab), "--json", "--only", "overlays")
+    assert proc.returncode == 0, proc.stderr
+    overlays = next(s for s in json.loads(proc.stdout)["steps"] if s["name"] == "overlays")
+    assert overlays["status"] == "skipped" and \
+        "needs base-image (not in --only), but" in overlays["detail"], overlays
+    assert not (ws.artifacts / "vms").exists()
+
+
+def test_sigterm_stops_like_ctrl_c_and_a_rerun_completes(ws, cli, tmp_path, mirror):
+    """A cancelled CI job gets SIGTERM: the run unwinds like Ctrl-C (one line,
+    exit 143, no traceback, nothing half-written under artifacts/), and the
+    next run completes, resuming the interrupted download."""
+    import threading
+    publish_debian(mirror.root, data_mib=8)
+    lab = lab_file(tmp_path, {"base_image": {"source": "download", "url": mirror.url}})
+    release = threading.Event()
+    mirror.hold = release
+    proc = subprocess.Popen([*INVOKE, "all", "--lab", str(lab), *QUICK],
+                            env=dict(os.environ, LABFORGE_WORKDIR=str(ws.root)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert mirror.held.wait(300), "the base image download never started"
+        part = ws.cache / "downloads" / "debian-12"
+        for _ in range(600):             # the client has written what it got
+            if any(p.stat().st_size for p in part.glob("*.part")):
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        release.set()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, (proc.returncode, err)
+    assert "Traceback" not in err, err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert errors == ["error: terminated (SIGTERM); partial outputs were removed, "
+                      "rerun to continue"], err
+    assert not [p for p in ws.artifacts.rglob("*.part")], list(ws.artifacts.rglob("*.part"))
+    assert not (ws.artifacts / "images" / "debian-12.qcow2").exists()
+    assert cli("verify").returncode == 0                 # what was recorded is intact
+    mirror.requests.clear()
+    _, doc = run_all(cli, lab)
+    assert statuses(doc)["base-image"] == "built"
+    assert any(rng for path, rng in mirror.requests if path.endswith(".qcow2")), mirror.requests
+
+
+def test_artifact_status_comes_from_the_step_that_produced_it(ws, tmp_path):
+    """The glance step names the amphora it published; that must not turn the
+    amphora's "built" (this run) into the publisher's "up to date"."""
+    from imagetools import load_lab, make_qcow2
+    from builders import pipeline
+    from builders.manifest import Manifest
+    from builders.outcome import Outcome
+    lab = load_lab(tmp_path, {})
+    amp = make_qcow2(ws.artifacts / "images" / "amphora-x64-haproxy.qcow2", "64M")
+    Manifest(ws.artifacts).record(amp, "amphora", "d1")
+
+    def doc(amphora_status: str, glance_status: str) -> dict:
+        reports = [pipeline.StepReport("amphora", amphora_status, 1.0, "",
+                                       [Outcome("amphora", amphora_status, [amp])]
+                                       if amphora_status != "skipped" else []),
+                   pipeline.StepReport("glance", glance_status, 1.0, "",
+                                       [Outcome("publish-amphora lab", glance_status, [amp])])]
+        out = pipeline.to_json(lab, ws, reports)
+        jsonschema.validate(out, SCHEMA)
+        return {a["path"]: a["status"] for a in out["artifacts"]}
+
+    assert doc("built", "up to date") == {"images/amphora-x64-haproxy.qcow2": "built"}
+    assert doc("up to date", "built") == {"images/amphora-x64-haproxy.qcow2": "up to date"}
+    # left out (--skip amphora) and published: not rebuilt, so unchanged
+    assert doc("skipped", "built") == {"images/amphora-x64-haproxy.qcow2": "unchanged"}
+
+
+def test_amphora_skip_gives_the_real_reason(ws, tmp_path):
+    from imagetools import load_lab
+    from builders import pipeline
+    off = load_lab(tmp_path, {"octavia": {"enabled": False}}, "off.yaml")
+    assert pipeline._amphora_skip(off, ws) == "lab.yaml octavia.enabled is false"
+    nobuild = load_lab(tmp_path, {"octavia": {"amphora": {"build": False}}}, "nobuild.yaml")
+    assert pipeline._amphora_skip(nobuild, ws) == "lab.yaml octavia.amphora.build is false"
+
+
+def test_a_step_gives_its_own_skip_reason_before_its_needs(ws, cli, quick_lab):
+    """No cloud configured and no amphora: the glance step says the first,
+    which is what a user who never meant to publish needs to read."""
+    env = {k: "" for k in ("OS_CLOUD", "OS_AUTH_URL")}
+    proc = cli("all", "--lab", str(quick_lab), "--json", "--only", "glance", env=env)
+    assert proc.returncode == 0, proc.stderr
+    glance = next(s for s in json.loads(proc.stdout)["steps"] if s["name"] == "glance")
+    assert glance["status"] == "skipped" and glance["detail"].startswith("no cloud configured"), glance

@@ -14,7 +14,7 @@ from builders.errors import LabError
 from builders.fsutil import atomic_path, atomic_write, sha256_file
 from builders.manifest import Manifest, input_digest
 from builders.runner import run
-from builders.workspace import BuildLock
+from builders.workspace import BuildLock, Workspace
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):
@@ -145,3 +145,30 @@ def test_every_task_has_a_one_line_docstring_and_every_option_help(cli):
         assert f"{name} {summary}" in listing, f"{name}: not listed with its summary"
         missing = [a.name for a in t.get_arguments() if not (a.help or "").strip()]
         assert not missing, f"{name}: options without help text: {missing}"
+
+
+def test_build_lock_removes_what_a_killed_run_left(tmp_path):
+    """Temporary outputs (.NAME.XXXX.part files, .NAME.XXXX.part/.dib dirs)
+    of a run that died under kill -9 are garbage once a new run holds the
+    lock; cache/ (resumable downloads) and real outputs are left alone."""
+    ws = Workspace(tmp_path / "ws")
+    stale = [ws.artifact_dir("images") / ".debian-12.qcow2.ab12cd.part",
+             ws.artifact_dir("boxes") / ".labforge-debian-12-1.0.0.box.x1y2.part",
+             ws.certs_dir("kafka") / ".ca.key.q9w8.part",
+             ws.artifacts / ".manifest.json.zz11.part"]
+    for p in stale:
+        p.write_bytes(b"half")
+    dirs = [ws.artifact_dir("images", ".amphora-x64-haproxy.k3j4.part"),
+            ws.artifact_dir("images", ".debian-12.qcow2.m5n6.dib")]
+    for d in dirs:
+        (d / "sub").mkdir()
+        (d / "sub" / "img").write_bytes(b"x")
+    keep = [ws.cache_dir("downloads", "debian-12") / "debian-12-genericcloud-amd64.qcow2.part",
+            ws.artifact_dir("images") / "debian-12.qcow2",
+            ws.artifact_dir("seed") / "broker1.iso"]
+    for p in keep:
+        p.write_bytes(b"keep")
+    with BuildLock(ws):
+        pass
+    assert [p for p in stale + dirs if p.exists()] == []
+    assert all(p.read_bytes() == b"keep" for p in keep)

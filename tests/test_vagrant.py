@@ -403,6 +403,45 @@ def test_vagrant_validate_accepts_lab_vagrantfile(cli, ws, venv, built, tmp_path
     assert proc.returncode != 0 and "Libvirt Provider" in proc.stdout + proc.stderr
 
 
+def test_vagrantfile_attaches_the_seed_where_the_seed_builder_wrote_it(cli, ws, venv, built,
+                                                                       tmp_path):
+    """A host whose seed carries certs/ material has it under certs/seed/: the
+    Vagrantfile must attach that file (not a missing artifacts/seed/ one, which
+    would boot the VM without its seed), and Vagrant still accepts it."""
+    from tests.imagetools import lab_file
+    labfile = lab_file(tmp_path, {"hosts": {
+        "broker1": {"ip": "10.100.0.11", "mac": "52:54:00:64:00:0b", "write_files": [
+            {"path": "/etc/kafka/ssl/broker1.keystore.jks",
+             "source": "certs:kafka/broker1.keystore.jks", "permissions": "0600"}]},
+        "broker2": {"ip": "10.100.0.12"}, "broker3": {"ip": "10.100.0.13"}}})
+    cli("certs", "--lab", str(labfile), check=True)
+    cli("seed-iso", "--lab", str(labfile), check=True)
+    secret = ws.certs / "seed" / "broker1.iso"
+    assert secret.is_file() and not (ws.artifacts / "seed" / "broker1.iso").exists()
+    cli("vagrantfile", "--lab", str(labfile), check=True)
+    text = (ws.artifacts / "vagrant" / "Vagrantfile").read_text()
+    b1 = text.split('config.vm.define "broker1"')[1].split("config.vm.define")[0]
+    b2 = text.split('config.vm.define "broker2"')[1].split("config.vm.define")[0]
+    assert f'seed = "{secret.resolve()}"' in b1, b1
+    assert f'seed = "{(ws.artifacts / "seed" / "broker2.iso").resolve()}"' in b2, b2
+    assert "PRIVATE KEY" not in text
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    shutil.copy(ws.artifacts / "vagrant" / "Vagrantfile", proj)
+    assert "Vagrantfile validated successfully" in vg(venv, "validate", cwd=proj).stdout
+
+
+def test_vagrantfile_says_when_a_host_has_only_a_vfat_seed(cli, ws, tmp_path):
+    """vagrant-libvirt can attach a seed only as a cdrom, which a vfat image is
+    not: the run says so instead of rendering a machine that boots unseeded."""
+    cli("certs", check=True)
+    cli("seed-iso", "--format", "vfat", check=True)
+    proc = cli("vagrantfile", check=True)
+    assert "broker1, broker2, broker3: only a vfat seed" in proc.stdout, proc.stdout
+    text = (ws.artifacts / "vagrant" / "Vagrantfile").read_text()
+    assert f'seed = "{(ws.artifacts / "seed" / "broker1.iso").resolve()}"' in text
+
+
 def test_network_xml_valid_against_libvirt_schema(ws, tmp_path):
     lab = labmod.load(write_lab(tmp_path, TWO_NETS))
     for net in lab.networks:
