@@ -634,7 +634,7 @@ def ssh_private_key(lab: Lab, ws: Workspace) -> Path | None:
 
 
 def _seed_where(lab: Lab, ws: Workspace, host: Host) -> str:
-    base = "certs" if seediso.is_secret(host) else "artifacts"
+    base = "certs" if seediso.is_secret(lab, ws, host) else "artifacts"
     return f"{base}/seed/{host.name}.iso"
 
 
