@@ -889,7 +889,7 @@ def find_amphora(lab: Lab, ws: Workspace) -> str:
     man = Manifest(ws.artifacts)
     amps = sorted(rel for rel, rec in man.entries().items() if rec.get("kind") == "amphora")
     if not amps:
-        raise LabError(f"amphora: no amphora image in {man.path}: run `invoke amphora` first")
+        raise LabError(f"amphora: no amphora image in {man.path}: run `invoke build-amphora` first")
     if len(amps) > 1:
         named = [r for r in amps if Path(r).name.startswith(lab.octavia.image_name + ".")]
         if len(named) == 1:

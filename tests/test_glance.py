@@ -316,7 +316,7 @@ def test_bad_input_one_line(clouds, cli, tmp_path):
     proc = cli("glance-upload", "--image", str(f), "--keep", "2", "--cloud", "lab", env=env)
     assert_one_line_error(proc, "--rotate-tag")
     proc = cli("publish-amphora", "--cloud", "lab", env=env)
-    assert_one_line_error(proc, "invoke amphora")
+    assert_one_line_error(proc, "invoke build-amphora")
     proc = cli("glance-upload", "--image", str(f), "--cloud", "lab", "--os-cacert",
                str(tmp_path / "no-ca.pem"), env=env)
     assert_one_line_error(proc, "--os-cacert", "no-ca.pem")

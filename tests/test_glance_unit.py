@@ -90,7 +90,7 @@ def test_glance_keep_validated(default_lab):
 
 
 def test_find_amphora(default_lab, ws):
-    with pytest.raises(LabError, match="invoke amphora"):
+    with pytest.raises(LabError, match="invoke build-amphora"):
         glance.find_amphora(default_lab, ws)
     p = ws.artifact_dir("images") / "amphora-x64-haproxy.qcow2"
     p.write_bytes(b"QFI\xfb" + b"\0" * 100)
