@@ -857,9 +857,11 @@ def _rotate(api: Api, new: dict, tag: str, keep: int | None, deactivate_old: boo
 
 
 def _record(src: Source, cl: Cloud, img: dict, res: Result) -> None:
+    """The image in the artifact's record; left as it is (``uploaded`` too)
+    when the image and what we know of it did not change."""
     rec = src.manifest.get(src.path) or {}
     glance = dict((rec.get("meta") or {}).get("glance") or {})
-    glance[cl.label] = {
+    entry = {
         "image_id": img["id"], "name": img.get("name"), "status": img.get("status"),
         "os_hash_algo": img.get("os_hash_algo"), "os_hash_value": img.get("os_hash_value"),
         "sha256": src.sha256 or img.get(SHA256), "tags": sorted(img.get("tags", [])),
@@ -868,7 +870,18 @@ def _record(src: Source, cl: Cloud, img: dict, res: Result) -> None:
         "uploaded": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         "reused": res.reused,
     }
+    old = glance.get(cl.label)
+    if res.reused and isinstance(old, dict) and _same_entry(old, entry):
+        return
+    glance[cl.label] = entry
     src.manifest.update_meta(src.path, glance=glance)
+
+
+def _same_entry(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """The same image with the same facts: when and how it got there aside."""
+    volatile = ("uploaded", "reused")
+    return ({k: v for k, v in old.items() if k not in volatile}
+            == {k: v for k, v in new.items() if k not in volatile})
 
 
 # --------------------------------------------------------------------------

@@ -136,6 +136,16 @@ def test_upload_via_clouds_yaml_active_hash_tags_props_and_bytes(clouds, service
     assert raw(conn, img.id)["os_admin_user"] == "debian"
     assert again.visibility == "shared"
 
+    # and once more, nothing to add: up to date, the manifest is not rewritten
+    # (it is replaced by a rename when written: a new inode, whatever the content)
+    man = Manifest(ws.artifacts).path
+    before = (man.stat().st_ino, man.stat().st_mtime_ns, man.read_bytes())
+    out = glance.upload_image(default_lab, ws, image=str(img_path), name="lf-debian-12",
+                              tags=["lab", "extra"], properties=["os_admin_user=debian"],
+                              visibility="shared", cloud="lab")
+    assert out[0].status == "up to date", out[0].line()
+    assert (man.stat().st_ino, man.stat().st_mtime_ns, man.read_bytes()) == before
+
 
 def test_upload_via_os_env_and_glance_direct_import(services, ws, default_lab, cli, tmp_path):
     img_path = make_qcow2(tmp_path / "plain.qcow2", 8)
