@@ -282,8 +282,8 @@ _GLANCE_AUTH_HELP = {
     "cloud": "clouds.yaml cloud to use (default: lab.yaml glance.cloud, OS_CLOUD, or OS_* variables)",
     "os_cacert": "CA bundle to verify Keystone/Glance TLS with (like openstack --os-cacert)",
     "insecure": "do not verify TLS certificates (like openstack --insecure; labs only)",
-    "method": "upload flow: auto (glance-direct import when Glance offers it), direct, "
-              "glance-direct (default: lab.yaml glance.method)",
+    "method": "upload flow: auto (direct; the glance-direct import when Glance refuses that), "
+              "direct, glance-direct (default: lab.yaml glance.method)",
     "keep": "with --rotate-tag: keep the N newest images of the rotation, delete older ones",
     "deactivate_old": "with --rotate-tag: deactivate older images of the rotation instead of deleting",
     "visibility": "private | shared | community | public (default: lab.yaml glance.visibility)",

@@ -4,8 +4,9 @@ Starts a real Keystone + Glance on 127.0.0.1 (tests/openstack_services.py),
 makes a ~500 MB image (random data, so nothing compresses or skips), then
 uploads it with
 
-  * labforge  `invoke glance-upload --method direct` (streamed, sha512 while sending,
-    hash verified against Glance's os_hash_value),
+  * labforge  `invoke glance-upload` with the default method (auto: a direct
+    upload; streamed, sha512 while sending, hash verified against Glance's
+    os_hash_value),
   * labforge  `invoke glance-upload --method glance-direct` (staged + imported),
   * python-openstackclient `openstack image create --file` (direct upload),
 
@@ -71,10 +72,10 @@ def main() -> None:
             env.update(OS_CLIENT_CONFIG_FILE=str(clouds), LABFORGE_WORKDIR=str(tmp / "ws"))
             conn = svc.admin_connection(project="service")
             tools = {
-                "labforge direct": lambda n: [
+                "labforge auto (default)": lambda n: [
                     sys.executable, "-m", "invoke", "-r", str(ROOT), "glance-upload",
                     "--image", str(image), "--name", n, "--cloud", "bench",
-                    "--method", "direct", "--disk-format", "raw"],
+                    "--disk-format", "raw"],
                 "labforge glance-direct": lambda n: [
                     sys.executable, "-m", "invoke", "-r", str(ROOT), "glance-upload",
                     "--image", str(image), "--name", n, "--cloud", "bench",

@@ -13,10 +13,12 @@ what ``invoke publish-amphora`` runs.  The flow:
 3. reuse an active image of the same name and content (``os_hash_value``),
    adding the missing tags and properties;
 4. otherwise create the image, stream the file (constant memory, one read,
-   hashed in the same pass by a reader thread) with a direct upload or the
-   interoperable ``glance-direct`` import, wait for ``active``, compare
-   Glance's ``os_hash_algo``/``os_hash_value`` with the local hash.  Any
-   failure or interruption deletes the image;
+   hashed in the same pass by a reader thread) with a direct upload (as the
+   openstack CLI does; ``auto``) or the interoperable ``glance-direct``
+   import (asked for, or when Glance refuses the direct upload), wait for
+   ``active``, compare Glance's ``os_hash_algo``/``os_hash_value`` with the
+   local hash.  Any failure or interruption (Ctrl-C, SIGTERM) deletes the
+   image, retrying for a while when Glance does not answer;
 5. rotate a tag (``--rotate-tag``): only the new image keeps it; older images
    of the same rotation are kept, deactivated or deleted beyond ``keep``;
 6. record image id, hash and tags in the manifest record's
@@ -29,6 +31,7 @@ the endpoint are the SDK's.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -36,6 +39,7 @@ import logging
 import os
 import queue
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -312,7 +316,9 @@ def _glance_message(resp) -> str:
     except ValueError:
         pass
     import re
-    text = re.sub(r"<[^>]+>", " ", resp.text or "")
+    # webob's error page repeats the status in <title> and <h1>: keep the explanation
+    text = re.sub(r"(?is)<(head|h1)>.*?</\1>", " ", resp.text or "")
+    text = re.sub(r"<[^>]+>", " ", text)
     text = " ".join(text.split())
     return text[:300] or resp.reason or "no details"
 
@@ -569,6 +575,7 @@ class Result:
     seconds: float
     local_hash: str
     changes: list[str] = field(default_factory=list)
+    note: str = ""                  # e.g. why the method differs from the one asked
 
 
 def upload_image(lab: Lab, ws: Workspace, *, image: str, name: str | None = None,
@@ -579,8 +586,11 @@ def upload_image(lab: Lab, ws: Workspace, *, image: str, name: str | None = None
                  disk_format: str | None = None, min_disk: int | None = None,
                  min_ram: int | None = None, cacert: str | None = None,
                  insecure: bool = False, kinds: tuple[str, ...] = (),
-                 timeout: float = 3600, step: str = "glance-upload") -> list[Outcome]:
-    """Upload one image to Glance (or reuse an identical one); see the module doc."""
+                 timeout: float = 3600, cleanup_wait: float | None = None,
+                 step: str = "glance-upload") -> list[Outcome]:
+    """Upload one image to Glance (or reuse an identical one); see the module doc.
+    ``cleanup_wait``: how long a failed upload keeps trying to delete its
+    image while Glance does not answer (default CLEANUP_WAIT)."""
     t0 = time.monotonic()
     method = method or lab.glance.method
     if method not in METHODS:
@@ -614,13 +624,14 @@ def upload_image(lab: Lab, ws: Workspace, *, image: str, name: str | None = None
     cl = connect(cloud or lab.glance.cloud, cacert=cacert, insecure=insecure)
     api = Api(cl)
     try:
-        with BuildLock(ws):
+        with sigterm_as_interrupt(), BuildLock(ws):
             cleaned = cleanup_stuck(api)
             res = _reuse(api, src, name, all_tags, props, min_disk, min_ram, visibility)
             if res is None:
                 res = _upload(api, src, name=name, disk_format=fmt, visibility=visibility,
                               tags=all_tags, props=props, rotate_tag=rotate_tag, min_disk=min_disk,
-                              min_ram=min_ram, method=method, timeout=timeout)
+                              min_ram=min_ram, method=method, timeout=timeout,
+                              cleanup_wait=CLEANUP_WAIT if cleanup_wait is None else cleanup_wait)
             rotated = _rotate(api, res.image, rotate_tag, keep, deactivate_old) if rotate_tag else []
             img = api.get_image(res.image["id"])
             if src.record is not None:
@@ -635,7 +646,8 @@ def upload_image(lab: Lab, ws: Workspace, *, image: str, name: str | None = None
     else:
         mib = src.size / (1 << 20)
         detail.append(f"{res.method} upload of {mib:.1f} MiB in {res.seconds:.1f}s "
-                      f"({mib / max(res.seconds, 1e-6):.0f} MiB/s), hash verified")
+                      f"({mib / max(res.seconds, 1e-6):.0f} MiB/s)"
+                      + (f", {res.note}" if res.note else "") + ", hash verified")
     if img.get("tags"):
         detail.append("tags " + ",".join(sorted(img["tags"])))
     detail += rotated
@@ -700,10 +712,13 @@ def _reuse(api: Api, src: Source, name: str, tags: Sequence[str], props: Mapping
 
 def _upload(api: Api, src: Source, *, name: str, disk_format: str, visibility: str,
             tags: Sequence[str], props: Mapping[str, str], rotate_tag: str | None,
-            min_disk: int | None, min_ram: int | None, method: str, timeout: float) -> Result:
-    if method == "auto":
-        method = "glance-direct" if "glance-direct" in api.import_methods() else "direct"
-    elif method == "glance-direct" and "glance-direct" not in api.import_methods():
+            min_disk: int | None, min_ram: int | None, method: str, timeout: float,
+            cleanup_wait: float) -> Result:
+    """Create the image and send the data.  ``auto`` is a direct upload, as
+    the openstack CLI does it (one write in Glance); when Glance refuses it
+    (policy ``upload_image``, a proxy in front) the refused image is deleted
+    and the file goes through the glance-direct import instead."""
+    if method == "glance-direct" and "glance-direct" not in api.import_methods():
         raise LabError(f"--method glance-direct: Glance at {api.cloud.endpoint} does not offer it "
                        "(see /v2/info/import); use --method direct")
     # the hash Glance will compute: what its images report, sha512 by default
@@ -714,8 +729,7 @@ def _upload(api: Api, src: Source, *, name: str, disk_format: str, visibility: s
             algo = img["os_hash_algo"]
             break
     body = {"name": name, "disk_format": disk_format, "container_format": "bare",
-            "visibility": visibility, "tags": list(tags), **props,
-            UPLOAD_ID: uuid.uuid4().hex, OWNER: _owner_mark()}
+            "visibility": visibility, "tags": list(tags), **props}
     if src.sha256:
         body[SHA256] = src.sha256
     if rotate_tag:
@@ -724,21 +738,67 @@ def _upload(api: Api, src: Source, *, name: str, disk_format: str, visibility: s
         body["min_disk"] = int(min_disk)
     if min_ram is not None:
         body["min_ram"] = int(min_ram)
-    img = api.call("POST", "/images", json=body, ok=(201,), what=f"create image {name!r}").json()
-    image_id = img["id"]
-    log.info("glance: created image %s %r (%s, %s); uploading %s", image_id, name, disk_format,
-             method, src.path)
+    once = dict(api=api, src=src, body=body, algo=algo, timeout=timeout,
+                cleanup_wait=cleanup_wait)
+    if method == "glance-direct":
+        return _upload_once(method="glance-direct", **once)
+    try:
+        return _upload_once(method="direct", **once)
+    except _Refused as exc:
+        refused = exc
+    why = f"HTTP {refused.status}: {refused.detail}"
+    offered = "glance-direct" in api.import_methods()
+    if method == "direct" or not offered:
+        hint = ("use --method glance-direct (or auto)" if offered else
+                "it offers no glance-direct import either (/v2/info/import): ask the cloud's "
+                "admin to allow upload_image or to enable glance-direct")
+        raise LabError(api.cloud.err(
+            f"glance: Glance at {api.cloud.endpoint} refused the direct upload of {src.path} "
+            f"({why}); image {refused.image_id} was deleted; {hint}"))
+    log.info("glance: Glance refused the direct upload (%s); deleted image %s, uploading "
+             "through the glance-direct import instead", why, refused.image_id)
+    res = _upload_once(method="glance-direct", **once)
+    res.note = f"direct upload refused (HTTP {refused.status})"
+    return res
+
+
+# a direct upload Glance (or a proxy in front of it) will not take: policy
+# (403), method not allowed (405), a state it will not write in (409),
+# media type (415), not implemented (501)
+REFUSED = (403, 405, 409, 415, 501)
+INTERRUPT_DELETE_TIMEOUT = 10.0     # one delete after Ctrl-C/SIGTERM: CI kills hard soon after
+CLEANUP_WAIT = 30.0                 # how long a failed upload retries deleting its image
+
+
+class _Refused(Exception):
+    """Glance answered the data request with one of REFUSED (image deleted)."""
+
+    def __init__(self, status: int, detail: str, image_id: str):
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status, self.detail, self.image_id = status, detail, image_id
+
+
+def _upload_once(api: Api, src: Source, *, body: Mapping[str, Any], method: str, algo: str,
+                 timeout: float, cleanup_wait: float) -> Result:
+    """One image: create, send, (import), verify.  The cleanup covers the
+    create itself: whatever image this attempt made is deleted on any error
+    or interruption, found by its ``labforge_upload_id`` when the create's
+    answer never arrived."""
+    upload_id = uuid.uuid4().hex
+    image_id: str | None = None
     stream = None
     try:
+        img = api.call("POST", "/images", json={**body, UPLOAD_ID: upload_id, OWNER: _owner_mark()},
+                       ok=(201,), what=f"create image {body['name']!r}").json()
+        image_id = img["id"]
+        log.info("glance: created image %s %r (%s, %s); uploading %s", image_id, body["name"],
+                 body["disk_format"], method, src.path)
         algos = [algo]     # one hash only: a second one would cost throughput on small machines
         t0 = time.monotonic()
         with progress(f"upload {src.path.name}", src.size) as bar:
             stream = HashingBody(src.path, src.size, algos, bar)
-            path = f"/images/{image_id}/file" if method == "direct" else f"/images/{image_id}/stage"
-            api.call("PUT", path, data=stream, ok=(204, 201, 200),
-                     headers={"Content-Type": "application/octet-stream"},
-                     connect_retries=0, status_code_retries=0,
-                     what=f"upload {src.path.name} as image {image_id}")
+            _send(api, image_id, "file" if method == "direct" else "stage", stream,
+                  what=f"upload {src.path.name} as image {image_id}")
         if not stream.complete:
             raise LabError(f"glance: upload of {src.path} stopped after {stream.sent} of "
                            f"{src.size} bytes; rerun")
@@ -755,24 +815,177 @@ def _upload(api: Api, src: Source, *, name: str, disk_format: str, visibility: s
         if not img.get("os_hash_value") or img["os_hash_value"] != local:
             raise LabError(f"glance: image {image_id}: Glance's {server_algo or algo} "
                            f"{str(img.get('os_hash_value'))[:16]}… differs from the local "
-                           f"{local[:16]}… of {src.path}: the upload was corrupted; the image was "
-                           "deleted; rerun")
+                           f"{local[:16]}… of {src.path}: the upload was corrupted; rerun")
         img = _drop_owner_mark(api, img)
         return Result(img, False, method, seconds, local)
     except BaseException as exc:
-        if stream is not None:
-            stream.close()
-        deleted = _delete_quietly(api, image_id)
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
+        label = image_id or f"with {UPLOAD_ID}={upload_id}"
+        with _signals_deferred(interrupted):
+            if stream is not None:
+                stream.close()
+            stop: KeyboardInterrupt | None = None
+            try:
+                gone, why = _cleanup(api, image_id, upload_id, interrupted=interrupted,
+                                     wait=cleanup_wait)
+            except KeyboardInterrupt as again:  # Ctrl-C/SIGTERM while retrying a failed upload's delete
+                gone, why, stop = False, "interrupted", again
+            if (interrupted or stop) and not gone:
+                log.warning("glance: image %s could not be deleted (%s): the next labforge upload "
+                            "to this cloud removes it", label, why)
+        if stop is not None:
+            raise stop from None
+        if interrupted:
             raise
-        msg = exc.message if isinstance(exc, LabError) else api.cloud.err(
-            f"glance: upload of {src.path} as image {image_id} failed: {_first_line(exc)}")
-        if not deleted:
-            msg += (f"; image {image_id} could not be deleted now (Glance unreachable): the next "
-                    "labforge upload to this cloud removes it")
-        elif "deleted" not in msg:
+        if isinstance(exc, _Refused) and gone and method == "direct":
+            raise                       # _upload decides: glance-direct instead, or the error
+        if isinstance(exc, _Refused):
+            msg = api.cloud.err(f"glance: Glance at {api.cloud.endpoint} refused the {method} "
+                                f"upload of {src.path} ({exc})")
+        elif isinstance(exc, LabError):
+            msg = exc.message
+        else:
+            msg = api.cloud.err(f"glance: upload of {src.path} as image {image_id} failed: "
+                                f"{_first_line(exc)}")
+        if gone and image_id:
             msg += f"; image {image_id} was deleted"
+        elif not gone:
+            msg += (f"; image {label} could not be deleted ({why}): the next labforge upload "
+                    "to this cloud removes it")
         raise LabError(msg) from None
+
+
+def _send(api: Api, image_id: str, target: str, stream: "HashingBody", *, what: str) -> None:
+    """PUT the data to ``/images/{id}/file`` or ``/stage``.  Raises _Refused
+    when Glance will not take it.  Glance checks its policy before reading
+    the body and answers 403 at once; under uWSGI over TLS the connection
+    then closes while the body is still being sent, so the client sees a
+    lost connection (SSL EOF, reset), never the 403.  A lost connection while
+    the image is still ``queued`` (Glance never started writing) is therefore
+    asked again with an empty body, which gets the answer through."""
+    ka = _kaexc()
+    path = f"/images/{image_id}/{target}"
+    headers = {"Content-Type": "application/octet-stream"}
+    try:
+        resp = api.image.request(path, "PUT", data=stream, headers=headers, raise_exc=False,
+                                 connect_retries=0, status_code_retries=0)
+    except (ka.ConnectFailure, ka.ConnectTimeout, ka.ConnectionError) as exc:
+        lost = LabError(api.cloud.err(
+            f"glance: {what}: Glance at {api.cloud.endpoint} is unreachable ({_reason(exc)}): "
+            "check that it runs and rerun"))
+        try:
+            status = api.call("GET", f"/images/{image_id}", what=f"read image {image_id}",
+                              connect_retries=0, timeout=10).json().get("status")
+        except LabError:
+            raise lost from None
+        if status != "queued":
+            raise lost from None
+        log.debug("glance: %s: connection lost while the image is still queued (%s); "
+                  "asking Glance again with an empty body", what, _reason(exc))
+        try:
+            resp = api._call("PUT", path, data=b"", headers=headers, what=what,
+                             connect_retries=0, timeout=30)
+        except LabError:
+            raise lost from None
+        if resp.status_code not in REFUSED:
+            raise lost from None
+    except ka.ClientException as exc:
+        raise LabError(api.cloud.err(f"glance: {what}: {_first_line(exc)}")) from None
+    if resp.status_code in REFUSED:
+        raise _Refused(resp.status_code, _glance_message(resp), image_id)
+    if resp.status_code not in (200, 201, 204):
+        raise LabError(api.cloud.err(f"glance: {what} failed: HTTP {resp.status_code}: "
+                                     f"{_glance_message(resp)}"))
+
+
+def _cleanup(api: Api, image_id: str | None, upload_id: str, *, interrupted: bool,
+             wait: float) -> tuple[bool, str]:
+    """Delete what this attempt created: (gone, why not).  After an
+    interruption one quick try; after a failure, retries for ``wait``
+    seconds while Glance comes back (a restart, a load balancer failing
+    over)."""
+    deadline = time.monotonic() + (0 if interrupted else wait)
+    per_try = INTERRUPT_DELETE_TIMEOUT if interrupted else 30.0
+    why, told = "Glance unreachable", False
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            timeout = max(min(per_try, left), INTERRUPT_DELETE_TIMEOUT)
+            ids = [image_id] if image_id else [i["id"] for i in api.call(
+                "GET", "/images", params={UPLOAD_ID: upload_id}, what="find the new image",
+                connect_retries=0, timeout=timeout).json().get("images", [])]
+            for iid in ids:
+                api.delete(iid, timeout=timeout)
+            return True, ""
+        except LabError as exc:
+            why = "Glance unreachable" if "unreachable" in exc.message else _short(exc.message)
+        except Exception as exc:  # noqa: BLE001 - best effort while failing already
+            why = _first_line(exc)[:120]
+        if time.monotonic() + 1 >= deadline:
+            if not interrupted:
+                why += f" for {wait:.0f}s"
+            return False, why
+        if not told:
+            log.info("glance: cannot delete image %s yet (%s); retrying for up to %.0fs",
+                     image_id or upload_id, why, wait)
+            told = True
+        time.sleep(1)
+
+
+def _short(message: str) -> str:
+    return message.removeprefix("glance: ")[:160]
+
+
+@contextlib.contextmanager
+def _signals_deferred(active: bool = True):
+    """Hold off SIGINT/SIGTERM while deleting an interrupted upload's image,
+    so a second Ctrl-C or the CI runner's follow-up SIGTERM does not cut the
+    delete short.  The run is ending with an interrupt already, so what
+    arrives meanwhile is dropped.  (Handlers, not a signal mask: Python runs
+    handlers in the main thread whichever thread the kernel picked.)"""
+    if not active or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    held = []
+    for sig, prev in old.items():
+        if prev is not None and prev is not signal.SIG_IGN:
+            signal.signal(sig, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for sig, prev in old.items():
+            if prev is not None and prev is not signal.SIG_IGN:
+                signal.signal(sig, prev)
+        if held:
+            log.debug("glance: signal(s) %s arrived during the clean-up", held)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during an upload: unwinds like Ctrl-C, so the image is deleted."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Turn SIGTERM (a cancelled CI job) into Terminated, a KeyboardInterrupt,
+    for the length of the block.  A SIGTERM handler somebody already set in
+    Python (tasks.py's may turn it into KeyboardInterrupt itself) or an
+    ignored SIGTERM is left alone; every cleanup here catches both."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    prev = signal.getsignal(signal.SIGTERM)
+    if prev is not signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(f"signal {signum}")
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, prev)
 
 
 def _drop_owner_mark(api: Api, img: dict) -> dict:
@@ -790,17 +1003,6 @@ def _drop_owner_mark(api: Api, img: dict) -> dict:
             pass            # already gone (409/400): re-read decides
         img = api.get_image(img["id"])
     return img              # harmless: cleanup only ever touches images that are not active
-
-
-def _delete_quietly(api: Api, image_id: str) -> bool:
-    try:
-        api.delete(image_id, timeout=30)
-        return True
-    except LabError:
-        return False
-    except Exception as exc:  # noqa: BLE001 - best effort while failing already
-        log.debug("glance: deleting image %s failed: %r", image_id, exc)
-        return False
 
 
 def _wait_active(api: Api, image_id: str, timeout: float) -> dict:
@@ -866,9 +1068,11 @@ def _rotate(api: Api, new: dict, tag: str, keep: int | None, deactivate_old: boo
 
 
 def _record(src: Source, cl: Cloud, img: dict, res: Result) -> None:
+    """The image in the artifact's record; left as it is (``uploaded`` too)
+    when the image and what we know of it did not change."""
     rec = src.manifest.get(src.path) or {}
     glance = dict((rec.get("meta") or {}).get("glance") or {})
-    glance[cl.label] = {
+    entry = {
         "image_id": img["id"], "name": img.get("name"), "status": img.get("status"),
         "os_hash_algo": img.get("os_hash_algo"), "os_hash_value": img.get("os_hash_value"),
         "sha256": src.sha256 or img.get(SHA256), "tags": sorted(img.get("tags", [])),
@@ -877,7 +1081,18 @@ def _record(src: Source, cl: Cloud, img: dict, res: Result) -> None:
         "uploaded": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         "reused": res.reused,
     }
+    old = glance.get(cl.label)
+    if res.reused and isinstance(old, dict) and _same_entry(old, entry):
+        return
+    glance[cl.label] = entry
     src.manifest.update_meta(src.path, glance=glance)
+
+
+def _same_entry(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """The same image with the same facts: when and how it got there aside."""
+    volatile = ("uploaded", "reused")
+    return ({k: v for k, v in old.items() if k not in volatile}
+            == {k: v for k, v in new.items() if k not in volatile})
 
 
 # --------------------------------------------------------------------------
@@ -898,7 +1113,7 @@ def find_amphora(lab: Lab, ws: Workspace) -> str:
     man = Manifest(ws.artifacts)
     amps = sorted(rel for rel, rec in man.entries().items() if rec.get("kind") == "amphora")
     if not amps:
-        raise LabError(f"amphora: no amphora image in {man.path}: run `invoke amphora` first")
+        raise LabError(f"amphora: no amphora image in {man.path}: run `invoke build-amphora` first")
     if len(amps) > 1:
         named = [r for r in amps if Path(r).name.startswith(lab.octavia.image_name + ".")]
         if len(named) == 1:

@@ -185,7 +185,7 @@ class Vagrant:
 class Glance:
     cloud: str | None = None               # clouds.yaml entry; default OS_CLOUD / OS_*
     visibility: Literal["private", "shared", "community", "public"] = "private"
-    # upload flow: auto = the glance-direct import when /v2/info/import offers it, else direct
+    # upload flow: auto = direct (as the openstack CLI), glance-direct import if Glance refuses it
     method: Literal["auto", "direct", "glance-direct"] = "auto"
     keep: int | None = None                # amphora rotation: keep N newest, delete older ones
     deactivate_old: bool = False           # amphora rotation: deactivate older ones instead

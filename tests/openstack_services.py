@@ -104,6 +104,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_port_free(port: int, timeout: float = 30) -> None:
+    """Until ``port`` can be bound again: after a SIGKILL the killed group's
+    workers may hold the listening socket a moment longer than the master."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+        time.sleep(0.1)
+
+
 class UwsgiServer:
     """One uWSGI server for a WSGI module, in its own process group."""
 
@@ -123,6 +139,7 @@ class UwsgiServer:
             socket_args = ["--https-socket", f"127.0.0.1:{self.port},{self.tls[1]},{self.tls[2]}"]
         else:
             socket_args = ["--http-socket", f"127.0.0.1:{self.port}"]
+        wait_port_free(self.port)      # a restart right after kill()
         argv = [
             str(VENV / "bin" / "uwsgi"),
             *socket_args,
@@ -196,6 +213,7 @@ class OpenStackServices:
         self.glance: UwsgiServer | None = None
         self.store = self.dir / "glance" / "images"
         self.staging = self.dir / "glance" / "staging"
+        self.glance_policy: dict[str, str] = {}
 
     # -- lifecycle ------------------------------------------------------------
     def __enter__(self) -> "OpenStackServices":
@@ -352,11 +370,27 @@ class OpenStackServices:
             {f"cafile = {self.ca}" if self.ca else ""}
             [oslo_policy]
             enforce_new_defaults = true
+            policy_file = {etc / 'policy.yaml'}
             [wsgi]
             task_pool_threads = 2
             """))
         os.chmod(self.glance_conf, 0o600)
+        self._write_glance_policy()
         self._manage("glance-manage", self.glance_conf, "db_sync")
+
+    def _write_glance_policy(self) -> None:
+        # oslo.policy overrides on top of Glance's in-code defaults ({}: none)
+        (self.glance_conf.parent / "policy.yaml").write_text(yaml.safe_dump(self.glance_policy))
+
+    def set_glance_policy(self, rules: dict[str, str] | None = None) -> None:
+        """Give Glance these oslo.policy overrides (None: Glance's defaults) and
+        restart it, so they apply from its next request on, e.g.
+        ``{"upload_image": "!"}``: a cloud that refuses direct uploads."""
+        self.glance_policy = dict(rules or {})
+        self._write_glance_policy()
+        if self.glance is not None and self.glance.running:
+            self.glance.kill()
+        self.start_glance()
 
     def start_glance(self) -> None:
         self.glance = UwsgiServer("glance", "glance.wsgi.api:application", self.glance_port,
