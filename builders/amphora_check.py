@@ -245,7 +245,7 @@ def check_amphora(lab: Lab, ws: Workspace, *, image: str | None = None,
         runner.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", path, overlay],
                    what="amphora-check: overlay")
         foreign = foreign_client(tdp)
-        accels = accel_plan(accel)
+        accels = accel_plan(accel, ws)
         result = None
         for i, acc in enumerate(accels):
             fallback = i + 1 < len(accels)
@@ -253,7 +253,7 @@ def check_amphora(lab: Lab, ws: Workspace, *, image: str | None = None,
                                      foreign, timeout, KVM_GRACE if fallback else None)
             if result is not None:
                 break
-            kvm_stalled("amphora-check")
+            kvm_stalled("amphora-check", ws)
             runner.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", path, overlay],
                        what="amphora-check: overlay")
     acc, boot_s, version, refused = result

@@ -50,21 +50,40 @@ TAIL = 15
 # kernel output by then is stopped and redone under TCG.
 KVM_GRACE = 45.0
 _kvm_stall: list[str] = []          # why KVM stalled in this process (then: TCG only)
+STALL_MEMO = "kvm-stalls"           # cache/<this>: the same, for later runs on this host
 
 
-def detect_accel() -> str:
+def _host_key() -> str:
+    """What a KVM stall depends on: this kernel and this QEMU."""
+    qemu = shutil.which("qemu-system-x86_64") or "-"
+    return f"{os.uname().release} {qemu} {runner.tool_version('qemu-system-x86_64')}"
+
+
+def _memo_says_stalled(ws: Workspace) -> bool:
+    try:
+        return _host_key() in (ws.cache / STALL_MEMO).read_text().splitlines()
+    except OSError:
+        return False
+
+
+def _stalled_before(ws: Workspace | None) -> bool:
+    return bool(_kvm_stall) or (ws is not None and _memo_says_stalled(ws))
+
+
+def detect_accel(ws: Workspace | None = None) -> str:
     """``kvm`` when KVM can run a guest here, else ``tcg``.
 
     ``LABFORGE_ACCEL=kvm|tcg`` decides; otherwise the probe below, unless a
-    boot in this process already saw KVM stall (:func:`kvm_stalled`).
+    boot already saw KVM stall on this kernel and QEMU (:func:`kvm_stalled`;
+    remembered for this process and in the workspace's cache/).
     """
     forced = os.environ.get("LABFORGE_ACCEL", "").strip().lower()
     if forced in ("kvm", "tcg"):
         return forced
-    return "tcg" if _kvm_stall else _probe_kvm()
+    return "tcg" if _stalled_before(ws) else _probe_kvm()
 
 
-def accel_plan(accel: str | None = None) -> list[str]:
+def accel_plan(accel: str | None = None, ws: Workspace | None = None) -> list[str]:
     """The accelerators a boot tries, in order.
 
     An explicit ``accel`` (option or LABFORGE_ACCEL) is used alone.  A
@@ -78,16 +97,20 @@ def accel_plan(accel: str | None = None) -> list[str]:
         return [accel]
     if os.environ.get("LABFORGE_ACCEL", "").strip().lower() in ("kvm", "tcg"):
         return [detect_accel()]
-    return ["kvm", "tcg"] if detect_accel() == "kvm" else ["tcg"]
+    return ["kvm", "tcg"] if detect_accel(ws) == "kvm" else ["tcg"]
 
 
-def kvm_stalled(what: str) -> None:
+def kvm_stalled(what: str, ws: Workspace | None = None) -> None:
     """Record that a KVM boot made no progress; later boots here use TCG."""
     if not _kvm_stall:
         log.warning("%s: KVM showed no guest kernel output within %.0fs (nested KVM that "
-                    "stalls); redoing the boot under TCG, and using TCG from now on",
-                    what, KVM_GRACE)
+                    "stalls); redoing the boot under TCG, and using TCG from now on "
+                    "(LABFORGE_ACCEL=kvm to insist)", what, KVM_GRACE)
     _kvm_stall.append(what)
+    if ws is not None and not _memo_says_stalled(ws):
+        with contextlib.suppress(OSError):
+            with open(ws.cache_dir() / STALL_MEMO, "a") as fh:
+                fh.write(_host_key() + "\n")
 
 
 def kernel_started(console_text: str) -> bool:
@@ -147,7 +170,7 @@ def boot_check(lab: Lab, ws: Workspace, host: str, *, timeout: float = 900,
     seed, marker = _seed(lab, ws, h)
     runner.require("qemu-system-x86_64")
     runner.require("qemu-img")
-    plan = accel_plan(accel)
+    plan = accel_plan(accel, ws)
     console = ws.artifact_dir("logs") / f"boot-{h.name}.console.log"
     workdir = Path(tempfile.mkdtemp(prefix=f"boot-{h.name}.", dir=ws.cache_dir("boot-check")))
     disk = workdir / "disk.qcow2"
@@ -171,7 +194,7 @@ def boot_check(lab: Lab, ws: Workspace, host: str, *, timeout: float = 900,
             out = _watch(h, argv, console, pidfile, marker, list(expect), timeout, acc, grace)
             if out is not None:
                 return [out]
-            kvm_stalled(f"boot-check {h.name}")
+            kvm_stalled(f"boot-check {h.name}", ws)
         raise AssertionError("unreachable: the last accelerator has no grace period")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -234,7 +257,7 @@ def _watch(h: Host, argv: list[str], console: Path, pidfile: Path, marker: str,
                 if time.monotonic() - start > timeout:
                     raise LabError(f"{step}: no cloud-init result within {timeout:.0f}s ({accel}); "
                                    f"last console lines follow, full console: {console}",
-                                   _tail(text))
+                                   _tail(text) or ["(the serial console is still empty)"])
     finally:
         _stop(pidfile, thread)
 

@@ -136,7 +136,7 @@ def build_libvirt_xml(lab: Lab, ws: Workspace, *, hosts: list[str] | None = None
     chosen = [lab.host(n) for n in names]
     if not chosen:
         raise LabError(f"{lab.source.name}: hosts: the lab has no hosts; nothing to do")
-    accel = accel or detect_accel()
+    accel = accel or detect_accel(ws)     # domain type kvm or qemu
     out_dir = ws.artifacts / "libvirt"
     manifest = Manifest(ws.artifacts)
     outcomes: list[Outcome] = []

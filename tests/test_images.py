@@ -364,6 +364,20 @@ def test_accel_plan_puts_tcg_behind_a_detected_kvm(monkeypatch):
     assert bootcheck.accel_plan() == ["tcg"]
 
 
+def test_a_kvm_stall_is_remembered_in_the_workspace(monkeypatch, ws):
+    """The next process on this host (same kernel and QEMU) skips the 45 s KVM try."""
+    from builders import bootcheck
+    monkeypatch.delenv("LABFORGE_ACCEL", raising=False)
+    monkeypatch.setattr(bootcheck, "_probe_kvm", lambda: "kvm")
+    monkeypatch.setattr(bootcheck, "_kvm_stall", [])
+    bootcheck.kvm_stalled("boot-check broker1", ws)
+    monkeypatch.setattr(bootcheck, "_kvm_stall", [])        # a new process
+    assert bootcheck.accel_plan(None, ws) == ["tcg"]
+    assert bootcheck.accel_plan(None, None) == ["kvm", "tcg"]  # another workspace tries KVM
+    (ws.cache / bootcheck.STALL_MEMO).write_text("5.10.0-other /usr/bin/qemu 7.2\n")
+    assert bootcheck.accel_plan(None, ws) == ["kvm", "tcg"]  # another kernel: try again
+
+
 def test_boot_check_without_overlay_is_one_line(cli):
     assert_one_line_error(cli("boot-check", "--host", "broker1"), "broker1.qcow2",
                           "invoke overlays")
