@@ -43,6 +43,16 @@ def cli(ws: Workspace):
 
 
 @pytest.fixture
+def report(capsys):
+    """Show a measurement in the test log, also when the test passes (CI logs
+    keep the timings the docs quote; no test asserts a time)."""
+    def show(text: str) -> None:
+        with capsys.disabled():
+            print(f"\n[measured] {text.strip()}")
+    return show
+
+
+@pytest.fixture
 def mirror(tmp_path):
     """A local HTTP image mirror on 127.0.0.1 (Range support, can drop a transfer once)."""
     from imagetools import Mirror

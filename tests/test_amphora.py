@@ -213,7 +213,7 @@ def _debugfs(loop: str, cmd: str) -> str:
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_build_boot_and_rebuild(default_lab, ws, tmp_path):
+def test_build_boot_and_rebuild(default_lab, ws, tmp_path, report):
     """Cold build from a clean cache, image contents, amphora-check, up to date, forced warm."""
     import time
     t0 = time.monotonic()
@@ -278,7 +278,7 @@ def test_build_boot_and_rebuild(default_lab, ws, tmp_path):
     assert Manifest(ws.artifacts).get(image)["sha256"] == sha256_file(image)
     assert installed_packages(image, tmp_path) == packages
     assert_compressed_and_clean(image)
-    print(f"\namphora: cold build {cold / 60:.1f} min, forced warm rebuild {warm / 60:.1f} min, "
+    report(f"amphora: cold build {cold / 60:.1f} min, forced warm rebuild {warm / 60:.1f} min, "
           f"boot {check[-1].seconds:.0f}s")
 
 

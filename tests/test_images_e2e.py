@@ -33,7 +33,7 @@ def _lab_ssh_key(ws) -> None:
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b" lab\n")
 
 
-def test_dib_base_overlays_and_boot_check_broker1(tmp_path, ws, cli):
+def test_dib_base_overlays_and_boot_check_broker1(tmp_path, ws, cli, report):
     token = secrets.token_hex(8)
     # the default lab; broker1 also writes a file and prints what the guest sees
     lab_path = lab_file(tmp_path, {"hosts": {"broker1": {
@@ -86,7 +86,7 @@ def test_dib_base_overlays_and_boot_check_broker1(tmp_path, ws, cli):
     console = (ws.artifacts / "logs" / "boot-broker1.console.log").read_text(errors="replace")
     assert seediso.seed_marker(lab, "broker1", ws) in console
     assert "e2e-hostname=broker1" in console and f"e2e-file=written-{token}" in console
-    print(res.line())
+    report(res.line())
     # the user's overlay was only read
     assert sha256_file(overlay) == before and overlays.written_bytes(overlay) == 0
 
@@ -97,7 +97,7 @@ def test_dib_base_overlays_and_boot_check_broker1(tmp_path, ws, cli):
     assert sha256_file(overlay) == before
 
 
-def test_dib_base_in_builder_container_boots_broker1(tmp_path, ws, monkeypatch):
+def test_dib_base_in_builder_container_boots_broker1(tmp_path, ws, monkeypatch, report):
     """base_image.builder: container: DIB runs in the amphora builder image
     (built first when missing), the result is a bootable qcow2."""
     from builders import amphora, lab as labmod
@@ -141,7 +141,7 @@ def test_dib_base_in_builder_container_boots_broker1(tmp_path, ws, monkeypatch):
     seediso.build_seed_isos(lab, ws, hosts=["broker1"])
     [res] = bootcheck.boot_check(lab, ws, "broker1", timeout=1200)
     assert res.status == "passed", res.line()
-    print(f"\n{base.line()}\n{res.line()}")
+    report(f"{base.line()}\n{res.line()}")
 
 
 def test_dib_failure_in_the_container_is_the_host_line(tmp_path, ws):

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 SCHEMA = json.loads((ROOT / "builders" / "schemas" / "run.schema.json").read_text())
 
 
-def test_main_job_builds_the_default_lab_and_publishes_the_amphora(ws, cli, services):
+def test_main_job_builds_the_default_lab_and_publishes_the_amphora(ws, cli, services, report):
     env = {k: "" for k in os.environ if k.startswith("OS_")}
     env.update(services.os_env(), OS_CLIENT_CONFIG_FILE=str(ws.root / "no-clouds.yaml"))
 
@@ -39,7 +39,7 @@ def test_main_job_builds_the_default_lab_and_publishes_the_amphora(ws, cli, serv
     assert again.returncode == 0, again.stderr
     second = json.loads(again.stdout)
     assert {s["status"] for s in second["steps"]} == {"up to date"}, again.stderr
-    print(f"\nmain job: first run {doc['seconds']:.0f}s ("
+    report(f"main job: first run {doc['seconds']:.0f}s ("
           + ", ".join(f"{s['name']} {s['seconds']:.0f}s" for s in doc["steps"])
           + f"); second run {second['seconds']:.2f}s in its steps, {wall:.1f}s for the command")
     assert cli("verify").returncode == 0
