@@ -84,6 +84,7 @@ def main() -> None:
     args = ap.parse_args()
     setup_logging()
     lb = labmod.load(ROOT / "lab.yaml")
+    (ROOT / "cache").mkdir(exist_ok=True)
     base = Path(args.workdir or tempfile.mkdtemp(prefix="bench-amphora.", dir=ROOT / "cache"))
     base.mkdir(parents=True, exist_ok=True)
     ws = Workspace(base / "labforge")
