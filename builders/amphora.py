@@ -320,6 +320,7 @@ def builder_inputs(lab: Lab, s: dict) -> dict:
     return {
         "dockerfile": DOCKERFILE_DIR / "Dockerfile",
         "elements": DOCKERFILE_DIR / "elements",
+        "bin": DOCKERFILE_DIR / "bin",
         "dib_bin": DIB_BIN_DIR,
         "ca_bundle": bundle if bundle else None,
         "dib_version": DIB_VERSION,
@@ -386,6 +387,7 @@ def ensure_builder(lab: Lab, ws: Workspace, cli, s: dict, logfh, bar) -> str:
     try:
         shutil.copy2(DOCKERFILE_DIR / "Dockerfile", ctx / "Dockerfile")
         shutil.copytree(DOCKERFILE_DIR / "elements", ctx / "elements")
+        shutil.copytree(DOCKERFILE_DIR / "bin", ctx / "bin")
         (ctx / "dib-bin").mkdir()
         if DIB_BIN_DIR.is_dir():
             for f in DIB_BIN_DIR.iterdir():
