@@ -15,12 +15,12 @@ import sys
 
 from invoke import Exit, task
 
-from builders import lab as labmod
+from builders.core import lab as labmod
 from builders import pipeline
-from builders.console import setup_logging
-from builders.errors import LabError
-from builders.manifest import Manifest
-from builders.workspace import Workspace
+from builders.core.console import setup_logging
+from builders.core.errors import LabError
+from builders.core.manifest import Manifest
+from builders.core.workspace import Workspace
 
 LAB_HELP = "lab description to read (default: the embedded lab.yaml)"
 
@@ -110,7 +110,7 @@ def check_lab(c, lab=None):
 })
 def certs(c, lab=None, force=False, rotate=None):
     """Issue the lab's certificates, keystores and keys under certs/ (idempotent)."""
-    from builders.certs import build_certs
+    from builders.artifacts.certs import build_certs
     _print(build_certs(_load(lab), Workspace.default(), force=force, rotate=rotate or ()))
 
 
@@ -120,7 +120,7 @@ def certs(c, lab=None, force=False, rotate=None):
 })
 def certs_check(c, lab=None, warn_days=30):
     """List every certificate with subject, SANs and days to expiry; fail on problems."""
-    from builders.certs import check_certs, fix_hint
+    from builders.artifacts.certs import check_certs, fix_hint
     ws = Workspace.default()
     rows = check_certs(_load(lab), ws, warn_days=int(warn_days))
     for r in rows:
@@ -141,7 +141,7 @@ def certs_check(c, lab=None, warn_days=30):
 })
 def seed_iso(c, lab=None, host=None, format="iso", force=False):
     """Build cloud-init NoCloud seeds (artifacts/seed/<host>.iso) for the lab's hosts."""
-    from builders.seediso import build_seed_isos
+    from builders.artifacts.seediso import build_seed_isos
     _print(build_seed_isos(_load(lab), Workspace.default(), hosts=host or None,
                            force=force, fmt=format))
 
@@ -152,7 +152,7 @@ def seed_iso(c, lab=None, host=None, format="iso", force=False):
                "verbose": "show debug output (commands run)"})
 def base_image(c, lab=None, force=False, verbose=False):
     """Download (verified) or build (diskimage-builder) the base cloud image."""
-    from builders.baseimage import build_base_image
+    from builders.artifacts.baseimage import build_base_image
     _print(build_base_image(_load(lab), Workspace.default(), force=force))
 
 
@@ -163,7 +163,7 @@ def base_image(c, lab=None, force=False, verbose=False):
                "verbose": "show debug output (commands run)"})
 def overlays(c, lab=None, host=None, force=False, verbose=False):
     """Create each host's qcow2 overlay backed by the base image."""
-    from builders.overlays import build_overlays
+    from builders.artifacts.overlays import build_overlays
     _print(build_overlays(_load(lab), Workspace.default(), hosts=host or None, force=force))
 
 
@@ -178,7 +178,7 @@ def overlays(c, lab=None, host=None, force=False, verbose=False):
 def boot_check(c, lab=None, host=None, timeout=900, expect=None, accel=None, memory=1024,
                verbose=False):
     """Boot a host's overlay with its seed under QEMU; pass when cloud-init applied the seed."""
-    from builders.bootcheck import boot_check as check
+    from builders.checks.bootcheck import boot_check as check
     if not host:
         raise LabError("boot-check: give --host NAME")
     _print(check(_load(lab), Workspace.default(), host, timeout=float(timeout),
@@ -192,7 +192,7 @@ def boot_check(c, lab=None, host=None, timeout=900, expect=None, accel=None, mem
                "verbose": "show debug output (commands run)"})
 def libvirt_xml(c, lab=None, host=None, force=False, verbose=False):
     """Write libvirt domain, volume and network XML per host (for virsh users)."""
-    from builders.libvirtxml import build_libvirt_xml
+    from builders.artifacts.libvirtxml import build_libvirt_xml
     _print(build_libvirt_xml(_load(lab), Workspace.default(), hosts=host or None, force=force))
 
 
@@ -200,7 +200,7 @@ def libvirt_xml(c, lab=None, host=None, force=False, verbose=False):
 @labtask(help={"lab": LAB_HELP, "force": "rebuild the base image even when it is current"})
 def builder_base(c, lab=None, force=False):
     """Make the local Debian base image the amphora builder starts FROM (debootstrap + docker import)."""
-    from builders import amphora
+    from builders.artifacts import amphora
     _print(amphora.build_builder_base(_load(lab), Workspace.default(), force=force))
 
 
@@ -225,7 +225,7 @@ def build_amphora(c, lab=None, force=False, base_os=None, release=None, arch=Non
                   agent=None, no_ssh=False, image_type=None, apt_mirror=None, pip_index=None,
                   ca_bundle=None):
     """Build the Octavia amphora image with diskimage-builder in a container."""
-    from builders import amphora
+    from builders.artifacts import amphora
     _print(amphora.build_amphora(_load(lab), Workspace.default(), force=force, base_os=base_os,
                                  release=release, arch=arch, size=size, agent=agent,
                                  ssh=False if no_ssh else None, image_type=image_type,
@@ -239,7 +239,7 @@ def build_amphora(c, lab=None, force=False, base_os=None, release=None, arch=Non
 })
 def amphora_check(c, lab=None, image=None, timeout=1200, accel=None):
     """Boot the amphora under QEMU with a Nova-style config drive and prove its agent (mutual TLS)."""
-    from builders import amphora_check as ac
+    from builders.checks import amphora_check as ac
     _print(ac.check_amphora(_load(lab), Workspace.default(), image=image, timeout=float(timeout),
                             accel=accel))
 
@@ -261,7 +261,7 @@ def amphora_check(c, lab=None, image=None, timeout=1200, accel=None):
 def vagrant_box(c, image=None, name=None, version=None, add=False, base_url=None, force=False,
                 lab=None):
     """Pack a qcow2 as a vagrant-libvirt box and add it to the box catalog."""
-    from builders import vagrant
+    from builders.artifacts import vagrant
     _print(vagrant.build_box(_load(lab), Workspace.default(), image=image, name=name,
                              version=version, add=add, base_url=base_url, force=force))
 
@@ -269,7 +269,7 @@ def vagrant_box(c, image=None, name=None, version=None, add=False, base_url=None
 @labtask(help={"force": "rewrite even if up to date", "lab": LAB_HELP})
 def vagrantfile(c, force=False, lab=None):
     """Render the lab's Vagrantfile and libvirt network XML under artifacts/vagrant/."""
-    from builders import vagrant
+    from builders.artifacts import vagrant
     lb, ws = _load(lab), Workspace.default()
     _print(vagrant.build_vagrantfile(lb, ws, force=force))
     print("create the lab networks (once per libvirt host), then `vagrant up`:")
@@ -308,7 +308,7 @@ def glance_upload(c, image, name=None, tag=None, property=None, visibility=None,
                   disk_format=None, min_disk=None, min_ram=None, os_cacert=None,
                   insecure=False, lab=None, verbose=False):
     """Upload an image to Glance: streamed, sha512-verified, idempotent, optional tag rotation."""
-    from builders import glance
+    from builders.publishers import glance
     _print(glance.upload_image(
         _load(lab), Workspace.default(), image=image, name=name, tags=tag or [],
         properties=property or [], visibility=visibility, cloud=cloud, rotate_tag=rotate_tag,
@@ -329,7 +329,7 @@ def publish_amphora(c, cloud=None, property=None, keep=None, deactivate_old=Fals
                     method=None, visibility=None, min_ram=None, os_cacert=None,
                     insecure=False, lab=None, verbose=False):
     """Publish the amphora image to Glance as Octavia expects it (name, tag rotation, properties)."""
-    from builders import glance
+    from builders.publishers import glance
     _print(glance.publish_amphora(
         _load(lab), Workspace.default(), cloud=cloud, properties=property or [],
         keep=_int(keep, "--keep"), deactivate_old=deactivate_old or None, method=method,

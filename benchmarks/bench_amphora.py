@@ -33,9 +33,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from builders import amphora, docker_engine, lab as labmod  # noqa: E402
-from builders.console import progress, setup_logging  # noqa: E402
-from builders.workspace import Workspace  # noqa: E402
+from builders.artifacts import amphora
+
+from builders.tools import docker_engine
+
+from builders.core import lab as labmod  # noqa: E402
+from builders.core.console import progress, setup_logging  # noqa: E402
+from builders.core.workspace import Workspace  # noqa: E402
 
 
 def upstream_build(lb, ws: Workspace, cache: Path, out: Path) -> float:

@@ -35,12 +35,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from builders import dib  # noqa: E402
-from builders import lab as labmod  # noqa: E402
-from builders.baseimage import BUILD_ELEMENTS, BUILD_PACKAGES, build_base_image, release  # noqa: E402
-from builders.manifest import Manifest  # noqa: E402
-from builders.overlays import build_overlays  # noqa: E402
-from builders.workspace import Workspace  # noqa: E402
+from builders.tools import dib  # noqa: E402
+from builders.core import lab as labmod  # noqa: E402
+from builders.artifacts.baseimage import BUILD_ELEMENTS, BUILD_PACKAGES, build_base_image, release  # noqa: E402
+from builders.core.manifest import Manifest  # noqa: E402
+from builders.artifacts.overlays import build_overlays  # noqa: E402
+from builders.core.workspace import Workspace  # noqa: E402
 
 
 def _timed(fn) -> float:

@@ -39,9 +39,9 @@ sys.path.insert(0, str(ROOT))
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ed25519  # noqa: E402
 
-from builders import lab as labmod  # noqa: E402
-from builders.seediso import build_seed_isos, read_seed, render  # noqa: E402
-from builders.workspace import Workspace  # noqa: E402
+from builders.core import lab as labmod  # noqa: E402
+from builders.artifacts.seediso import build_seed_isos, read_seed, render  # noqa: E402
+from builders.core.workspace import Workspace  # noqa: E402
 
 
 def lab_text(n: int) -> str:

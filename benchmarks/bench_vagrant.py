@@ -29,8 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from builders import vagrant  # noqa: E402
-from builders.workspace import Workspace  # noqa: E402
+from builders.artifacts import vagrant  # noqa: E402
+from builders.core.workspace import Workspace  # noqa: E402
 
 CREATE_BOX = Path("/usr/share/doc/vagrant-libvirt/examples/create_box.sh")
 

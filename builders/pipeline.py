@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .errors import LabError
-from .lab import Lab
-from .manifest import Manifest
-from .outcome import Outcome
-from .workspace import BuildLock, Workspace
+from builders.core.errors import LabError
+from builders.core.lab import Lab
+from builders.core.manifest import Manifest
+from builders.core.outcome import Outcome
+from builders.core.workspace import BuildLock, Workspace
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def _amphora_skip(lab: Lab, ws: Workspace) -> str | None:
         return "lab.yaml octavia.enabled is false"
     if not lab.octavia.amphora.build:
         return "lab.yaml octavia.amphora.build is false"
-    from .docker_engine import client
+    from builders.tools.docker_engine import client
     try:
         client(ws)  # connects, or starts dockerd when root (as build-amphora would)
     except LabError as exc:
@@ -83,7 +83,7 @@ def _certs_ready(lab: Lab, ws: Workspace) -> str | None:
 
 
 def _seeds_ready(lab: Lab, ws: Workspace) -> str | None:
-    from .seediso import seed_path
+    from builders.artifacts.seediso import seed_path
     missing = [h.name for h in lab.hosts
                if not any(seed_path(lab, ws, h, fmt=f).is_file() for f in ("iso", "vfat"))]
     return f"there is no seed for {', '.join(missing)}" if missing else None
@@ -99,17 +99,17 @@ def _amphora_ready(lab: Lab, ws: Workspace) -> str | None:
 
 
 STEPS: tuple[Step, ...] = (
-    Step("certs", "certs:build_certs", ready=_certs_ready,
+    Step("certs", "artifacts.certs:build_certs", ready=_certs_ready,
          help="Kafka and Octavia PKI under certs/"),
-    Step("seed-iso", "seediso:build_seed_isos", needs=("certs",), ready=_seeds_ready,
+    Step("seed-iso", "artifacts.seediso:build_seed_isos", needs=("certs",), ready=_seeds_ready,
          help="cloud-init seed ISO per host"),
-    Step("base-image", "baseimage:build_base_image", ready=_base_ready, help="base cloud image"),
-    Step("overlays", "overlays:build_overlays", needs=("base-image",), help="qcow2 overlay per host"),
-    Step("amphora", "amphora:build_amphora", skip_if=_amphora_skip, ready=_amphora_ready,
+    Step("base-image", "artifacts.baseimage:build_base_image", ready=_base_ready, help="base cloud image"),
+    Step("overlays", "artifacts.overlays:build_overlays", needs=("base-image",), help="qcow2 overlay per host"),
+    Step("amphora", "artifacts.amphora:build_amphora", skip_if=_amphora_skip, ready=_amphora_ready,
          help="Octavia amphora image"),
-    Step("vagrant", "vagrant:build_lab_vagrant", needs=("base-image", "seed-iso"),
+    Step("vagrant", "artifacts.vagrant:build_lab_vagrant", needs=("base-image", "seed-iso"),
          help="Vagrant box of the base image, Vagrantfile, network XML"),
-    Step("glance", "glance:publish_amphora", needs=("amphora",), skip_if=_glance_skip,
+    Step("glance", "publishers.glance:publish_amphora", needs=("amphora",), skip_if=_glance_skip,
          takes_force=False, publishes=True, help="publish the amphora to Glance, tagged"),
 )
 BY_NAME = {s.name: s for s in STEPS}

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from builders import lab as labmod
-from builders.workspace import Workspace
+from builders.core import lab as labmod
+from builders.core.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parent.parent
 INVOKE = [sys.executable, "-m", "invoke", "-r", str(ROOT)]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from builders import lab as labmod
+from builders.core import lab as labmod
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from builders import amphora, amphora_check
-from builders.errors import LabError
-from builders.manifest import Manifest
-from builders.fsutil import sha256_file
+from builders.artifacts import amphora
+
+from builders.checks import amphora_check
+from builders.core.errors import LabError
+from builders.core.manifest import Manifest
+from builders.core.fsutil import sha256_file
 from imagetools import assert_compressed_and_clean, installed_packages
 from tests.conftest import assert_one_line_error
 

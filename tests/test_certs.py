@@ -17,10 +17,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from builders import certs, pki
-from builders.certs import (build_certs, check_certs, issue_amphora_cert, lab_ssh_public_key)
-from builders.errors import LabError
-from builders.workspace import Workspace
+from builders.artifacts import certs
+
+from builders.tools import pki
+from builders.artifacts.certs import (build_certs, check_certs, issue_amphora_cert, lab_ssh_public_key)
+from builders.core.errors import LabError
+from builders.core.workspace import Workspace
 
 from certs_helpers import changed, default_dict, lab_from, snapshot, variant
 

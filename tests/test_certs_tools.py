@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from builders.certs import build_certs
-from builders.workspace import Workspace
+from builders.artifacts.certs import build_certs
+from builders.core.workspace import Workspace
 
 from certs_helpers import changed, default_dict, lab_from, snapshot
 from conftest import assert_one_line_error
@@ -34,7 +34,7 @@ def sh(*argv: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def lab_ws(tmp_path_factory) -> Workspace:
     """The default lab's certs, built once for the read-only checks below."""
-    from builders import lab as labmod
+    from builders.core import lab as labmod
     ws = Workspace(tmp_path_factory.mktemp("certs") / "ws")
     build_certs(labmod.load(), ws)
     return ws
@@ -43,7 +43,7 @@ def lab_ws(tmp_path_factory) -> Workspace:
 @pytest.fixture(scope="module")
 def other_ws(tmp_path_factory) -> Workspace:
     """A second lab with its own CAs: its certificates must be refused."""
-    from builders import lab as labmod
+    from builders.core import lab as labmod
     ws = Workspace(tmp_path_factory.mktemp("other") / "ws")
     build_certs(labmod.load(), ws)
     return ws
@@ -68,8 +68,8 @@ def test_openssl_verifies_every_leaf(lab_ws):
 
 
 def test_openssl_verifies_an_amphora_cert(lab_ws, tmp_path):
-    from builders import lab as labmod
-    from builders.certs import issue_amphora_cert
+    from builders.core import lab as labmod
+    from builders.artifacts.certs import issue_amphora_cert
     cert, key = issue_amphora_cert(labmod.load(), lab_ws, "amphora-1234")
     (tmp_path / "amp.pem").write_bytes(cert)
     (tmp_path / "amp.key").write_bytes(key)
@@ -262,8 +262,8 @@ def test_cli_certs_and_check(cli, ws):
 def test_cli_renews_an_expiring_leaf(cli, ws, monkeypatch):
     """certs-check's hint works: `invoke certs` renews leaves near their end under the same CA."""
     import datetime
-    from builders import lab as labmod
-    from builders import pki
+    from builders.core import lab as labmod
+    from builders.tools import pki
     then = pki._now() - datetime.timedelta(days=800)       # 825-day leaves: 25 days left
     with monkeypatch.context() as m:
         m.setattr(pki, "_now", lambda: then)

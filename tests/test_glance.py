@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from builders import glance
-from builders.errors import LabError
-from builders.manifest import Manifest, input_digest
-from builders.workspace import Workspace
+from builders.publishers import glance
+from builders.core.errors import LabError
+from builders.core.manifest import Manifest, input_digest
+from builders.core.workspace import Workspace
 from tests.conftest import INVOKE, assert_one_line_error
 from tests.openstack_services import (  # noqa: F401 - pytest fixtures
     kill_glance_mid_upload, on_upload, openstack_services, services)

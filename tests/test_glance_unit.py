@@ -9,10 +9,10 @@ import tracemalloc
 
 import pytest
 
-from builders import glance
-from builders import lab as labmod
-from builders.errors import LabError
-from builders.manifest import Manifest, input_digest
+from builders.publishers import glance
+from builders.core import lab as labmod
+from builders.core.errors import LabError
+from builders.core.manifest import Manifest, input_digest
 
 
 @pytest.mark.integration

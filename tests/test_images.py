@@ -12,10 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from builders import baseimage, dib, overlays
-from builders.errors import LabError
-from builders.fsutil import sha256_file
-from builders.manifest import Manifest
+from builders.artifacts import baseimage
+
+from builders.tools import dib
+
+from builders.artifacts import overlays
+from builders.core.errors import LabError
+from builders.core.fsutil import sha256_file
+from builders.core.manifest import Manifest
 from conftest import assert_one_line_error
 from imagetools import assert_error_line, lab_file, load_lab, make_qcow2, publish_debian
 
@@ -346,7 +350,7 @@ def test_kpartx_dmsetup_standins_map_loop_partitions(tmp_path):
 def test_accel_plan_puts_tcg_behind_a_detected_kvm(monkeypatch):
     """A probed KVM may still stall once the guest kernel starts (nested hosts):
     a boot then starts over under TCG, and later boots go straight to TCG."""
-    from builders import bootcheck
+    from builders.checks import bootcheck
     monkeypatch.delenv("LABFORGE_ACCEL", raising=False)
     monkeypatch.setattr(bootcheck, "_kvm_stall", [])
     monkeypatch.setattr(bootcheck, "_probe_kvm", lambda: "kvm")
@@ -366,7 +370,7 @@ def test_accel_plan_puts_tcg_behind_a_detected_kvm(monkeypatch):
 
 def test_a_kvm_stall_is_remembered_in_the_workspace(monkeypatch, ws):
     """The next process on this host (same kernel and QEMU) skips the 45 s KVM try."""
-    from builders import bootcheck
+    from builders.checks import bootcheck
     monkeypatch.delenv("LABFORGE_ACCEL", raising=False)
     monkeypatch.setattr(bootcheck, "_probe_kvm", lambda: "kvm")
     monkeypatch.setattr(bootcheck, "_kvm_stall", [])
@@ -393,8 +397,8 @@ def test_boot_check_unknown_host_is_one_line(cli):
 @pytest.mark.integration
 def test_libvirt_xml_is_valid_and_points_at_the_artifacts(ws, default_lab):
     import xml.etree.ElementTree as ET
-    from builders import seediso
-    from builders.libvirtxml import build_libvirt_xml
+    from builders.artifacts import seediso
+    from builders.artifacts.libvirtxml import build_libvirt_xml
     outs = build_libvirt_xml(default_lab, ws, accel="tcg")    # validated by virt-xml-validate
     assert {o.status for o in outs} == {"built"} and len(outs) == 1 + 2 * 3
     d = ET.parse(ws.artifacts / "libvirt" / "broker1.xml").getroot()

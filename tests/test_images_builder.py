@@ -4,7 +4,11 @@ container build is in test_images_e2e.py)."""
 
 from __future__ import annotations
 
-from builders import amphora, baseimage, dib
+from builders.artifacts import amphora
+
+from builders.artifacts import baseimage
+
+from builders.tools import dib
 from imagetools import assert_error_line, lab_file, load_lab
 from tests.conftest import assert_one_line_error
 

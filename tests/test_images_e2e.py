@@ -13,9 +13,17 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from builders import baseimage, bootcheck, dib, overlays, seediso
-from builders.fsutil import private_dir, sha256_file
-from builders.manifest import Manifest
+from builders.artifacts import baseimage
+
+from builders.checks import bootcheck
+
+from builders.tools import dib
+
+from builders.artifacts import overlays
+
+from builders.artifacts import seediso
+from builders.core.fsutil import private_dir, sha256_file
+from builders.core.manifest import Manifest
 from imagetools import assert_compressed_and_clean, assert_error_line, installed_packages, lab_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -41,7 +49,7 @@ def test_dib_base_overlays_and_boot_check_broker1(tmp_path, ws, cli, report):
         "runcmd": ["echo \"e2e-hostname=$(hostname)\" > /dev/ttyS0",
                    "echo \"e2e-file=$(cat /etc/labforge-e2e)\" > /dev/ttyS0"],
     }}})
-    from builders import lab as labmod
+    from builders.core import lab as labmod
     lab = labmod.load(lab_path)
     assert lab.base_image.source == "build" and lab.base_image.distro == "debian"
 
@@ -100,7 +108,8 @@ def test_dib_base_overlays_and_boot_check_broker1(tmp_path, ws, cli, report):
 def test_dib_base_in_builder_container_boots_broker1(tmp_path, ws, monkeypatch, report):
     """base_image.builder: container: DIB runs in the amphora builder image
     (built first when missing), the result is a bootable qcow2."""
-    from builders import amphora, lab as labmod
+    from builders.artifacts import amphora
+    from builders.core import lab as labmod
     lab = labmod.load(lab_file(tmp_path, {"base_image": {"builder": "container"}}))
     assert baseimage.dib_place(lab).kind == "container"
 
@@ -147,8 +156,9 @@ def test_dib_base_in_builder_container_boots_broker1(tmp_path, ws, monkeypatch, 
 def test_dib_failure_in_the_container_is_the_host_line(tmp_path, ws):
     """A failing element script in the builder container: the same one line
     (script and log) as on the host, the last lines after it, nothing left."""
-    from builders import dib, lab as labmod
-    from builders.errors import LabError
+    from builders.tools import dib
+    from builders.core import lab as labmod
+    from builders.core.errors import LabError
     lab = labmod.load(lab_file(tmp_path, {"base_image": {"builder": "container"}}))
     rel = baseimage.release(lab)
     container = baseimage._builder_container(lab, ws, rel, baseimage.dib_place(lab))

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builders import lab as labmod
-from builders.errors import LabError
+from builders.core import lab as labmod
+from builders.core.errors import LabError
 from conftest import ROOT, assert_one_line_error, write_lab
 
 DEFAULT = yaml.safe_load((ROOT / "lab.yaml").read_text())
@@ -81,7 +81,7 @@ def test_each_bad_value_is_one_named_problem(change, needle):
 
 def test_octavia_file_names_match_the_certs_builder():
     """The names amp_ssh_key_name may not take are exactly the other Octavia files."""
-    from builders.certs_octavia import F
+    from builders.artifacts.certs_octavia import F
     assert labmod.OCTAVIA_FILES == set(F.values())
 
 

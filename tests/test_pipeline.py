@@ -280,7 +280,7 @@ def test_skipped_step_outputs_are_used_when_present_else_a_clear_skip(ws, cli, q
     outputs when they are in the manifest and intact, and are skipped with the
     reason when not (instead of failing on the missing input)."""
     from imagetools import make_qcow2
-    from builders.manifest import Manifest
+    from builders.core.manifest import Manifest
     cloud = {"OS_AUTH_URL": "http://127.0.0.1:9/v3", "OS_USERNAME": "admin", "OS_PASSWORD": "pw",
              "OS_PROJECT_NAME": "admin", "OS_USER_DOMAIN_NAME": "Default",
              "OS_PROJECT_DOMAIN_NAME": "Default", "OS_CLOUD": ""}
@@ -363,8 +363,8 @@ def test_artifact_status_comes_from_the_step_that_produced_it(ws, tmp_path):
     amphora's "built" (this run) into the publisher's "up to date"."""
     from imagetools import load_lab, make_qcow2
     from builders import pipeline
-    from builders.manifest import Manifest
-    from builders.outcome import Outcome
+    from builders.core.manifest import Manifest
+    from builders.core.outcome import Outcome
     lab = load_lab(tmp_path, {})
     amp = make_qcow2(ws.artifacts / "images" / "amphora-x64-haproxy.qcow2", "64M")
     Manifest(ws.artifacts).record(amp, "amphora", "d1")

@@ -14,12 +14,12 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from builders import lab as labmod
-from builders import seediso
-from builders.errors import LabError
-from builders.manifest import Manifest
-from builders.seediso import build_seed_isos, read_seed, seed_marker, seed_path
-from builders.workspace import Workspace
+from builders.core import lab as labmod
+from builders.artifacts import seediso
+from builders.core.errors import LabError
+from builders.core.manifest import Manifest
+from builders.artifacts.seediso import build_seed_isos, read_seed, seed_marker, seed_path
+from builders.core.workspace import Workspace
 
 from conftest import assert_one_line_error, write_lab
 
@@ -397,7 +397,7 @@ def test_vfat_seed_is_a_clean_fat_volume_labelled_cidata(tmp_path, ws, lab_key):
 
 @pytest.mark.integration
 def test_vfat_holds_a_large_seed_and_long_names(tmp_path):
-    from builders.seedvfat import make_vfat
+    from builders.artifacts.seedvfat import make_vfat
     files = {"meta-data": b"instance-id: x\n", "network-config": b"version: 2\n",
              "user-data": b"#cloud-config\n" + b"# pad\n" * 500_000, "vendor-data": b""}
     img = tmp_path / "big.img"

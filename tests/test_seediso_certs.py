@@ -8,10 +8,10 @@ import os
 
 import yaml
 
-from builders import lab as labmod
-from builders.certs import build_certs
-from builders.manifest import Manifest
-from builders.seediso import build_seed_isos, read_seed, seed_path
+from builders.core import lab as labmod
+from builders.artifacts.certs import build_certs
+from builders.core.manifest import Manifest
+from builders.artifacts.seediso import build_seed_isos, read_seed, seed_path
 
 from conftest import write_lab
 

@@ -10,11 +10,11 @@ import textwrap
 
 import pytest
 
-from builders.errors import LabError
-from builders.fsutil import atomic_path, atomic_write, sha256_file
-from builders.manifest import Manifest, input_digest
-from builders.runner import run
-from builders.workspace import BuildLock, Workspace
+from builders.core.errors import LabError
+from builders.core.fsutil import atomic_path, atomic_write, sha256_file
+from builders.core.manifest import Manifest, input_digest
+from builders.core.extcmd import run
+from builders.core.workspace import BuildLock, Workspace
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):
@@ -86,12 +86,12 @@ def test_runner_missing_tool_says_what_to_install():
 
 
 def test_build_lock_refuses_a_second_run(tmp_path):
-    from builders.workspace import Workspace
+    from builders.core.workspace import Workspace
     ws = Workspace(tmp_path)
     code = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(os.getcwd())!r})
-        from builders.workspace import BuildLock, Workspace
+        from builders.core.workspace import BuildLock, Workspace
         from pathlib import Path
         with BuildLock(Workspace(Path({str(tmp_path)!r}))):
             print("locked", flush=True)
@@ -111,7 +111,7 @@ def test_build_lock_refuses_a_second_run(tmp_path):
 
 
 def test_build_lock_is_reentrant_within_a_process(tmp_path):
-    from builders.workspace import Workspace
+    from builders.core.workspace import Workspace
     ws = Workspace(tmp_path)
     with BuildLock(ws):
         with BuildLock(ws):  # a builder called by `invoke all` takes it again

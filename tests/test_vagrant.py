@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from builders import lab as labmod
-from builders import vagrant
-from builders.errors import LabError
-from builders.fsutil import sha256_file
-from builders.manifest import Manifest
+from builders.core import lab as labmod
+from builders.artifacts import vagrant
+from builders.core.errors import LabError
+from builders.core.fsutil import sha256_file
+from builders.core.manifest import Manifest
 from tests.conftest import assert_one_line_error, write_lab
 
 pytestmark = pytest.mark.integration  # qemu-img everywhere; vagrant/virsh where named

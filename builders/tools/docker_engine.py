@@ -17,8 +17,8 @@ import shutil
 import subprocess
 import time
 
-from .errors import LabError
-from .workspace import Workspace
+from builders.core.errors import LabError
+from builders.core.workspace import Workspace
 
 log = logging.getLogger("labforge")
 

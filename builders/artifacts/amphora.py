@@ -35,16 +35,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import docker_engine, runner
-from .console import progress
-from .dib import (DEBIAN_MINIMAL_LAYER, ca_bundle, compress_qcow2, debian_mirrors, failing_script,
+from builders.tools import docker_engine
+
+from builders.core import extcmd
+from builders.core.console import progress
+from builders.tools.dib import (DEBIAN_MINIMAL_LAYER, ca_bundle, compress_qcow2, debian_mirrors, failing_script,
                   has_device_mapper, package_layer, proxy_environment, prune_layers)
-from .errors import LabError
-from .fsutil import atomic_write
-from .lab import Lab
-from .manifest import Manifest, input_digest
-from .outcome import Outcome
-from .workspace import PROJECT_DIR, BuildLock, Workspace
+from builders.core.errors import LabError
+from builders.core.fsutil import atomic_write
+from builders.core.lab import Lab
+from builders.core.manifest import Manifest, input_digest
+from builders.core.outcome import Outcome
+from builders.core.workspace import PROJECT_DIR, BuildLock, Workspace
 
 log = logging.getLogger("labforge")
 
@@ -188,14 +190,14 @@ def build_builder_base(lab: Lab, ws: Workspace, *, force: bool = False) -> list[
     state = _read_json(state_file)
     if not force and state.get("digest") == digest and _image_id(cli, BASE_TAG) == state.get("id"):
         return [Outcome("builder-base", "up to date", detail=BASE_TAG)]
-    runner.require("debootstrap")
+    extcmd.require("debootstrap")
     logpath = ws.artifact_dir("logs") / "builder-base.log"
     with BuildLock(ws), open(logpath, "w") as logfh, progress("builder-base", None, "s") as bar:
         work = Path(tempfile.mkdtemp(prefix="base.", dir=ws.cache_dir("builder-base")))
         try:
             root = work / "rootfs"
             bar.set_description(f"debootstrap {BASE_RELEASE} from {main}")
-            runner.run(["debootstrap", "--variant=minbase", "--include=ca-certificates",
+            extcmd.run(["debootstrap", "--variant=minbase", "--include=ca-certificates",
                         BASE_RELEASE, root, main], stdout=logfh, stderr=logfh,
                        what="builder-base: debootstrap")
             (root / "etc/apt/sources.list").write_text(
@@ -208,12 +210,12 @@ def build_builder_base(lab: Lab, ws: Workspace, *, force: bool = False) -> list[
                         p.unlink()
             tarball = work / "rootfs.tar"
             bar.set_description("docker import")
-            runner.run(["tar", "--numeric-owner", "-C", root, "-cf", tarball, "."],
+            extcmd.run(["tar", "--numeric-owner", "-C", root, "-cf", tarball, "."],
                        what="builder-base: tar")
             cli.api.import_image_from_file(str(tarball), repository=BASE_REPO, tag=BASE_RELEASE,
                                            changes=['CMD ["/bin/bash"]', "ENV LANG=C.UTF-8"])
         finally:
-            runner.run(["rm", "-rf", "--one-file-system", work], check=False)
+            extcmd.run(["rm", "-rf", "--one-file-system", work], check=False)
     image_id = _image_id(cli, BASE_TAG)
     if image_id is None:
         raise LabError(f"builder-base: docker import did not produce {BASE_TAG}; see {logpath}")
@@ -248,7 +250,7 @@ def check_octavia_release(lab: Lab, version: str) -> None:
     """LabError when the package index has no Octavia sdist of that version."""
     import requests
     url = _pip_index(lab)
-    index = runner.safe_url(url)           # what messages show
+    index = extcmd.safe_url(url)           # what messages show
     bundle = ca_bundle(lab)
     for attempt in range(3):  # an index behind a proxy drops a connection now and then
         try:
@@ -284,7 +286,7 @@ def _vkey(v: str):
 def _release_memo(lab: Lab, ws: Workspace, s: dict) -> tuple[Path, str]:
     """The file of confirmed releases and this one's line (index without its password)."""
     return (ws.cache / "amphora" / "octavia-releases",
-            f"{runner.safe_url(_pip_index(lab))} {s['octavia_version']}")
+            f"{extcmd.safe_url(_pip_index(lab))} {s['octavia_version']}")
 
 
 def confirm_octavia_release(lab: Lab, ws: Workspace, s: dict) -> None:
@@ -417,7 +419,7 @@ def ensure_builder(lab: Lab, ws: Workspace, cli, s: dict, logfh, bar) -> str:
                     bar.set_description(f"builder image: step {m.group(1)}")
             elif "error" in chunk:
                 logfh.write(chunk["error"] + "\n")
-                tail = [ln for ln in lines[-runner.TAIL_LINES:]]
+                tail = [ln for ln in lines[-extcmd.TAIL_LINES:]]
                 raise LabError(f"docker build of {tag} failed: {chunk['error'].strip().splitlines()[-1]}"
                                f"; full log: {logfh.name}", tail)
     finally:
@@ -615,7 +617,7 @@ def _run_dib(cli, tag: str, lab: Lab, s: dict, cache: Path, outdir: Path, logfh,
         tail = [t for t in (stamp.sub("", ln) for ln in lines)
                 if t.strip() and "PROFILING" not in t and "INFO diskimage_builder" not in t
                 and not t.startswith("+") and "Sourcing environment file" not in t]
-        tail = tail[-runner.TAIL_LINES:]
+        tail = tail[-extcmd.TAIL_LINES:]
         if any(_NOSPACE.search(ln) for ln in lines[-200:]):
             raise LabError(f"amphora: the image ran out of space at --size {s['size']} GB; "
                            f"give a larger --size (octavia.amphora.size); full log: {logfh.name}", tail)
@@ -662,7 +664,7 @@ def device_access() -> dict:
 
 
 def _inspect(cli, tag: str, built: Path, s: dict) -> dict:
-    info = json.loads(runner.run(["qemu-img", "info", "--output=json", built],
+    info = json.loads(extcmd.run(["qemu-img", "info", "--output=json", built],
                                  what="amphora: qemu-img info").stdout)
     try:
         octavia_version = cli.containers.run(

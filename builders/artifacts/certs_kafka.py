@@ -16,13 +16,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import pki
-from .certs import (PUBLIC, SECRET, Plan, ca_due, cert_record, exists, leaf_due, read_bytes,
+from builders.tools import pki
+from builders.artifacts.certs import (PUBLIC, SECRET, Plan, ca_due, cert_record, exists, leaf_due, read_bytes,
                     time_left)
-from .errors import LabError
-from .lab import Host, Lab
-from .manifest import input_digest
-from .workspace import Workspace
+from builders.core.errors import LabError
+from builders.core.lab import Host, Lab
+from builders.core.manifest import input_digest
+from builders.core.workspace import Workspace
 
 CA_ALIAS = "ca"
 LEAF_FILES = ("{n}.crt", "{n}.key", "{n}-chain.pem", "{n}.keystore.p12", "{n}.keystore.jks")

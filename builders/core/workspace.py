@@ -18,10 +18,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import LabError
-from .fsutil import private_dir
+from builders.core.errors import LabError
+from builders.core.fsutil import private_dir
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)

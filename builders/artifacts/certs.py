@@ -33,12 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from . import pki
-from .errors import LabError
-from .fsutil import atomic_write, private_dir
-from .lab import Lab
-from .outcome import Outcome
-from .workspace import BuildLock, Workspace
+from builders.tools import pki
+from builders.core.errors import LabError
+from builders.core.fsutil import atomic_write, private_dir
+from builders.core.lab import Lab
+from builders.core.outcome import Outcome
+from builders.core.workspace import BuildLock, Workspace
 
 SETS = ("kafka", "octavia", "ssh")
 STATE_VERSION = 1
@@ -176,7 +176,8 @@ def build_certs(lab: Lab, ws: Workspace, *, force: bool = False,
     existing CAs; ``rotate`` names sets ("kafka", "octavia", "ssh") whose CAs
     (or SSH key) are replaced deliberately, with everything they signed.
     """
-    from . import certs_kafka, certs_octavia
+    from builders.artifacts import certs_kafka
+    from builders.artifacts import certs_octavia
 
     rotate = tuple(rotate)
     unknown = [r for r in rotate if r not in SETS]
@@ -279,7 +280,7 @@ def lab_ssh_private_key_path(ws: Workspace) -> Path:
 
 def issue_amphora_cert(lab: Lab, ws: Workspace, amphora_id: str) -> tuple[bytes, bytes]:
     """(cert PEM, key PEM) for one amphora, signed by the Octavia server CA."""
-    from .certs_octavia import issue_amphora_cert as _issue
+    from builders.artifacts.certs_octavia import issue_amphora_cert as _issue
     return _issue(lab, ws, amphora_id)
 
 
@@ -315,7 +316,8 @@ def check_certs(lab: Lab, ws: Workspace, warn_days: int = 30) -> list[CertStatus
     signed by (or not chaining to) its CA, not yet valid.  Raises LabError
     when certs/ holds no certificate set at all.
     """
-    from . import certs_kafka, certs_octavia
+    from builders.artifacts import certs_kafka
+    from builders.artifacts import certs_octavia
 
     pairs: list[tuple[str, Path, Path | None]] = []   # set, cert, issuer cert
     pairs += [("kafka", c, i) for c, i in certs_kafka.cert_files(lab, ws)]

@@ -24,14 +24,14 @@ import os
 import time
 from pathlib import Path
 
-from . import runner
-from .baseimage import qemu_check, qemu_info
-from .errors import LabError
-from .fsutil import atomic_path, sha256_file
-from .lab import Host, Lab
-from .manifest import Manifest, input_digest
-from .outcome import Outcome
-from .workspace import BuildLock, Workspace
+from builders.core import extcmd
+from builders.artifacts.baseimage import qemu_check, qemu_info
+from builders.core.errors import LabError
+from builders.core.fsutil import atomic_path, sha256_file
+from builders.core.lab import Host, Lab
+from builders.core.manifest import Manifest, input_digest
+from builders.core.outcome import Outcome
+from builders.core.workspace import BuildLock, Workspace
 
 GiB = 1 << 30
 
@@ -47,7 +47,7 @@ def base_path(ws: Workspace, host: Host) -> Path:
 
 def written_bytes(path: Path) -> int:
     """Bytes of guest data stored in the overlay itself (not in its backing chain)."""
-    proc = runner.run(["qemu-img", "map", "-U", "--output=json", path],
+    proc = extcmd.run(["qemu-img", "map", "-U", "--output=json", path],
                       what=f"reading {path.name}")
     total = 0
     for ext in json.loads(proc.stdout):
@@ -99,7 +99,7 @@ def build_overlays(lab: Lab, ws: Workspace, *, hosts: list[str] | None = None,
     chosen = [lab.host(n) for n in names]
     if not chosen:
         raise LabError(f"{lab.source.name}: hosts: the lab has no hosts; nothing to do")
-    runner.require("qemu-img")
+    extcmd.require("qemu-img")
     manifest = Manifest(ws.artifacts)
     outcomes = []
     with BuildLock(ws):
@@ -140,11 +140,11 @@ def _one(lab: Lab, ws: Workspace, manifest: Manifest, h: Host, base: Path, sha: 
     target.parent.mkdir(parents=True, exist_ok=True)
     backing = os.path.relpath(base, target.parent)
     with atomic_path(target) as tmp:
-        runner.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2",
+        extcmd.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2",
                     tmp, f"{h.disk}G"], cwd=target.parent, what=f"creating {target.name}")
         chain = [target.name, *check_chain(tmp, base, h.disk * GiB)[1:]]
     secs = time.monotonic() - start
-    manifest.record(target, "overlay", digest, tools={"qemu-img": runner.tool_version("qemu-img")},
+    manifest.record(target, "overlay", digest, tools={"qemu-img": extcmd.tool_version("qemu-img")},
                     meta={"host": h.name, "backing": backing, "backing_format": "qcow2",
                           "backing_sha256": sha, "virtual_size": h.disk * GiB,
                           "chain": chain})
@@ -154,7 +154,7 @@ def _one(lab: Lab, ws: Workspace, manifest: Manifest, h: Host, base: Path, sha: 
 def check_chain(overlay: Path, base: Path, size: int) -> list[str]:
     """Confirm with ``qemu-img info --backing-chain`` that ``overlay`` is a
     qcow2 of ``size`` bytes backed by the qcow2 ``base``; return the chain."""
-    proc = runner.run(["qemu-img", "info", "-U", "--backing-chain", "--output=json", overlay],
+    proc = extcmd.run(["qemu-img", "info", "-U", "--backing-chain", "--output=json", overlay],
                       what=f"checking {overlay.name}")
     chain = json.loads(proc.stdout)
     top = chain[0]

@@ -31,13 +31,13 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from . import runner
-from .console import progress
-from .errors import LabError
-from .lab import Host, Lab
-from .outcome import Outcome
-from .overlays import overlay_path
-from .workspace import Workspace
+from builders.core import extcmd
+from builders.core.console import progress
+from builders.core.errors import LabError
+from builders.core.lab import Host, Lab
+from builders.core.outcome import Outcome
+from builders.artifacts.overlays import overlay_path
+from builders.core.workspace import Workspace
 
 log = logging.getLogger("labforge")
 
@@ -56,7 +56,7 @@ STALL_MEMO = "kvm-stalls"           # cache/<this>: the same, for later runs on 
 def _host_key() -> str:
     """What a KVM stall depends on: this kernel and this QEMU."""
     qemu = shutil.which("qemu-system-x86_64") or "-"
-    return f"{os.uname().release} {qemu} {runner.tool_version('qemu-system-x86_64')}"
+    return f"{os.uname().release} {qemu} {extcmd.tool_version('qemu-system-x86_64')}"
 
 
 def _memo_says_stalled(ws: Workspace) -> bool:
@@ -127,7 +127,7 @@ def _probe_kvm() -> str:
     with tempfile.TemporaryDirectory(prefix="labforge-kvm-") as tmp:
         log = Path(tmp) / "bios.log"
         try:
-            proc = runner.run(["qemu-system-x86_64", "-accel", "kvm", "-cpu", "host",
+            proc = extcmd.run(["qemu-system-x86_64", "-accel", "kvm", "-cpu", "host",
                                "-machine", "q35", "-m", "64", "-nodefaults", "-display", "none",
                                "-no-reboot", "-boot", "reboot-timeout=0",
                                "-chardev", f"file,id=dbg,path={log}",
@@ -141,7 +141,7 @@ def _probe_kvm() -> str:
 
 def _seed(lab: Lab, ws: Workspace, host: Host) -> tuple[Path, str]:
     try:
-        from . import seediso
+        from builders.artifacts import seediso
     except ImportError:  # pragma: no cover - the seed module is another feature
         raise LabError("boot-check: the seed ISO builder (builders/seediso.py) is missing") from None
     path = seediso.seed_path(lab, ws, host)
@@ -168,8 +168,8 @@ def boot_check(lab: Lab, ws: Workspace, host: str, *, timeout: float = 900,
     if not overlay.is_file():
         raise LabError(f"{overlay}: no overlay for {h.name}; run `invoke overlays` first")
     seed, marker = _seed(lab, ws, h)
-    runner.require("qemu-system-x86_64")
-    runner.require("qemu-img")
+    extcmd.require("qemu-system-x86_64")
+    extcmd.require("qemu-img")
     plan = accel_plan(accel, ws)
     console = ws.artifact_dir("logs") / f"boot-{h.name}.console.log"
     workdir = Path(tempfile.mkdtemp(prefix=f"boot-{h.name}.", dir=ws.cache_dir("boot-check")))
@@ -179,7 +179,7 @@ def boot_check(lab: Lab, ws: Workspace, host: str, *, timeout: float = 900,
         for i, acc in enumerate(plan):
             console.unlink(missing_ok=True)
             disk.unlink(missing_ok=True)
-            runner.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", overlay.resolve(),
+            extcmd.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", overlay.resolve(),
                         "-F", "qcow2", disk], what="creating the throwaway overlay")
             argv = ["qemu-system-x86_64", "-name", f"labforge-boot-{h.name}",
                     "-accel", acc, *(["-cpu", "host"] if acc == "kvm" else []),
@@ -208,7 +208,7 @@ def _watch(h: Host, argv: list[str], console: Path, pidfile: Path, marker: str,
 
     def work() -> None:
         try:
-            result["proc"] = runner.run(argv, timeout=timeout + 120, check=False,
+            result["proc"] = extcmd.run(argv, timeout=timeout + 120, check=False,
                                         what=f"boot-check {h.name}")
         except BaseException as exc:  # noqa: BLE001 - reported below
             result["error"] = exc

@@ -18,7 +18,7 @@ import subprocess
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .errors import LabError
+from builders.core.errors import LabError
 
 log = logging.getLogger("labforge")
 

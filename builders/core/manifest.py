@@ -23,8 +23,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from .errors import LabError
-from .fsutil import atomic_write, sha256_file
+from builders.core.errors import LabError
+from builders.core.fsutil import atomic_write, sha256_file
 
 SCHEMA_VERSION = 1
 

@@ -48,14 +48,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from .console import progress
-from .errors import LabError
-from .fsutil import CHUNK
-from .lab import Lab
-from .manifest import Manifest
-from .outcome import Outcome
-from .runner import mask, run
-from .workspace import BuildLock, Workspace
+from builders.core.console import progress
+from builders.core.errors import LabError
+from builders.core.fsutil import CHUNK
+from builders.core.lab import Lab
+from builders.core.manifest import Manifest
+from builders.core.outcome import Outcome
+from builders.core.extcmd import mask, run
+from builders.core.workspace import BuildLock, Workspace
 
 log = logging.getLogger("labforge")
 
@@ -618,7 +618,7 @@ def upload_image(lab: Lab, ws: Workspace, *, image: str, name: str | None = None
     fmt = disk_format or detect_disk_format(src.path)
     if fmt == "qcow2" and shutil.which("qemu-img"):
         # before contacting the cloud: a truncated image must not become a Glance image
-        from .baseimage import qemu_check
+        from builders.artifacts.baseimage import qemu_check
         qemu_check(src.path, "rebuild it before uploading")
     all_tags = list(dict.fromkeys([*tags, *([rotate_tag] if rotate_tag else [])]))
     cl = connect(cloud or lab.glance.cloud, cacert=cacert, insecure=insecure)

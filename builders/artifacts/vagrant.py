@@ -44,16 +44,16 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
-from . import seediso
-from .baseimage import qemu_check
-from .console import log, progress
-from .errors import LabError
-from .fsutil import atomic_path, atomic_write, remove_stale_parts
-from .lab import Host, Lab, Network
-from .manifest import Manifest, input_digest
-from .outcome import Outcome
-from .runner import run, tool_version
-from .workspace import BuildLock, Workspace
+from builders.artifacts import seediso
+from builders.artifacts.baseimage import qemu_check
+from builders.core.console import log, progress
+from builders.core.errors import LabError
+from builders.core.fsutil import atomic_path, atomic_write, remove_stale_parts
+from builders.core.lab import Host, Lab, Network
+from builders.core.manifest import Manifest, input_digest
+from builders.core.outcome import Outcome
+from builders.core.extcmd import run, tool_version
+from builders.core.workspace import BuildLock, Workspace
 
 # Bump when the box layout, box Vagrantfile, catalog or templates change:
 # it is part of every input digest, so outputs are rebuilt.

@@ -19,15 +19,15 @@ import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from . import runner
-from .bootcheck import detect_accel
-from .errors import LabError
-from .fsutil import atomic_path
-from .lab import Host, Lab, Network
-from .manifest import Manifest, input_digest
-from .outcome import Outcome
-from .overlays import base_path, overlay_path
-from .workspace import BuildLock, Workspace
+from builders.core import extcmd
+from builders.checks.bootcheck import detect_accel
+from builders.core.errors import LabError
+from builders.core.fsutil import atomic_path
+from builders.core.lab import Host, Lab, Network
+from builders.core.manifest import Manifest, input_digest
+from builders.core.outcome import Outcome
+from builders.artifacts.overlays import base_path, overlay_path
+from builders.core.workspace import BuildLock, Workspace
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
@@ -116,7 +116,7 @@ def volume_xml(host: Host, overlay: Path, base: Path) -> str:
 
 def _seed_path(lab: Lab, ws: Workspace, host: Host) -> Path | None:
     try:
-        from . import seediso
+        from builders.artifacts import seediso
     except ImportError:  # pragma: no cover - the seed module is another feature
         return None
     return seediso.seed_path(lab, ws, host).resolve()
@@ -126,7 +126,7 @@ def validate(path: Path, kind: str) -> None:
     """virt-xml-validate PATH KIND, when the tool is installed."""
     if shutil.which("virt-xml-validate") is None:
         return
-    runner.run(["virt-xml-validate", path, kind], what=f"validating {path.name}")
+    extcmd.run(["virt-xml-validate", path, kind], what=f"validating {path.name}")
 
 
 def build_libvirt_xml(lab: Lab, ws: Workspace, *, hosts: list[str] | None = None,
@@ -163,7 +163,7 @@ def build_libvirt_xml(lab: Lab, ws: Workspace, *, hosts: list[str] | None = None
                 tmp.write_text(text)
                 validate(tmp, schema)
             manifest.record(path, "libvirt-xml", digest,
-                            tools={"virt-xml-validate": runner.tool_version("virt-xml-validate")},
+                            tools={"virt-xml-validate": extcmd.tool_version("virt-xml-validate")},
                             meta={"schema": schema})
             outcomes.append(Outcome(step, "built", [path]))
     return outcomes

@@ -48,12 +48,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from . import runner
-from .console import progress
-from .errors import LabError
-from .lab import Lab
-from .manifest import input_digest
-from .workspace import PROJECT_DIR, Workspace
+from builders.core import extcmd
+from builders.core.console import progress
+from builders.core.errors import LabError
+from builders.core.lab import Lab
+from builders.core.manifest import input_digest
+from builders.core.workspace import PROJECT_DIR, Workspace
 
 STANDIN_DIR = PROJECT_DIR / "dockerfiles" / "dib" / "bin"
 DIB_VENV = PROJECT_DIR / ".venv-dib"
@@ -103,9 +103,9 @@ def dib_version() -> str | None:
         return None
     py = exe.parent / "python"
     if not py.exists():
-        return runner.tool_version("disk-image-create")
+        return extcmd.tool_version("disk-image-create")
     try:
-        proc = runner.run([py, "-c", "import importlib.metadata as m;"
+        proc = extcmd.run([py, "-c", "import importlib.metadata as m;"
                            "print(m.version('diskimage-builder'))"], check=False)
     except LabError:
         return None
@@ -299,7 +299,7 @@ def disk_image_create(lab: Lab, ws: Workspace, *, name: str, elements: Sequence[
             raise LabError(f"{name}: diskimage-builder needs root (loop devices, chroot, mount); "
                            "run the task as root")
         for tool in ("qemu-img", "debootstrap"):
-            runner.require(tool)
+            extcmd.require(tool)
     else:
         exe = "disk-image-create"         # on the builder image's PATH
     output = Path(output)
@@ -388,7 +388,7 @@ def compress_qcow2(src: Path, dst: Path, *, what: str) -> None:
     QEMU), but with out-of-order writes and 16 requests in flight, so the
     compression runs on every core instead of one.
     """
-    runner.run(["qemu-img", "convert", "-c", "-W", "-m", "16", "-O", "qcow2", src, dst],
+    extcmd.run(["qemu-img", "convert", "-c", "-W", "-m", "16", "-O", "qcow2", src, dst],
                what=f"{what}: qemu-img convert -c")
 
 
@@ -403,10 +403,10 @@ def _run_on_host(cmd: DibCommand, log_path: Path, bar, what: str) -> int:
 
     def work() -> None:
         with open(log_path, "wb") as fh:
-            fh.write(("# " + runner.display(cmd.argv) + "\n").encode())
+            fh.write(("# " + extcmd.display(cmd.argv) + "\n").encode())
             fh.flush()
             try:
-                result["proc"] = runner.run(cmd.argv, env=full_env, stdout=fh,
+                result["proc"] = extcmd.run(cmd.argv, env=full_env, stdout=fh,
                                             stderr=subprocess.STDOUT, check=False, what=what)
             except BaseException as exc:  # noqa: BLE001 - reported by the caller thread
                 result["error"] = exc
@@ -425,7 +425,7 @@ def _run_on_host(cmd: DibCommand, log_path: Path, bar, what: str) -> int:
         # the terminal's Ctrl-C reaches DIB too; its EXIT trap unmounts
         # the chroot and frees the loop device (killing it from here
         # could leave mounts behind).  Its output dir is removed by the caller.
-        runner.log.info("%s: interrupted; diskimage-builder cleans up after itself "
+        extcmd.log.info("%s: interrupted; diskimage-builder cleans up after itself "
                         "(log: %s)", what, log_path)
         raise
     if "error" in result:
@@ -454,7 +454,7 @@ def _run_in_container(c: InContainer, cmd: DibCommand, lab: Lab, ws: Workspace, 
     host network, the workspace paths mounted where they are on the host;
     its output streams to the log and drives the phase shown.  Ctrl-C kills
     the container (its mounts die with its mount namespace)."""
-    from . import docker_engine
+    from builders.tools import docker_engine
     env = proxy_environment()
     env.update(cmd.env)
     env["PATH"] = c.path
@@ -468,7 +468,7 @@ def _run_in_container(c: InContainer, cmd: DibCommand, lab: Lab, ws: Workspace, 
             bar.set_description(tracker.text)
 
     with open(log_path, "w", encoding="utf-8", errors="replace") as fh:
-        fh.write("# " + runner.display(cmd.argv) + f"  (in container {c.image})\n")
+        fh.write("# " + extcmd.display(cmd.argv) + f"  (in container {c.image})\n")
         fh.flush()
         code, _ = docker_engine.run_streaming(
             c.cli, c.image, list(cmd.argv), logfh=fh, on_line=on_line, keep=200,
@@ -547,6 +547,6 @@ def _failure(what: str, log_path: Path, code: int) -> LabError:
     stamp = re.compile(r"^\d{4}-\d\d-\d\d [\d:.]+ \| ")
     tail = [stamp.sub("", ln.rstrip()) for ln in lines
             if ln.strip() and "PROFILING" not in ln and "INFO diskimage_builder" not in ln]
-    tail = tail[-runner.TAIL_LINES:]
+    tail = tail[-extcmd.TAIL_LINES:]
     where = f"element script {script} failed" if script else f"disk-image-create exited {code}"
     return LabError(f"{what}: {where}; full log: {log_path}", tail)

@@ -39,14 +39,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import amphora, dib, docker_engine, runner
-from .console import progress
-from .errors import LabError
-from .fsutil import CHUNK, atomic_path, atomic_write, sha256_file
-from .lab import Lab
-from .manifest import Manifest, input_digest
-from .outcome import Outcome
-from .workspace import BuildLock, Workspace
+from builders.artifacts import amphora
+
+from builders.tools import dib
+
+from builders.tools import docker_engine
+
+from builders.core import extcmd
+from builders.core.console import progress
+from builders.core.errors import LabError
+from builders.core.fsutil import CHUNK, atomic_path, atomic_write, sha256_file
+from builders.core.lab import Lab
+from builders.core.manifest import Manifest, input_digest
+from builders.core.outcome import Outcome
+from builders.core.workspace import BuildLock, Workspace
 
 # release -> (version used in names, codename)
 DEBIAN_RELEASES = {"11": "bullseye", "12": "bookworm", "13": "trixie"}
@@ -151,7 +157,7 @@ def build_base_image(lab: Lab, ws: Workspace, *, force: bool = False) -> list[Ou
 
 def qemu_info(path: Path) -> dict:
     """``qemu-img info --output=json`` of an image (-U: works while a VM runs)."""
-    proc = runner.run(["qemu-img", "info", "-U", "--output=json", path],
+    proc = extcmd.run(["qemu-img", "info", "-U", "--output=json", path],
                       what=f"reading {path.name}")
     return json.loads(proc.stdout)
 
@@ -160,7 +166,7 @@ def qemu_check(path: Path, what: str) -> None:
     """``qemu-img check`` of a qcow2 (reads only its tables, so it is quick):
     a truncated or damaged image is a LabError ending in ``what`` (what to
     do about it).  Leaked clusters (exit status 3) are harmless."""
-    chk = runner.run(["qemu-img", "check", "-U", path], check=False,
+    chk = extcmd.run(["qemu-img", "check", "-U", path], check=False,
                      what=f"checking image {Path(path).name}")
     if chk.returncode in (0, 3):
         return
@@ -218,7 +224,7 @@ def dib_place(lab: Lab) -> Place:
                 with amphora._docker_errors("base-image"):
                     tag = amphora.builder_tag(lab, cli, amphora.settings(lab))
             except LabError as exc:     # e.g. odd octavia.amphora settings: not our business
-                runner.log.debug("base-image: builder image not usable: %s", exc)
+                extcmd.log.debug("base-image: builder image not usable: %s", exc)
                 tag = None
             if tag is not None:
                 return Place("container", amphora.DIB_VERSION, cli, tag)
@@ -251,7 +257,7 @@ def _builder_container(lab: Lab, ws: Workspace, rel: Release, place: Place) -> d
 
 
 def _tools(meta: dict, dib_version: str | None, cli=None) -> dict:
-    tools = {"diskimage-builder": dib_version, "qemu-img": runner.tool_version("qemu-img")}
+    tools = {"diskimage-builder": dib_version, "qemu-img": extcmd.tool_version("qemu-img")}
     if meta.get("builder", "host") != "host":
         tools["builder-image"] = meta["builder"]
         if cli is not None:
@@ -307,7 +313,7 @@ def _package_layer(lab: Lab, ws: Workspace, rel: Release, *, on_host: bool = Tru
     """DIB settings for the base image's cached package layer (see LAYER_PACKAGES).
     The builder image carries mmdebstrap; the host needs it installed."""
     if on_host:
-        runner.require("mmdebstrap")
+        extcmd.require("mmdebstrap")
     main, sec = dib.debian_mirrors(lab)
     name, args = dib.package_layer(rel.codename, main, sec, LAYER_PACKAGES)
     return {"DIB_IMAGE_CACHE": str(ws.cache_dir("dib", "layers", name)),
@@ -366,7 +372,7 @@ def _get(session, url: str, what: str, *, retries: int, backoff: float, **kwargs
             last = LabError(f"HTTP {resp.status_code}")
             resp.close()
         if attempt < retries - 1:
-            runner.log.debug("%s: %s; retrying in %.0fs", what, _explain(last), delay)
+            extcmd.log.debug("%s: %s; retrying in %.0fs", what, _explain(last), delay)
             time.sleep(delay)
             delay *= 2
     raise LabError(f"{what}: cannot fetch {url}: {_explain(last)} after {retries} attempts; "
@@ -400,7 +406,7 @@ def _verify_ubuntu_signature(session, url: str, sums: bytes, workdir: Path, *, r
     """Check SHA256SUMS.gpg with gpgv when gpgv and the keyring exist."""
     keyring = next((k for k in UBUNTU_KEYRINGS if Path(k).is_file()), None)
     if shutil.which("gpgv") is None or keyring is None:
-        runner.log.info("base-image: SHA256SUMS signature not checked (needs gpgv and %s)",
+        extcmd.log.info("base-image: SHA256SUMS signature not checked (needs gpgv and %s)",
                         UBUNTU_KEYRINGS[0])
         return "not checked"
     resp = _get(session, url + "SHA256SUMS.gpg", "base-image", retries=retries, backoff=backoff)
@@ -409,7 +415,7 @@ def _verify_ubuntu_signature(session, url: str, sums: bytes, workdir: Path, *, r
                        "the checksum file cannot be authenticated")
     (workdir / "SHA256SUMS").write_bytes(sums)
     (workdir / "SHA256SUMS.gpg").write_bytes(resp.content)
-    runner.run(["gpgv", "--keyring", keyring, workdir / "SHA256SUMS.gpg", workdir / "SHA256SUMS"],
+    extcmd.run(["gpgv", "--keyring", keyring, workdir / "SHA256SUMS.gpg", workdir / "SHA256SUMS"],
                what="base-image: verifying SHA256SUMS")
     return "good"
 
@@ -456,7 +462,7 @@ def download(url: str, dest: Path, *, expected: str, algo: str, retries: int = R
                     if resp.status_code not in (200, 206):
                         raise LabError(f"base-image: {url}: HTTP {resp.status_code}")
                     if resp.status_code == 200 and have:
-                        runner.log.info("%s: server ignored the range request; starting over",
+                        extcmd.log.info("%s: server ignored the range request; starting over",
                                         dest.name)
                         have = 0
                     length = int(resp.headers.get("Content-Length", 0)) or None
@@ -481,7 +487,7 @@ def download(url: str, dest: Path, *, expected: str, algo: str, retries: int = R
                     raise LabError(f"base-image: downloading {url} failed: {_explain(exc)} after "
                                    f"{retries} attempts; rerun to resume from "
                                    f"{part.stat().st_size if part.exists() else 0} bytes") from None
-                runner.log.info("%s: %s; resuming in %.0fs", dest.name, _explain(exc), delay)
+                extcmd.log.info("%s: %s; resuming in %.0fs", dest.name, _explain(exc), delay)
                 time.sleep(delay)
                 delay *= 2
     h = hashlib.new(algo)

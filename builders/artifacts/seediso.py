@@ -47,12 +47,12 @@ from typing import Any, Iterable, Iterator
 
 import yaml
 
-from .errors import LabError
-from .fsutil import atomic_write, fsync_dir, sha256_file
-from .lab import Host, Lab, parse_yaml
-from .manifest import Manifest, input_digest
-from .outcome import Outcome
-from .workspace import BuildLock, Workspace
+from builders.core.errors import LabError
+from builders.core.fsutil import atomic_write, fsync_dir, sha256_file
+from builders.core.lab import Host, Lab, parse_yaml
+from builders.core.manifest import Manifest, input_digest
+from builders.core.outcome import Outcome
+from builders.core.workspace import BuildLock, Workspace
 
 log = logging.getLogger("labforge")
 
@@ -605,7 +605,7 @@ def make_iso(files: dict[str, bytes], epoch: int) -> bytes:
 
 def make_vfat(files: dict[str, bytes], epoch: int) -> bytes:
     """The FAT12 image (label cidata) of ``files``; see builders/seedvfat.py."""
-    from .seedvfat import make_vfat as _make
+    from builders.artifacts.seedvfat import make_vfat as _make
     return _make(files, epoch, label=VOLUME_ID)
 
 

@@ -34,15 +34,17 @@ import time
 import uuid
 from pathlib import Path
 
-from . import pki, runner
-from .console import progress
-from .bootcheck import KVM_GRACE, accel_plan, kernel_started, kvm_stalled
-from .errors import LabError
-from .fsutil import atomic_write
-from .lab import Lab
-from .manifest import Manifest
-from .outcome import Outcome
-from .workspace import Workspace
+from builders.tools import pki
+
+from builders.core import extcmd
+from builders.core.console import progress
+from builders.checks.bootcheck import KVM_GRACE, accel_plan, kernel_started, kvm_stalled
+from builders.core.errors import LabError
+from builders.core.fsutil import atomic_write
+from builders.core.lab import Lab
+from builders.core.manifest import Manifest
+from builders.core.outcome import Outcome
+from builders.core.workspace import Workspace
 
 log = logging.getLogger("labforge")
 
@@ -214,9 +216,9 @@ def _image(ws: Workspace, image: str | None) -> Path:
 def check_amphora(lab: Lab, ws: Workspace, *, image: str | None = None,
                   timeout: float = BOOT_TIMEOUT, accel: str | None = None) -> list[Outcome]:
     """Boot the amphora with a config drive and prove its agent (see module doc)."""
-    from . import certs
-    runner.require("qemu-system-x86_64")
-    runner.require("qemu-img")
+    from builders.artifacts import certs
+    extcmd.require("qemu-system-x86_64")
+    extcmd.require("qemu-img")
     path = _image(ws, image)
     outcomes = certs.build_certs(lab, ws)
     cdir = ws.certs / "octavia"
@@ -242,7 +244,7 @@ def check_amphora(lab: Lab, ws: Workspace, *, image: str | None = None,
         os.chmod(tdp, 0o700)
         iso = config_drive(tdp / "config-2.iso", amphora_id, files)
         overlay = tdp / "overlay.qcow2"
-        runner.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", path, overlay],
+        extcmd.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", path, overlay],
                    what="amphora-check: overlay")
         foreign = foreign_client(tdp)
         accels = accel_plan(accel, ws)
@@ -254,7 +256,7 @@ def check_amphora(lab: Lab, ws: Workspace, *, image: str | None = None,
             if result is not None:
                 break
             kvm_stalled("amphora-check", ws)
-            runner.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", path, overlay],
+            extcmd.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", path, overlay],
                        what="amphora-check: overlay")
     acc, boot_s, version, refused = result
     return outcomes + [Outcome(
@@ -270,9 +272,9 @@ def _boot_and_probe(accel, overlay, iso, console, amphora_id, client_pem, chain,
     port = free_port()
     argv = _qemu_argv(accel, overlay, iso, port, console)
     console.write_text("")
-    log.debug("run: %s", runner.display(argv))
+    log.debug("run: %s", extcmd.display(argv))
     t0 = time.monotonic()
-    proc = subprocess.Popen([runner.require(argv[0]), *argv[1:]], stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen([extcmd.require(argv[0]), *argv[1:]], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     last_err = "no answer yet"
     try:

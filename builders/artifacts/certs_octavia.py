@@ -20,13 +20,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from . import pki
-from .certs import (PUBLIC, SECRET, Plan, ca_due, cert_record, exists, leaf_due, read_bytes,
+from builders.tools import pki
+from builders.artifacts.certs import (PUBLIC, SECRET, Plan, ca_due, cert_record, exists, leaf_due, read_bytes,
                     time_left)
-from .errors import LabError
-from .lab import Lab
-from .manifest import input_digest
-from .workspace import Workspace
+from builders.core.errors import LabError
+from builders.core.lab import Lab
+from builders.core.manifest import input_digest
+from builders.core.workspace import Workspace
 
 PASSPHRASE_RE = re.compile(r"^[A-Za-z0-9_=-]{32}$")
 CLIENT_CN = "octavia-controller"

@@ -25,9 +25,9 @@ from typing import Any, Literal
 
 import yaml
 
-from .errors import LabError
+from builders.core.errors import LabError
 
-DEFAULT_LAB = Path(__file__).resolve().parent.parent / "lab.yaml"
+DEFAULT_LAB = Path(__file__).resolve().parents[2] / "lab.yaml"
 
 _DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _DNS_NAME = re.compile(r"^(?=.{1,253}$)((?!-)[a-z0-9-]{1,63}(?<!-)\.)*(?!-)[a-z0-9-]{1,63}(?<!-)$")

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .errors import LabError
+from builders.core.errors import LabError
 
 PEM = serialization.Encoding.PEM
 DER = serialization.Encoding.DER
