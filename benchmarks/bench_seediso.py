@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ed25519  # noqa: E402
 
 from builders.core import lab as labmod  # noqa: E402
-from builders.artifacts.seediso import build_seed_isos, read_seed, render  # noqa: E402
+from builders.artifacts.seed import build_seed_isos, read_seed, render  # noqa: E402
 from builders.core.workspace import Workspace  # noqa: E402
 
 

@@ -83,7 +83,7 @@ def _certs_ready(lab: Lab, ws: Workspace) -> str | None:
 
 
 def _seeds_ready(lab: Lab, ws: Workspace) -> str | None:
-    from builders.artifacts.seediso import seed_path
+    from builders.artifacts.seed import seed_path
     missing = [h.name for h in lab.hosts
                if not any(seed_path(lab, ws, h, fmt=f).is_file() for f in ("iso", "vfat"))]
     return f"there is no seed for {', '.join(missing)}" if missing else None
@@ -101,7 +101,7 @@ def _amphora_ready(lab: Lab, ws: Workspace) -> str | None:
 STEPS: tuple[Step, ...] = (
     Step("certs", "artifacts.certs:build_certs", ready=_certs_ready,
          help="Kafka and Octavia PKI under certs/"),
-    Step("seed-iso", "artifacts.seediso:build_seed_isos", needs=("certs",), ready=_seeds_ready,
+    Step("seed-iso", "artifacts.seed:build_seed_isos", needs=("certs",), ready=_seeds_ready,
          help="cloud-init seed ISO per host"),
     Step("base-image", "artifacts.baseimage:build_base_image", ready=_base_ready, help="base cloud image"),
     Step("overlays", "artifacts.overlays:build_overlays", needs=("base-image",), help="qcow2 overlay per host"),

@@ -116,7 +116,7 @@ def volume_xml(host: Host, overlay: Path, base: Path) -> str:
 
 def _seed_path(lab: Lab, ws: Workspace, host: Host) -> Path | None:
     try:
-        from builders.artifacts import seediso
+        from builders.artifacts import seed as seediso
     except ImportError:  # pragma: no cover - the seed module is another feature
         return None
     return seediso.seed_path(lab, ws, host).resolve()

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
-from builders.artifacts import seediso
+from builders.artifacts import seed as seediso
 from builders.artifacts.baseimage import qemu_check
 from builders.core.console import log, progress
 from builders.core.errors import LabError
