@@ -1,6 +1,6 @@
 """Benchmark: packing a base image as a vagrant-libvirt box.
 
-labforge (`builders.vagrant.build_box`: plain tar streamed with sha256 while
+labforge (`builders.artifacts.vagrant.build_box`: plain tar streamed with sha256 while
 writing) against vagrant-libvirt's own `create_box.sh` (tar piped through
 gzip, or pigz when installed), on the same image in one run; then both boxes
 are given to the real `vagrant box add` (temporary VAGRANT_HOME) to prove

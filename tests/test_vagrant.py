@@ -24,6 +24,7 @@ from builders.artifacts import vagrant
 from builders.core.errors import LabError
 from builders.core.fsutil import sha256_file
 from builders.core.manifest import Manifest
+from builders.tools import libvirt
 from tests.conftest import assert_one_line_error, write_lab
 
 pytestmark = pytest.mark.integration  # qemu-img everywhere; vagrant/virsh where named
@@ -313,7 +314,7 @@ vagrant: {box: acme/base}
 
 def test_network_xml(tmp_path):
     lab = labmod.load(write_lab(tmp_path, TWO_NETS))
-    priv = ET.fromstring(vagrant.render_network_xml(lab, lab.network("private")))
+    priv = ET.fromstring(libvirt.network_xml(lab, lab.network("private")))
     assert priv.findtext("name") == "private"
     assert priv.find("bridge").get("name") == "lf-private"
     assert priv.find("forward") is None                      # isolated
@@ -321,7 +322,7 @@ def test_network_xml(tmp_path):
     ip = priv.find("ip")
     assert (ip.get("address"), ip.get("netmask")) == ("10.100.0.1", "255.255.255.0")
     assert ip.find("dhcp") is None
-    ext = ET.fromstring(vagrant.render_network_xml(lab, lab.network("ext")))
+    ext = ET.fromstring(libvirt.network_xml(lab, lab.network("ext")))
     assert ext.find("bridge").get("name") == "virbr-ext"
     assert ext.find("forward").get("mode") == "nat"
     assert ext.find("ip").get("address") == "192.168.77.1"   # default: first address
@@ -370,11 +371,51 @@ def test_vagrantfile_task_writes_records_and_prints_virsh(cli, ws, tmp_path):
 
 
 def test_vagrantfile_bad_network_writes_nothing(cli, ws, tmp_path):
-    labfile = write_lab(tmp_path, TWO_NETS.replace(
-        "hosts:", "  a-very-long-net: {cidr: 10.9.0.0/24}\nhosts:"))
+    labfile = write_lab(tmp_path, TWO_NETS.replace("  b: {ip: 192.168.77.20,",
+                                                   "  b: {ip: 192.168.77.200,"))
     proc = cli("vagrantfile", "--lab", str(labfile))
-    assert_one_line_error(proc, "networks.a-very-long-net", "longer than 15 characters")
+    assert_one_line_error(proc, "hosts.b.ip", "DHCP range 192.168.77.128-192.168.77.254")
     assert not (ws.artifacts / "vagrant").exists()
+
+
+def test_bridge_names_fit_ifnamsiz_deterministically(tmp_path):
+    lab = labmod.load(write_lab(tmp_path, TWO_NETS.replace(
+        "hosts:", "  kafka-replication-a: {cidr: 10.9.0.0/24}\n"
+                  "  kafka-replication-b: {cidr: 10.9.1.0/24}\nhosts:")))
+    a, b = (libvirt.bridge_name(lab.network(n))
+            for n in ("kafka-replication-a", "kafka-replication-b"))
+    assert len(a) == len(b) == 15 and a.startswith("lf-kafka-r-") and a != b
+    assert libvirt.bridge_name(lab.network("kafka-replication-a")) == a      # same lab, same name
+    assert libvirt.bridge_name(lab.network("private")) == "lf-private"      # short: as it was
+    assert libvirt.bridge_name(lab.network("ext")) == "virbr-ext"           # given: as given
+    dup = labmod.load(write_lab(tmp_path, TWO_NETS.replace("bridge: virbr-ext", "bridge: lf-private"),
+                                "dup.yaml"))
+    with pytest.raises(LabError, match=r"networks\.ext\.bridge: lf-private is also the bridge "
+                                       "of network private"):
+        libvirt.check_networks(dup)
+
+
+def test_long_bridge_name_same_answer_from_libvirt_xml_and_vagrantfile(ws, tmp_path):
+    """One generator, one set of rules: a network whose default bridge name
+    would pass IFNAMSIZ gets the same bridge, the same XML bytes and the same
+    manifest kind from `invoke libvirt-xml` and `invoke vagrantfile`."""
+    from builders.artifacts.libvirtxml import build_libvirt_xml
+    lab = labmod.load(write_lab(tmp_path, TWO_NETS.replace("  private:", "  kafka-private-net:")))
+    vagrant.build_vagrantfile(lab, ws)
+    build_libvirt_xml(lab, ws, accel="tcg")
+    via_vagrant = ws.artifacts / "vagrant" / "networks" / "kafka-private-net.xml"
+    via_libvirt = ws.artifacts / "libvirt" / "net-kafka-private-net.xml"
+    bridge = ET.parse(via_vagrant).getroot().find("bridge").get("name")
+    assert bridge == ET.parse(via_libvirt).getroot().find("bridge").get("name")
+    assert len(bridge) <= 15 and bridge.startswith("lf-kafka-p")
+    assert via_vagrant.read_bytes() == via_libvirt.read_bytes()
+    m = Manifest(ws.artifacts)
+    assert m.get(via_vagrant)["kind"] == m.get(via_libvirt)["kind"] == libvirt.NETWORK_KIND
+    assert "validates" in (sh("virt-xml-validate", via_vagrant, "network").stdout
+                           + sh("virt-xml-validate", via_vagrant, "network").stderr)
+    # each builder keeps to its own files: a vagrantfile run does not drop libvirt-xml's
+    vagrant.build_vagrantfile(lab, ws, force=True)
+    assert via_libvirt.exists() and m.get(via_libvirt) is not None
 
 
 def test_vagrant_validate_accepts_lab_vagrantfile(cli, ws, venv, built, tmp_path):
@@ -446,7 +487,7 @@ def test_network_xml_valid_against_libvirt_schema(ws, tmp_path):
     lab = labmod.load(write_lab(tmp_path, TWO_NETS))
     for net in lab.networks:
         f = tmp_path / f"{net.name}.xml"
-        f.write_text(vagrant.render_network_xml(lab, net))
+        f.write_text(libvirt.network_xml(lab, net))
         assert "validates" in sh("virt-xml-validate", f, "network").stdout + \
             sh("virt-xml-validate", f, "network").stderr
 
@@ -511,7 +552,7 @@ hosts:
 """))
     net = lab.networks[0]
     xml = tmp_path / f"{name}.xml"
-    xml.write_text(vagrant.render_network_xml(lab, net))
+    xml.write_text(libvirt.network_xml(lab, net))
     virsh = ["virsh", "-c", libvirt_uri]
     try:
         sh(*virsh, "net-define", xml)
@@ -538,7 +579,7 @@ networks:
   {name}: {{cidr: 10.251.{secrets.randbelow(250)}.0/24, dhcp: true, forward: nat}}
 """))
     xml = tmp_path / f"{name}.xml"
-    xml.write_text(vagrant.render_network_xml(lab, lab.networks[0]))
+    xml.write_text(libvirt.network_xml(lab, lab.networks[0]))
     virsh = ["virsh", "-c", libvirt_uri]
     try:
         sh(*virsh, "net-define", xml)
