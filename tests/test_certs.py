@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from builders.artifacts import certs
+from builders.artifacts.certs import common
 
 from builders.tools import pki
 from builders.artifacts.certs import (build_certs, check_certs, issue_amphora_cert, lab_ssh_public_key)
@@ -256,7 +257,11 @@ def test_octavia_conf_names_existing_files(built: Workspace):
 
 
 def test_issue_amphora_cert(built: Workspace, default_lab):
+    """Issuing an amphora's certificate (what the amphora check does) reads the
+    server CA and writes nothing under certs/: no file, no state.json entry."""
+    before = snapshot(built.certs)
     cert_pem, key_pem = issue_amphora_cert(default_lab, built, "0f3a6e2c-amp-1")
+    assert changed(before, snapshot(built.certs)) == set()
     cert = x509.load_pem_x509_certificate(cert_pem)
     key = serialization.load_pem_private_key(key_pem, None)
     assert pki.same_public_key(key, cert)
@@ -270,6 +275,7 @@ def test_issue_amphora_cert(built: Workspace, default_lab):
 def test_issue_amphora_cert_needs_the_set(ws, default_lab):
     with pytest.raises(LabError, match="run `invoke certs`"):
         issue_amphora_cert(default_lab, ws, "amp1")
+    assert not ws.certs.exists() or not any(ws.certs.rglob("*"))
 
 
 def test_lab_ssh_key(built: Workspace):
@@ -430,14 +436,14 @@ def test_an_interrupted_rotation_is_refused_in_one_line(built: Workspace, defaul
     leaves a pair the next run refuses (never a silent mismatch)."""
     k = built.certs / "kafka"
     old_key, old_crt = (k / "ca.key").read_bytes(), (k / "ca.crt").read_bytes()
-    real_write = certs.atomic_write
+    real_write = common.atomic_write
 
     def stop_at_ca_crt(path, data, mode=0o644):
         if path == k / "ca.crt":
             raise KeyboardInterrupt
         return real_write(path, data, mode=mode)
     with monkeypatch.context() as m:
-        m.setattr(certs, "atomic_write", stop_at_ca_crt)
+        m.setattr(common, "atomic_write", stop_at_ca_crt)
         with pytest.raises(KeyboardInterrupt):
             build_certs(default_lab, built, rotate=("kafka",))
     assert (k / "ca.key").read_bytes() != old_key and (k / "ca.crt").read_bytes() == old_crt
