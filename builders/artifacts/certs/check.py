@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from builders.artifacts.certs import kafka, octavia
+from builders.artifacts.certs.kafka import cert_files as kafka_cert_files
+from builders.artifacts.certs.octavia import cert_files as octavia_cert_files
 from builders.artifacts.certs.common import RENEW_DAYS, leaf_due
 from builders.core.errors import LabError
 from builders.core.lab import Lab
@@ -46,9 +47,9 @@ def check_certs(lab: Lab, ws: Workspace, warn_days: int = 30) -> list[CertStatus
     when certs/ holds no certificate set at all.
     """
     pairs: list[tuple[str, Path, Path | None]] = []   # set, cert, issuer cert
-    pairs += [("kafka", c, i) for c, i in kafka.cert_files(lab, ws)]
+    pairs += [("kafka", c, i) for c, i in kafka_cert_files(lab, ws)]
     if lab.octavia.enabled:
-        pairs += [("octavia", c, i) for c, i in octavia.cert_files(lab, ws)]
+        pairs += [("octavia", c, i) for c, i in octavia_cert_files(lab, ws)]
     if not any(c.exists() for _, c, _ in pairs):
         raise LabError(f"{ws.certs}: no certificates found; run `invoke certs` first")
     now = _dt.datetime.now(_dt.timezone.utc)

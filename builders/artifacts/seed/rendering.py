@@ -25,8 +25,9 @@ from typing import Any
 
 import yaml
 
-from builders.artifacts.seed import validate
-from builders.artifacts.seed.validate import CERTS_PREFIX, SSH_KEY, where
+from builders.artifacts.seed.validate import (CERTS_PREFIX, SSH_KEY, certs_source, check_generated,
+                                              check_size, is_secret, public_keys, read_source,
+                                              validate_network_config, validate_user_data, where)
 from builders.core.errors import LabError
 from builders.core.lab import Host, Lab
 from builders.core.manifest import input_digest
@@ -84,12 +85,11 @@ def _ssh_keys(lab: Lab, ws: Workspace, h: Host) -> list[str]:
             sources.append((at, None, entry.strip()))
         else:
             path = lab.path(entry)
-            validate.read_source(lab, path, at,
-                                 "fix the path or create the key (ssh-keygen -t ed25519)")
+            read_source(lab, path, at, "fix the path or create the key (ssh-keygen -t ed25519)")
             sources.append((at, path, ""))
     keys: list[str] = []
     for at, path, inline in sources:
-        keys.extend([inline] if path is None else validate.public_keys(lab, path, at))
+        keys.extend([inline] if path is None else public_keys(lab, path, at))
     return keys
 
 
@@ -99,11 +99,10 @@ def _write_files(lab: Lab, ws: Workspace, h: Host) -> list[dict]:
         at = f"hosts.{h.name}.write_files[{i}].source"
         if wf.source is not None:
             if wf.source.startswith(CERTS_PREFIX):
-                path = validate.certs_source(lab, ws, wf.source, at)
-                data = validate.read_source(lab, path, at,
-                                            "run `invoke certs` first or fix the name")
+                path = certs_source(lab, ws, wf.source, at)
+                data = read_source(lab, path, at, "run `invoke certs` first or fix the name")
             else:
-                data = validate.read_source(lab, lab.path(wf.source), at, "fix the path")
+                data = read_source(lab, lab.path(wf.source), at, "fix the path")
         else:
             data = (wf.content or "").encode()
         perms = wf.permissions if len(wf.permissions) == 4 else "0" + wf.permissions
@@ -190,18 +189,18 @@ def render(lab: Lab, ws: Workspace, host: Host | str) -> Seed:
             continue
         at = f"hosts.{h.name}.{attr}"
         path = lab.path(value)
-        data = validate.read_source(lab, path, at, "fix the path")
+        data = read_source(lab, path, at, "fix the path")
         shown = value if not Path(value).is_absolute() else str(path)
         if name == "network-config":
-            validate.validate_network_config(data, f"{where(lab, at)}: {shown}")
+            validate_network_config(data, f"{where(lab, at)}: {shown}")
         else:
-            warnings += validate.validate_user_data(data, f"{where(lab, at)}: {shown}")
+            warnings += validate_user_data(data, f"{where(lab, at)}: {shown}")
         supplied[name] = data
 
     cfg = None
     if "user-data" not in supplied:
         cfg = _user_data(lab, ws, h)
-        validate.check_generated(cfg, where(lab, f"hosts.{h.name}"))
+        check_generated(cfg, where(lab, f"hosts.{h.name}"))
     elif h.write_files or h.packages or h.runcmd or h.ssh_authorized_keys:
         raise LabError(f"{where(lab, f'hosts.{h.name}.user_data')}: a user-supplied user-data "
                        "is used as is; move write_files/packages/runcmd/ssh_authorized_keys "
@@ -226,7 +225,7 @@ def render(lab: Lab, ws: Workspace, host: Host | str) -> Seed:
         files["vendor-data"] = supplied["vendor-data"]
     files = {k: files[k] for k in ORDER if k in files}
     seed = Seed(host=h.name, files=files, instance_id=instance_id, marker=marker,
-                secret=validate.is_secret(lab, ws, h), generated_user_data=cfg is not None,
+                secret=is_secret(lab, ws, h), generated_user_data=cfg is not None,
                 warnings=warnings)
-    validate.check_size(lab, h.name, seed.size)
+    check_size(lab, h.name, seed.size)
     return seed
