@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
 import os
 import shutil
 import subprocess
@@ -16,9 +15,11 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from builders.core import lab as labmod
 import builders.artifacts.seed as seeds
+from builders.core import contract
 from builders.artifacts.seed import rendering, validate
 from builders.core.errors import LabError
-from builders.core.manifest import Manifest
+from builders.core.fsutil import sha256_file
+from builders.core.manifest import Manifest, SecretLedger
 from builders.artifacts.seed import build_seed_isos, read_seed, seed_marker, seed_path
 from builders.core.workspace import Workspace
 
@@ -198,8 +199,9 @@ def test_a_seed_with_certs_material_is_secret(tmp_path, ws, lab_key):
     wf = ud["write_files"][0]
     assert base64.b64decode(wf["content"]) == jks.read_bytes()
     assert wf["owner"] == "kafka:kafka" and wf["defer"] is True
-    state = json.loads((ws.certs / "seed" / "state.json").read_text())
-    assert state["broker1.iso"]["sha256"] and state["broker1.iso"]["host"] == "broker1"
+    rec = SecretLedger(ws.certs / "seed").get("broker1.iso")
+    assert rec["sha256"] == sha256_file(secret) and rec["meta"]["host"] == "broker1"
+    assert (ws.certs / "seed" / "ledger.json").stat().st_mode & 0o777 == 0o600
     assert build_seed_isos(lab, ws, hosts=["broker1"])[0].status == "up to date"
 
 
@@ -532,7 +534,7 @@ def test_seed_moves_between_public_and_secret(tmp_path, ws, lab_key):
     assert (ws.certs / "seed" / "broker1.iso").exists()
     build_seed_isos(public_lab, ws, hosts=["broker1"])
     assert public.exists() and not (ws.certs / "seed" / "broker1.iso").exists()
-    assert json.loads((ws.certs / "seed" / "state.json").read_text()) == {}
+    assert SecretLedger(ws.certs / "seed").entries() == {}
 
 
 def test_lab_checks_nic_names(tmp_path):
@@ -549,20 +551,23 @@ def test_lab_checks_nic_names(tmp_path):
 
 
 def test_a_failed_write_leaves_no_partial_files(default_lab, ws, lab_key, monkeypatch):
-    real = os.fsync
+    """The disk fills up while the second seed is staged: one line, no seed
+    in place, no temporary file left, nothing recorded."""
+    real = open
     calls = []
 
-    def failing_fsync(fd):
-        calls.append(fd)
-        if len(calls) == 2:
-            raise OSError(28, "No space left on device")
-        return real(fd)
+    def failing_open(file, mode="r", *args, **kw):
+        if "x" in mode:                       # the stage creating a temporary file
+            calls.append(file)
+            if len(calls) == 2:
+                raise OSError(28, "No space left on device", str(file))
+        return real(file, mode, *args, **kw)
 
-    monkeypatch.setattr(seeds.os, "fsync", failing_fsync)
+    monkeypatch.setattr(contract, "open", failing_open, raising=False)
     with pytest.raises(LabError, match="cannot write the seeds: No space left on device"):
         build_seed_isos(default_lab, ws)
     seed_dir = ws.artifacts / "seed"
     assert not seed_dir.exists() or list(seed_dir.iterdir()) == []
     assert Manifest(ws.artifacts).entries() == {}
-    monkeypatch.setattr(seeds.os, "fsync", real)
+    monkeypatch.undo()
     assert {o.status for o in build_seed_isos(default_lab, ws)} == {"built"}

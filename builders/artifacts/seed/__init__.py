@@ -7,8 +7,8 @@ The package reads top to bottom:
   a seed is secret;
 - ``rendering``: meta-data / user-data / network-config from lab.yaml;
 - ``iso`` (ISO 9660 via pycdlib) and ``vfat`` (FAT12): the volume formats;
-- this module: the builder (``invoke seed-iso``), where each seed goes, and
-  the batched, atomic write of every seed.
+- this module: the builder (``invoke seed-iso``, the ``seed-iso`` step of
+  ``invoke all``) and where each seed goes.
 
 Seeds are reproducible: timestamps come from ``SOURCE_DATE_EPOCH`` (or a
 fixed date), files are in a fixed order, so the same inputs give the same
@@ -21,12 +21,8 @@ docs/seed-iso.md.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import os
-import tempfile
-import time
 from pathlib import Path
 from typing import Iterable
 
@@ -37,18 +33,18 @@ from builders.artifacts.seed.validate import (CERTS_PREFIX, MAX_SEED_BYTES, chec
                                               is_secret, validate_network_config,
                                               validate_user_data)
 from builders.artifacts.seed.vfat import make_vfat as _fat12
+from builders.core.contract import Builder, Built, Context, Output, Stage, ledger_for, run
 from builders.core.errors import LabError
-from builders.core.fsutil import atomic_write, fsync_dir, sha256_file
 from builders.core.lab import Host, Lab
-from builders.core.manifest import Manifest, input_digest
+from builders.core.manifest import SecretLedger
 from builders.core.outcome import Outcome
-from builders.core.workspace import BuildLock, Workspace
+from builders.core.workspace import Workspace
 
 __all__ = [
     "KIND", "KIND_VFAT", "FORMATS", "DEFAULT_EPOCH", "GENERATOR", "VOLUME_ID", "MAX_SEED_BYTES",
     "CERTS_PREFIX", "Seed", "render", "dump_yaml", "network_config", "is_secret",
     "validate_user_data", "validate_network_config", "check_cloud_config", "make_iso",
-    "make_vfat", "read_seed", "seed_path", "seed_marker", "source_date_epoch", "build_seed_isos",
+    "make_vfat", "read_seed", "seed_path", "seed_marker", "source_date_epoch", "build_seed_isos", "SEEDS", "Seeds",
 ]
 
 KIND = "seed-iso"
@@ -94,157 +90,8 @@ def source_date_epoch() -> int:
 
 
 # --------------------------------------------------------------------------
-# building
+# the builder
 # --------------------------------------------------------------------------
-def _state_path(ws: Workspace) -> Path:
-    return ws.certs / "seed" / "state.json"
-
-
-def _load_state(ws: Workspace) -> dict:
-    try:
-        data = json.loads(_state_path(ws).read_text())
-        return data if isinstance(data, dict) else {}
-    except (FileNotFoundError, ValueError):
-        return {}
-
-
-def _save_state(ws: Workspace, state: dict) -> None:
-    ws.certs_dir("seed")
-    atomic_write(_state_path(ws), json.dumps(state, indent=2, sort_keys=True) + "\n", mode=0o600)
-
-
-def build_seed_isos(lab: Lab, ws: Workspace, *, hosts: Iterable[str] | None = None,
-                    force: bool = False, fmt: str = "iso") -> list[Outcome]:
-    """Build the seed of each host (default: all hosts, in lab order).
-
-    Every seed is rendered and validated first: a bad input anywhere stops
-    the run before any file is written.  Public seeds go to
-    artifacts/seed/<host>.iso and the manifest; secret ones (carrying
-    certs/ material) to certs/seed/<host>.iso, 0600, recorded only in
-    certs/seed/state.json.
-    """
-    if fmt not in FORMATS:
-        raise LabError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
-    names = list(dict.fromkeys(hosts)) if hosts else [h.name for h in lab.hosts]
-    chosen = [lab.host(n) for n in names]
-    if not chosen:
-        raise LabError(f"{lab.source.name}: hosts: the lab has no hosts; nothing to seed")
-    epoch = source_date_epoch()
-    tool = pycdlib_version()
-    seeds = [render(lab, ws, h) for h in chosen]
-    kind = KIND if fmt == "iso" else KIND_VFAT
-    outcomes: list[Outcome] = []
-    with BuildLock(ws):
-        manifest = Manifest(ws.artifacts)
-        entries = manifest.entries()
-        state = _load_state(ws)
-        state_changed = False
-        pending: list[tuple[Path, bytes, int]] = []
-        records: list[dict] = []
-        for h, seed in zip(chosen, seeds):
-            start = time.monotonic()
-            path = seed_path(lab, ws, h, fmt=fmt)
-            digest = input_digest(KIND, fmt, seed.files, epoch, tool)
-            step = f"seed-iso {h.name}" if fmt == "iso" else f"seed-vfat {h.name}"
-            state_changed |= _drop_other_location(ws, path, manifest, entries, state)
-            if seed.secret:
-                current = _secret_current(state, path, digest)
-            else:
-                current = _public_current(manifest, entries, path, digest)
-            shown = _shown(ws, path)
-            if current and not force:
-                outcomes.append(Outcome(step, "up to date", [path], shown))
-                continue
-            image = make_iso(seed.files, epoch) if fmt == "iso" else make_vfat(seed.files, epoch)
-            sha = hashlib.sha256(image).hexdigest()
-            if seed.secret:
-                ws.certs_dir("seed")
-                pending.append((path, image, 0o600))
-                state[path.name] = {"input_digest": digest, "sha256": sha, "size": len(image),
-                                    "instance_id": seed.instance_id, "host": h.name,
-                                    "marker": seed.marker, "format": fmt}
-                state_changed = True
-                detail = f"{shown}, secret: holds certs/ material, not in the manifest"
-            else:
-                pending.append((path, image, 0o644))
-                records.append(dict(path=path, kind=kind, digest=digest, sha256=sha,
-                                    tools={"pycdlib": tool} if fmt == "iso" else {},
-                                    meta={"host": h.name, "instance_id": seed.instance_id,
-                                          "marker": seed.marker, "format": fmt,
-                                          "files": list(seed.files)}))
-                detail = shown
-            outcomes.append(Outcome(step, "built", [path], detail,
-                                    seconds=time.monotonic() - start))
-        try:
-            _write_all(pending)
-        except OSError as exc:
-            where = exc.filename or (pending[0][0].parent if pending else ws.artifacts)
-            raise LabError(f"{where}: cannot write the seeds: {exc.strerror or exc}; free some "
-                           "space or fix the directory's permissions and rerun") from None
-        if records:
-            manifest.record_many(records)
-        if state_changed:
-            _save_state(ws, state)
-    return outcomes
-
-
-def _public_current(manifest: Manifest, entries: dict, path: Path, digest: str) -> bool:
-    rec = entries.get(manifest.rel(path))
-    if rec is None or rec.get("input_digest") != digest:
-        return False
-    return manifest.intact(path, rec)
-
-
-def _secret_current(state: dict, path: Path, digest: str) -> bool:
-    rec = state.get(path.name)
-    if not rec or rec.get("input_digest") != digest or not path.is_file():
-        return False
-    return path.stat().st_size == rec.get("size") and sha256_file(path) == rec.get("sha256")
-
-
-def _write_all(outputs: list[tuple[Path, bytes, int]]) -> None:
-    """Write every image atomically: temporary file, fsync, rename, then one
-    directory fsync per directory.  The fsyncs run in parallel threads, so
-    the file system commits them together instead of one journal commit
-    per seed.  On a failure the temporary files left are removed; a seed
-    renamed into place before it is not yet in the manifest or state file,
-    so the next run rebuilds it."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    tmps: list[tuple[Path, Path, int]] = []
-    try:
-        for target, data, mode in outputs:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part",
-                                       dir=target.parent)
-            tmps.append((Path(tmp), target, fd))
-            os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        if len(tmps) > 1:
-            with ThreadPoolExecutor(max_workers=min(16, len(tmps))) as pool:
-                list(pool.map(os.fsync, [fd for _, _, fd in tmps]))
-        else:
-            for _, _, fd in tmps:
-                os.fsync(fd)
-        for i, (tmp, target, fd) in enumerate(tmps):
-            os.close(fd)
-            tmps[i] = (tmp, target, -1)
-        for tmp, target, _ in tmps:
-            os.replace(tmp, target)
-    except BaseException:
-        for tmp, _, fd in tmps:
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-        raise
-    for d in sorted({target.parent for _, target, _ in tmps}):
-        fsync_dir(d)
-
-
 def _shown(ws: Workspace, path: Path) -> str:
     try:
         return str(path.relative_to(ws.root))
@@ -252,20 +99,107 @@ def _shown(ws: Workspace, path: Path) -> str:
         return str(path)
 
 
-def _drop_other_location(ws: Workspace, path: Path, manifest: Manifest, entries: dict,
-                         state: dict) -> bool:
-    """A seed that moved between artifacts/ and certs/ (a certs: source was
-    added or removed) must not leave its old copy behind: a stale public
-    seed would be published, a stale secret one would linger.  Returns True
-    when ``state`` changed."""
-    public = ws.artifacts / "seed" / path.name
-    secret = ws.certs / "seed" / path.name
-    if path == secret and public.exists():
-        public.unlink()
-        if manifest.rel(public) in entries:
-            manifest.remove(public)
-    elif path == public and secret.exists():
-        secret.unlink()
-        return state.pop(path.name, None) is not None
-    return False
+def _elsewhere(ws: Workspace, path: Path) -> Path:
+    """The other place a seed of this name could be: a seed moves between
+    artifacts/seed/ and certs/seed/ when a certs: source is added or removed."""
+    public, secret = ws.artifacts / "seed" / path.name, ws.certs / "seed" / path.name
+    return public if path == secret else secret
 
+
+class Seeds(Builder):
+    """One seed per host.  Every seed is rendered and validated in
+    :meth:`outputs`, so a bad input anywhere stops the run before any file is
+    written; the runner's stage then commits all seeds at once (one journal
+    commit for many seeds) and records the public ones in the manifest with
+    one rewrite.  A secret seed (carrying certs/ material) goes to
+    certs/seed/<host>.iso, 0600, recorded in that directory's ledger, never
+    in the manifest."""
+
+    name = "seed-iso"
+    kind = KIND
+    help = "cloud-init seed ISO per host"
+    needs = ("certs",)
+
+    def outputs(self, lab: Lab, ws: Workspace, *, hosts: Iterable[str] | None = None,
+                fmt: str = "iso", **_) -> list[Output]:
+        if fmt not in FORMATS:
+            raise LabError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
+        names = list(dict.fromkeys(hosts)) if hosts else [h.name for h in lab.hosts]
+        chosen = [lab.host(n) for n in names]
+        if not chosen:
+            raise LabError(f"{lab.source.name}: hosts: the lab has no hosts; nothing to seed")
+        epoch = source_date_epoch()
+        tool = pycdlib_version()
+        kind = KIND if fmt == "iso" else KIND_VFAT
+        outs = []
+        for h in chosen:
+            seed = render(lab, ws, h)
+            outs.append(Output(seed_path(lab, ws, h, fmt=fmt), kind, f"{kind} {h.name}",
+                               inputs=(fmt, seed.files, epoch, tool),
+                               ledger="secret" if seed.secret else "manifest",
+                               mode=0o600 if seed.secret else 0o644,
+                               data=(seed, fmt, epoch, tool)))
+        return outs
+
+    def prepare(self, ctx: Context, outputs: list[Output]) -> None:
+        """A seed that moved between artifacts/ and certs/ loses its old
+        record first, so no ledger names a copy the build is about to
+        remove (a stale public seed would be published)."""
+        for out in outputs:
+            old = _elsewhere(ctx.ws, out.path)
+            ledger = ctx.manifest if old.parent == ctx.ws.artifacts / "seed" \
+                else SecretLedger(old.parent)
+            if ledger.path.exists() and ledger.get(old) is not None:
+                ledger.remove(old)
+
+    def up_to_date(self, ctx: Context, out: Output, digest: str) -> str | None:
+        if os.path.lexists(_elsewhere(ctx.ws, out.path)):
+            return None                   # the old copy must go
+        current = super().up_to_date(ctx, out, digest)
+        return None if current is None else _shown(ctx.ws, out.path)
+
+    def build(self, ctx: Context, out: Output, stage: Stage) -> Built:
+        seed, fmt, epoch, tool = out.data
+        image = make_iso(seed.files, epoch) if fmt == "iso" else make_vfat(seed.files, epoch)
+        if seed.secret:
+            ctx.ws.certs_dir("seed")      # 0700, before the stage creates it
+        try:
+            stage.write(out.path, image, out.mode)
+        except OSError as exc:
+            raise LabError(f"{exc.filename or out.path.parent}: cannot write the seeds: "
+                           f"{exc.strerror or exc}; free some space or fix the directory's "
+                           "permissions and rerun") from None
+        stage.remove(_elsewhere(ctx.ws, out.path))
+        shown = _shown(ctx.ws, out.path)
+        return Built(f"{shown}, secret: holds certs/ material, not in the manifest"
+                     if seed.secret else shown,
+                     meta={"host": seed.host, "instance_id": seed.instance_id,
+                           "marker": seed.marker, "format": fmt, "files": list(seed.files)},
+                     tools={"pycdlib": tool} if fmt == "iso" else {},
+                     sha256=hashlib.sha256(image).hexdigest())
+
+    def ready(self, lab: Lab, ws: Workspace) -> str | None:
+        """For a left-out step: every host has a seed, ISO or vfat, present and
+        intact in its ledger (the manifest, or certs/seed/'s)."""
+        try:
+            declared = {fmt: self.outputs(lab, ws, fmt=fmt) for fmt in FORMATS}
+        except LabError as exc:
+            return str(exc)
+        missing = [iso.data[0].host for iso, vfat in zip(declared["iso"], declared["vfat"])
+                   if not any(_intact(ws, out) for out in (iso, vfat))]
+        return f"there is no seed for {', '.join(missing)}" if missing else None
+
+
+def _intact(ws: Workspace, out: Output) -> bool:
+    ledger = ledger_for(ws, out)
+    rec = ledger.get(out.path) if ledger.path.exists() else None
+    return rec is not None and ledger.intact(out.path, rec)
+
+
+SEEDS = Seeds()
+
+
+def build_seed_isos(lab: Lab, ws: Workspace, *, hosts: Iterable[str] | None = None,
+                    force: bool = False, fmt: str = "iso") -> list[Outcome]:
+    """Build the seed of each host (default: all hosts, in lab order); see :class:`Seeds`."""
+    return run(SEEDS, lab, ws, force=force, hosts=hosts, fmt=fmt)
