@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from builders.core.errors import LabError
-from builders.core.fsutil import atomic_write, private_dir
 from builders.core.workspace import Workspace
 from builders.tools import pki
 
@@ -69,33 +68,14 @@ def time_left(cert, now: _dt.datetime | None = None) -> str:
 # --------------------------------------------------------------------------
 @dataclass
 class Plan:
+    """Every file the sets will write (path -> bytes, mode) and remove; the
+    certs builder stages them once every set is planned."""
     ws: Workspace
     writes: dict[Path, tuple[bytes, int]] = field(default_factory=dict)
     removes: list[Path] = field(default_factory=list)
 
     def put(self, path: Path, data: bytes | str, mode: int = SECRET) -> None:
         self.writes[path] = (data.encode() if isinstance(data, str) else data, mode)
-
-    def commit(self) -> list[Path]:
-        """Write what changed; return the paths written or removed."""
-        changed: list[Path] = []
-        for path, (data, mode) in self.writes.items():
-            private_dir(path.parent)
-            try:
-                same = path.read_bytes() == data
-            except OSError:
-                same = False
-            if same:
-                if path.stat().st_mode & 0o777 != mode:
-                    os.chmod(path, mode)
-                continue
-            atomic_write(path, data, mode=mode)
-            changed.append(path)
-        for path in self.removes:
-            if path.exists() and path not in self.writes:
-                path.unlink()
-                changed.append(path)
-        return changed
 
 
 def read_bytes(path: Path, what: str, hint: str = "run `invoke certs`") -> bytes:
