@@ -95,7 +95,7 @@ def img_info(path: Path) -> dict:
 # boxes and the catalog
 # --------------------------------------------------------------------------
 def test_box_from_backed_image_is_flattened(ws, images, tmp_path):
-    [o] = vagrant.build_box(None, ws, image=str(images["over"]), name="test/lab", version="1.0.0")
+    o, _ = vagrant.build_box(None, ws, image=str(images["over"]), name="test/lab", version="1.0.0")
     box = ws.artifacts / "boxes" / "test-lab-1.0.0.box"
     assert o.status == "built" and box in o.paths and "flattened" in o.detail
     names, meta, vfile, img = read_box(box, tmp_path)
@@ -114,7 +114,7 @@ def test_box_from_backed_image_is_flattened(ws, images, tmp_path):
 
 
 def test_unbacked_image_is_packed_as_is_and_catalog_matches(ws, built, tmp_path):
-    [o] = vagrant.build_box(None, ws, image="debian-12", name="labforge/debian-12")
+    o, _ = vagrant.build_box(None, ws, image="debian-12", name="labforge/debian-12")
     assert o.status == "built" and "flattened" not in o.detail
     box = ws.artifacts / "boxes" / "labforge-debian-12-1.0.0.box"
     names, meta, _, img = read_box(box, tmp_path)
@@ -132,17 +132,17 @@ def test_unbacked_image_is_packed_as_is_and_catalog_matches(ws, built, tmp_path)
 
 
 def test_versions_up_to_date_bump_and_catalog_update(ws, built, images):
-    [o1] = vagrant.build_box(None, ws, image="debian-12", name="t/b")
+    o1, _ = vagrant.build_box(None, ws, image="debian-12", name="t/b")
     box1 = ws.artifacts / "boxes" / "t-b-1.0.0.box"
     sha1 = sha256_file(box1)
-    [o2] = vagrant.build_box(None, ws, image="debian-12", name="t/b")
+    o2, _ = vagrant.build_box(None, ws, image="debian-12", name="t/b")
     assert (o1.status, o2.status) == ("built", "up to date")
     assert "1.0.0" in o2.step
     # a changed image gets the next version; the first stays in the catalog
     sh("qemu-io", "-c", "write -P 0x11 0 64k", built["debian"])
-    [o3] = vagrant.build_box(None, ws, image="debian-12", name="t/b")
+    o3, _ = vagrant.build_box(None, ws, image="debian-12", name="t/b")
     assert o3.status == "built" and "1.0.1" in o3.step
-    [o4] = vagrant.build_box(None, ws, image="amphora-x64-haproxy", name="t/b", version="1.10.0")
+    o4, _ = vagrant.build_box(None, ws, image="amphora-x64-haproxy", name="t/b", version="1.10.0")
     assert o4.status == "built"
     cat = json.loads((ws.artifacts / "boxes" / "t-b.json").read_text())
     assert [v["version"] for v in cat["versions"]] == ["1.0.0", "1.0.1", "1.10.0"]
@@ -151,8 +151,8 @@ def test_versions_up_to_date_bump_and_catalog_update(ws, built, images):
         box = ws.artifacts / "boxes" / f"t-b-{v['version']}.box"
         assert v["providers"][0]["checksum"] == sha256_file(box)
     # force rebuilds the same version, identical bytes (reproducible tar)
-    [o5] = vagrant.build_box(None, ws, image="amphora-x64-haproxy", name="t/b", version="1.10.0",
-                             force=True)
+    o5, _ = vagrant.build_box(None, ws, image="amphora-x64-haproxy", name="t/b", version="1.10.0",
+                            force=True)
     assert o5.status == "built"
     assert cat == json.loads((ws.artifacts / "boxes" / "t-b.json").read_text())
 
@@ -164,20 +164,22 @@ def test_catalog_of_another_box_is_refused(ws, built):
 
 
 def test_base_url_publishes_http_urls(ws, built):
-    [o1] = vagrant.build_box(None, ws, image="debian-12", name="t/b")
+    o1, _ = vagrant.build_box(None, ws, image="debian-12", name="t/b")
     box = ws.artifacts / "boxes" / "t-b-1.0.0.box"
     stat = box.stat()
     # serving the same box elsewhere rewrites the catalog only, not the box
-    [o2] = vagrant.build_box(None, ws, image="debian-12", name="t/b",
-                             base_url="https://boxes.example/t/")
-    assert o2.status == "built" and o2.paths == [ws.artifacts / "boxes" / "t-b.json"]
+    o2, cat2 = vagrant.build_box(None, ws, image="debian-12", name="t/b",
+                                 base_url="https://boxes.example/t/")
+    assert o2.status == "up to date"
+    assert cat2.status == "built" and cat2.paths == [ws.artifacts / "boxes" / "t-b.json"]
+    assert "catalog URL now https://boxes.example/t/t-b-1.0.0.box" in cat2.detail
     assert box.stat().st_mtime_ns == stat.st_mtime_ns
     cat = json.loads((ws.artifacts / "boxes" / "t-b.json").read_text())
     assert [v["version"] for v in cat["versions"]] == ["1.0.0"]
     assert cat["versions"][0]["providers"][0]["url"] == "https://boxes.example/t/t-b-1.0.0.box"
-    [o3] = vagrant.build_box(None, ws, image="debian-12", name="t/b",
-                             base_url="https://boxes.example/t/")
-    assert o3.status == "up to date"
+    outcomes = vagrant.build_box(None, ws, image="debian-12", name="t/b",
+                                 base_url="https://boxes.example/t/")
+    assert [o.status for o in outcomes] == ["up to date", "up to date"]
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -258,7 +260,7 @@ def test_vagrant_adds_box_file_and_catalog_then_sees_update(ws, built, images, v
     (proj / "Vagrantfile").write_text('Vagrant.configure("2") { |c| c.vm.box = "labforge/debian-12" }\n')
     assert "A newer version" not in outdated(venv, proj)
     # ... until a second version is added to the catalog
-    [o] = vagrant.build_box(None, ws, image=str(images["over"]), name="labforge/debian-12")
+    o, _ = vagrant.build_box(None, ws, image=str(images["over"]), name="labforge/debian-12")
     assert "1.0.1" in o.step
     out = vg(venv, "box", "outdated", "--global").stdout
     assert "'labforge/debian-12' for 'libvirt' is outdated! Current: 1.0.0. Latest: 1.0.1" in out
@@ -595,7 +597,7 @@ def test_add_without_vagrant_is_skipped_with_the_command(ws, built, tmp_path, mo
     bindir.mkdir()
     (bindir / "qemu-img").symlink_to(shutil.which("qemu-img"))
     monkeypatch.setenv("PATH", str(bindir))
-    box, add = vagrant.build_box(None, ws, image="debian-12", name="t/b", add=True)
+    box, _, add = vagrant.build_box(None, ws, image="debian-12", name="t/b", add=True)
     assert box.status == "built"
     assert add.status == "skipped" and "vagrant is not installed" in add.detail
     assert "vagrant box add file://" in add.detail

@@ -23,13 +23,12 @@ from pathlib import Path
 from builders.core import extcmd
 from builders.checks.bootcheck import detect_accel
 from builders.core.errors import LabError
-from builders.core.fsutil import atomic_path
+from builders.core.contract import Builder, Built, Context, Output, Stage, run
 from builders.core.lab import Host, Lab
-from builders.core.manifest import Manifest, input_digest
 from builders.core.outcome import Outcome
 from builders.artifacts.overlays import base_path, overlay_path
 from builders.artifacts.seed import seed_path
-from builders.core.workspace import BuildLock, Workspace
+from builders.core.workspace import Workspace
 from builders.tools import libvirt
 
 
@@ -98,43 +97,54 @@ def volume_xml(host: Host, overlay: Path, base: Path) -> str:
     return _xml(root)
 
 
-def build_libvirt_xml(lab: Lab, ws: Workspace, *, hosts: list[str] | None = None,
-                      force: bool = False, accel: str | None = None) -> list[Outcome]:
-    """Write the domain, volume and network XML (see the module doc)."""
-    names = list(dict.fromkeys(hosts)) if hosts else [h.name for h in lab.hosts]
-    chosen = [lab.host(n) for n in names]
-    if not chosen:
-        raise LabError(f"{lab.source.name}: hosts: the lab has no hosts; nothing to do")
-    libvirt.check_networks(lab)
-    accel = accel or detect_accel(ws)     # domain type kvm or qemu
-    out_dir = ws.artifacts / "libvirt"
-    manifest = Manifest(ws.artifacts)
-    outcomes: list[Outcome] = []
-    with BuildLock(ws):
-        jobs: list[tuple[str, Path, str, str]] = []     # (step, path, xml, schema)
+class LibvirtXml(Builder):
+    """Domain, volume and network XML for virsh users (see the module doc);
+    every file is checked with virt-xml-validate before it is committed."""
+
+    kind = "libvirt-xml"
+    help = "libvirt domain, volume and network XML per host (for virsh users)"
+
+    def outputs(self, lab: Lab, ws: Workspace, *, hosts: list[str] | None = None,
+                accel: str | None = None, **_) -> list[Output]:
+        names = list(dict.fromkeys(hosts)) if hosts else [h.name for h in lab.hosts]
+        chosen = [lab.host(n) for n in names]
+        if not chosen:
+            raise LabError(f"{lab.source.name}: hosts: the lab has no hosts; nothing to do")
+        libvirt.check_networks(lab)
+        accel = accel or detect_accel(ws)     # domain type kvm or qemu
+        out_dir = ws.artifacts / "libvirt"
+        outs: list[Output] = []
         used_nets = {libvirt.host_network(lab, h).name for h in chosen}
         for net in lab.networks:
             if net.name in used_nets:
-                jobs.append((f"libvirt-xml network {net.name}", out_dir / f"net-{net.name}.xml",
-                             libvirt.network_xml(lab, net), "network"))
+                text = libvirt.network_xml(lab, net)
+                outs.append(Output(out_dir / f"net-{net.name}.xml", libvirt.NETWORK_KIND,
+                                   f"libvirt-xml network {net.name}", inputs=(text,),
+                                   data=(text, "network")))
         for h in chosen:
             overlay = overlay_path(ws, h).resolve()
-            seed = seed_path(lab, ws, h).resolve()
-            jobs.append((f"libvirt-xml {h.name}", out_dir / f"{h.name}.xml",
-                         domain_xml(lab, h, overlay, seed, accel), "domain"))
-            jobs.append((f"libvirt-xml {h.name} volume", out_dir / f"{h.name}-volume.xml",
-                         volume_xml(h, overlay, base_path(ws, h).resolve()), "storagevol"))
-        for step, path, text, schema in jobs:
-            kind = libvirt.NETWORK_KIND if schema == "network" else "libvirt-xml"
-            digest = input_digest(kind, text)
-            if not force and manifest.is_current(path, digest):
-                outcomes.append(Outcome(step, "up to date", [path]))
-                continue
-            with atomic_path(path) as tmp:
-                tmp.write_text(text)
-                libvirt.validate(tmp, schema)
-            manifest.record(path, kind, digest,
-                            tools={"virt-xml-validate": extcmd.tool_version("virt-xml-validate")},
-                            meta={"schema": schema})
-            outcomes.append(Outcome(step, "built", [path]))
-    return outcomes
+            text = domain_xml(lab, h, overlay, seed_path(lab, ws, h).resolve(), accel)
+            outs.append(Output(out_dir / f"{h.name}.xml", self.kind, f"libvirt-xml {h.name}",
+                               inputs=(text,), data=(text, "domain")))
+            text = volume_xml(h, overlay, base_path(ws, h).resolve())
+            outs.append(Output(out_dir / f"{h.name}-volume.xml", self.kind,
+                               f"libvirt-xml {h.name} volume", inputs=(text,),
+                               data=(text, "storagevol")))
+        return outs
+
+    def build(self, ctx: Context, out: Output, stage: Stage) -> Built:
+        text, schema = out.data
+        tmp = stage.file(out.path)
+        tmp.write_text(text)
+        libvirt.validate(tmp, schema)
+        return Built(meta={"schema": schema},
+                     tools={"virt-xml-validate": extcmd.tool_version("virt-xml-validate")})
+
+
+LIBVIRT_XML = LibvirtXml()
+
+
+def build_libvirt_xml(lab: Lab, ws: Workspace, *, hosts: list[str] | None = None,
+                      force: bool = False, accel: str | None = None) -> list[Outcome]:
+    """Write the domain, volume and network XML (see the module doc)."""
+    return run(LIBVIRT_XML, lab, ws, force=force, hosts=hosts, accel=accel)

@@ -25,7 +25,6 @@ from builders.artifacts.baseimage import qemu_check
 from builders.core.console import log, progress
 from builders.core.errors import LabError
 from builders.core.extcmd import run
-from builders.core.fsutil import atomic_path
 from builders.core.manifest import Manifest
 from builders.core.workspace import Workspace
 
@@ -231,8 +230,11 @@ def pack_box(out: Path, members: list[tuple[str, bytes | Path]], label: str = "p
 
 
 
-def make_box(img: Path, info: dict, box: Path, name: str, version: str) -> tuple[str, int]:
-    """Flatten (if needed) and pack; the box appears only when complete."""
+def make_box(img: Path, info: dict, box: Path, out: Path, name: str,
+             version: str) -> tuple[str, int]:
+    """Flatten ``img`` (if it has a backing file) and pack the box for
+    ``box`` into the file ``out`` (the stage's temporary file); return the
+    tar's (sha256, size)."""
     flat = None
     src = img
     box.parent.mkdir(parents=True, exist_ok=True)
@@ -250,10 +252,7 @@ def make_box(img: Path, info: dict, box: Path, name: str, version: str) -> tuple
             ("Vagrantfile", box_vagrantfile(name, version).encode()),
             ("box.img", src),
         ]
-        with atomic_path(box) as tmp:
-            sha, size = pack_box(tmp, members, label=f"packing {box.name}")
-        return sha, size
+        return pack_box(out, members, label=f"packing {box.name}")
     finally:
         if flat is not None and flat.exists():
             flat.unlink()
-

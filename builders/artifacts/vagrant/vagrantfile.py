@@ -66,7 +66,9 @@ def _seed_where(lab: Lab, ws: Workspace, host: Host) -> str:
     return f"{base}/seed/{host.name}.iso"
 
 
-def render_vagrantfile(lab: Lab, ws: Workspace) -> str:
+def render_vagrantfile(lab: Lab, ws: Workspace, *, with_catalog: bool = False) -> str:
+    """The Vagrantfile; ``config.vm.box_url`` names the box catalog when it
+    exists or is being built in the same run (``with_catalog``)."""
     box = lab.vagrant.box
     cat = catalog_path(ws, box)
     key = ssh_private_key(lab, ws)
@@ -84,7 +86,7 @@ def render_vagrantfile(lab: Lab, ws: Workspace) -> str:
         'Vagrant.configure("2") do |config|',
         f"  config.vm.box = {_rb(box)}",
     ]
-    if cat.exists():
+    if with_catalog or cat.exists():
         out.append(f"  config.vm.box_url = {_rb(cat.resolve().as_uri())}")
     out += [
         '  config.vm.synced_folder ".", "/vagrant", disabled: true',
