@@ -103,7 +103,7 @@ def main() -> int:
         # labforge
         ws = Workspace(tmp / "ws")
         t = time.monotonic()
-        [o] = vagrant.build_box(None, ws, image=str(image), name="bench/labforge", version="1.0.0")
+        vagrant.build_box(None, ws, image=str(image), name="bench/labforge", version="1.0.0")
         t_lab = time.monotonic() - t
         lab_box = vagrant.box_path(ws, "bench/labforge", "1.0.0")
 

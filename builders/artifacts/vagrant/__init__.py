@@ -26,7 +26,8 @@ from pathlib import Path
 from builders.artifacts.baseimage import image_path
 from builders.artifacts.vagrant.box import (ARCH, BOX_KIND, IMAGE_KINDS, backing_chain,
                                             box_metadata, box_vagrantfile, file_digest,
-                                            image_info, make_box, pack_box, resolve_image)
+                                            image_info, make_box, pack_box, resolve_image,
+                                            tar_mtime)
 from builders.artifacts.vagrant.catalog import (CATALOG_KIND, VERSION_RE, box_path, box_stem,
                                                 catalog_entry, catalog_path, catalog_url,
                                                 catalog_with_version, check_box_name,
@@ -153,7 +154,7 @@ class Box(Builder):
         p = plan or plan_box(lab, ws, **{k: options.get(k) for k in
                                          ("image", "name", "version", "base_url")})
         box = Output(p.box, BOX_KIND, f"vagrant-box {p.name} {p.version}",
-                     inputs=(p.content, p.version), data=p)
+                     inputs=(p.content, p.version, tar_mtime()), data=p)
         cat = Output(p.catalog, CATALOG_KIND, f"vagrant-catalog {p.name}",
                      inputs=(p.name, p.version, p.url, p.arch, box.digest()), data=p)
         return [box, cat]

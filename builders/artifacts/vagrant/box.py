@@ -35,8 +35,19 @@ GIB = 1024 ** 3
 BUF = 4 << 20                 # 4 MiB copy buffer: constant memory, few syscalls
 BLOCK = tarfile.BLOCKSIZE     # 512
 RECORD = tarfile.RECORDSIZE   # 10240: tar files end on a record boundary
-# tar member mtime: fixed, so the same inputs give the same box (and checksum)
-MTIME = int(os.environ.get("SOURCE_DATE_EPOCH", "946684800"))
+DEFAULT_MTIME = 946684800    # 2000-01-01: tar member mtime when SOURCE_DATE_EPOCH is unset
+
+
+def tar_mtime() -> int:
+    """The box members' mtime: SOURCE_DATE_EPOCH when set, else a fixed date,
+    so the same inputs give the same box (and checksum)."""
+    raw = os.environ.get("SOURCE_DATE_EPOCH", "")
+    if not raw:
+        return DEFAULT_MTIME
+    if not raw.isdigit() or not 0 < int(raw) < 8 ** 11:      # what a ustar header holds
+        raise LabError(f"SOURCE_DATE_EPOCH: {raw!r} is not a number of seconds since 1970; "
+                       "unset it or give e.g. $(git log -1 --format=%ct)")
+    return int(raw)
 
 # vagrant-libvirt names for what `uname -m`-style image metadata may say
 ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
@@ -154,10 +165,10 @@ end
 """
 
 
-def _tar_header(name: str, size: int) -> bytes:
+def _tar_header(name: str, size: int, mtime: int) -> bytes:
     ti = tarfile.TarInfo(name)
     ti.size = size
-    ti.mtime = MTIME
+    ti.mtime = mtime
     ti.mode = 0o644
     ti.uid = ti.gid = 0
     ti.uname = ti.gname = "root"
@@ -199,6 +210,7 @@ def pack_box(out: Path, members: list[tuple[str, bytes | Path]], label: str = "p
     Streams files in 4 MiB chunks (constant memory), shows progress, and
     returns (sha256, size) of the tar as written.
     """
+    mtime = tar_mtime()
     total = sum(len(d) if isinstance(d, bytes) else d.stat().st_size for _, d in members)
     buf = bytearray(BUF)
     view = memoryview(buf)
@@ -207,13 +219,13 @@ def pack_box(out: Path, members: list[tuple[str, bytes | Path]], label: str = "p
         w = _HashingWriter(fh, pool)
         for name, data in members:
             if isinstance(data, bytes):
-                w.write(_tar_header(name, len(data)))
+                w.write(_tar_header(name, len(data), mtime))
                 w.write(data)
                 bar.advance(len(data))
             else:
                 with open(data, "rb") as src:
                     size = os.fstat(src.fileno()).st_size
-                    w.write(_tar_header(name, size))
+                    w.write(_tar_header(name, size, mtime))
                     left = size
                     while left:
                         n = src.readinto(view[:min(BUF, left)])
