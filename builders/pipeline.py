@@ -24,6 +24,7 @@ from typing import Callable
 
 from builders.artifacts.overlays import OVERLAYS
 from builders.core import contract
+from builders.publishers.glance import GLANCE
 from builders.core.contract import Builder, Publisher
 from builders.core.errors import LabError
 from builders.core.lab import Lab
@@ -78,12 +79,6 @@ def _amphora_skip(lab: Lab, ws: Workspace) -> str | None:
     return None
 
 
-def _glance_skip(lab: Lab, ws: Workspace) -> str | None:
-    if lab.glance.cloud or os.environ.get("OS_CLOUD") or os.environ.get("OS_AUTH_URL"):
-        return None
-    return "no cloud configured (set glance.cloud in lab.yaml, OS_CLOUD or OS_AUTH_URL)"
-
-
 def _intact(ws: Workspace, name: str, kind: str, what: str) -> str | None:
     manifest = Manifest(ws.artifacts)
     try:
@@ -123,20 +118,6 @@ def _legacy(module: str, func: str):
     return call
 
 
-class _GlanceStep(Publisher):
-    name = "glance"
-    help = "publish the amphora to Glance, tagged"
-    needs = ("amphora",)
-
-    def skip_reason(self, lab: Lab, ws: Workspace) -> str | None:
-        return _glance_skip(lab, ws)
-
-    def publish(self, lab: Lab, ws: Workspace, **options) -> list[Outcome]:
-        from builders.publishers.glance import publish_amphora
-        result = publish_amphora(lab, ws)
-        return list(result) if isinstance(result, (list, tuple)) else [result]
-
-
 STEPS: tuple[Step, ...] = (
     _Legacy("certs", _legacy("artifacts.certs", "build_certs"), "Kafka and Octavia PKI under certs/",
             ready=_certs_ready),
@@ -150,7 +131,7 @@ STEPS: tuple[Step, ...] = (
     _Legacy("vagrant", _legacy("artifacts.vagrant", "build_lab_vagrant"),
             "Vagrant box of the base image, Vagrantfile, network XML",
             needs=("base-image", "seed-iso")),
-    _GlanceStep(),
+    GLANCE,
 )
 BY_NAME = {s.name: s for s in STEPS}
 KINDS = tuple(s.name for s in STEPS)

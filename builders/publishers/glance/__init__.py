@@ -30,7 +30,7 @@ so tokens, TLS settings and the endpoint are the SDK's.
 """
 
 from .client import OWNER, ROTATION, SHA256, UPLOAD_ID, Cloud, connect
-from .publish import VISIBILITIES, amphora_properties, find_amphora, publish_amphora, upload_image
+from .publish import GLANCE, VISIBILITIES, amphora_properties, find_amphora, publish_amphora, upload_image
 from .rotation import rotate
 from .upload import (BUFFERS, CHUNK, DEFAULT_HASH, GLANCE_DISK_FORMATS, METHODS, STUCK,
                      HashingBody, Source, Terminated, cleanup_stuck, detect_disk_format,
@@ -38,6 +38,7 @@ from .upload import (BUFFERS, CHUNK, DEFAULT_HASH, GLANCE_DISK_FORMATS, METHODS,
                      virtual_size)
 
 __all__ = [
+    "GLANCE",
     "BUFFERS", "CHUNK", "DEFAULT_HASH", "GLANCE_DISK_FORMATS", "METHODS", "OWNER", "ROTATION",
     "SHA256", "STUCK", "UPLOAD_ID", "VISIBILITIES", "Cloud", "HashingBody", "Source",
     "Terminated", "amphora_properties", "cleanup_stuck", "connect", "detect_disk_format",

@@ -12,11 +12,13 @@ in the artifact's manifest record (``meta["glance"][<cloud>]``).
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from builders.core.contract import Publisher
 from builders.core.errors import LabError
 from builders.core.lab import Lab
 from builders.core.manifest import Manifest
@@ -206,3 +208,23 @@ def publish_amphora(lab: Lab, ws: Workspace, *, cloud: str | None = None,
         deactivate_old=lab.glance.deactivate_old if deactivate_old is None else deactivate_old,
         method=method, min_disk=lab.octavia.amphora.size, min_ram=min_ram, cacert=cacert,
         insecure=insecure, kinds=("amphora",), step="publish-amphora")
+
+
+class AmphoraPublisher(Publisher):
+    """The pipeline's glance step: the amphora to Glance as Octavia finds it."""
+
+    name = "glance"
+    help = "publish the amphora to Glance, tagged"
+    needs = ("amphora",)
+
+    def skip_reason(self, lab: Lab, ws: Workspace) -> str | None:
+        if lab.glance.cloud or os.environ.get("OS_CLOUD") or os.environ.get("OS_AUTH_URL"):
+            return None
+        return "no cloud configured (set glance.cloud in lab.yaml, OS_CLOUD or OS_AUTH_URL)"
+
+    def publish(self, lab: Lab, ws: Workspace, **options) -> list[Outcome]:
+        result = publish_amphora(lab, ws, **options)
+        return list(result) if isinstance(result, (list, tuple)) else [result]
+
+
+GLANCE = AmphoraPublisher()
