@@ -66,6 +66,14 @@ def test_default_lab_seeds_show_the_names_tools_expect(default_lab, ws, lab_key)
     assert seed_path(default_lab, ws, "broker1") == iso
     names = sorted(read_seed(iso))
     assert names == ["meta-data", "network-config", "user-data"]
+    # the builder's declared outputs are exactly what it recorded
+    declared = seeds.SEEDS.outputs(default_lab, ws)
+    assert [o.path for o in declared] == [p for o in outcomes for p in o.paths]
+    m = Manifest(ws.artifacts)
+    assert all(m.get(o.path)["kind"] == o.kind == "seed-iso" for o in declared)
+    assert seeds.SEEDS.ready(default_lab, ws) is None
+    iso.unlink()
+    assert seeds.SEEDS.ready(default_lab, ws) == "there is no seed for broker1"
 
 
 @pytest.mark.integration

@@ -605,6 +605,12 @@ def test_pipeline_step(ws, built, default_lab):
     assert (ws.artifacts / "vagrant" / "Vagrantfile").is_file()
     again = vagrant.build_lab_vagrant(default_lab, ws)
     assert {o.status for o in again} == {"up to date"}
+    # what the step declares is exactly what it recorded, under the same kinds
+    declared = vagrant.VAGRANT.outputs(default_lab, ws)
+    assert [o.path for o in declared] == [p for o in outcomes for p in o.paths]
+    m = Manifest(ws.artifacts)
+    assert all(m.get(o.path)["kind"] == o.kind for o in declared)
+    assert vagrant.VAGRANT.ready(default_lab, ws) is None
 
 
 def test_pipeline_step_without_base_image(ws, default_lab):
