@@ -20,7 +20,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from builders.core import extcmd
-from builders.checks.bootcheck import detect_accel
+from builders.tools.qemu_vm import detect_accel
 from builders.core.errors import LabError
 from builders.core.fsutil import atomic_path
 from builders.core.lab import Host, Lab, Network
@@ -62,7 +62,7 @@ def network_xml(net: Network) -> str:
 
 
 def domain_xml(lab: Lab, host: Host, overlay: Path, seed: Path | None, accel: str) -> str:
-    net = lab.network(host.network) if host.network else lab.networks[0]
+    net = lab.host_network(host)
     root = ET.Element("domain", type="kvm" if accel == "kvm" else "qemu")
     _sub(root, "name", f"{lab.name}-{host.name}")
     _sub(root, "memory", str(host.memory), unit="MiB")
@@ -142,7 +142,7 @@ def build_libvirt_xml(lab: Lab, ws: Workspace, *, hosts: list[str] | None = None
     outcomes: list[Outcome] = []
     with BuildLock(ws):
         jobs: list[tuple[str, Path, str, str]] = []     # (step, path, xml, schema)
-        used_nets = {h.network or lab.networks[0].name for h in chosen}
+        used_nets = {lab.host_network(h).name for h in chosen}
         for net in lab.networks:
             if net.name in used_nets:
                 jobs.append((f"libvirt-xml network {net.name}", out_dir / f"net-{net.name}.xml",

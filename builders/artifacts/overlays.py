@@ -19,13 +19,13 @@ overlay has no data clusters of its own (``qemu-img map``).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 
 from builders.core import extcmd
-from builders.artifacts.baseimage import qemu_check, qemu_info
+from builders.tools.qemu_img import check as qemu_check, check_chain, create_overlay, written_bytes
+from builders.tools.qemu_img import info as qemu_info
 from builders.core.errors import LabError
 from builders.core.fsutil import atomic_path, sha256_file
 from builders.core.lab import Host, Lab
@@ -43,17 +43,6 @@ def overlay_path(ws: Workspace, host: Host | str) -> Path:
 
 def base_path(ws: Workspace, host: Host) -> Path:
     return ws.artifacts / "images" / f"{host.image}.qcow2"
-
-
-def written_bytes(path: Path) -> int:
-    """Bytes of guest data stored in the overlay itself (not in its backing chain)."""
-    proc = extcmd.run(["qemu-img", "map", "-U", "--output=json", path],
-                      what=f"reading {path.name}")
-    total = 0
-    for ext in json.loads(proc.stdout):
-        if ext.get("depth") == 0 and ext.get("data"):
-            total += int(ext["length"])
-    return total
 
 
 def _check_base(lab: Lab, ws: Workspace, host: Host, manifest: Manifest,
@@ -140,8 +129,7 @@ def _one(lab: Lab, ws: Workspace, manifest: Manifest, h: Host, base: Path, sha: 
     target.parent.mkdir(parents=True, exist_ok=True)
     backing = os.path.relpath(base, target.parent)
     with atomic_path(target) as tmp:
-        extcmd.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2",
-                    tmp, f"{h.disk}G"], cwd=target.parent, what=f"creating {target.name}")
+        create_overlay(tmp, backing, size=f"{h.disk}G", cwd=target.parent, what=f"creating {target.name}")
         chain = [target.name, *check_chain(tmp, base, h.disk * GiB)[1:]]
     secs = time.monotonic() - start
     manifest.record(target, "overlay", digest, tools={"qemu-img": extcmd.tool_version("qemu-img")},
@@ -149,24 +137,3 @@ def _one(lab: Lab, ws: Workspace, manifest: Manifest, h: Host, base: Path, sha: 
                           "backing_sha256": sha, "virtual_size": h.disk * GiB,
                           "chain": chain})
     return Outcome(step, "built", [target], f"{h.disk} GiB, backed by {base.name}", secs)
-
-
-def check_chain(overlay: Path, base: Path, size: int) -> list[str]:
-    """Confirm with ``qemu-img info --backing-chain`` that ``overlay`` is a
-    qcow2 of ``size`` bytes backed by the qcow2 ``base``; return the chain."""
-    proc = extcmd.run(["qemu-img", "info", "-U", "--backing-chain", "--output=json", overlay],
-                      what=f"checking {overlay.name}")
-    chain = json.loads(proc.stdout)
-    top = chain[0]
-    problems = []
-    if top.get("format") != "qcow2":
-        problems.append(f"format {top.get('format')}")
-    if int(top.get("virtual-size", 0)) != size:
-        problems.append(f"virtual size {top.get('virtual-size')} != {size}")
-    if top.get("backing-filename-format") != "qcow2":
-        problems.append("no explicit backing format")
-    if len(chain) < 2 or Path(chain[1]["filename"]).resolve() != base.resolve():
-        problems.append(f"backing file is {top.get('full-backing-filename')}, not {base}")
-    if problems:
-        raise LabError(f"{overlay}: qemu-img reports a wrong chain: {'; '.join(problems)}")
-    return [Path(c["filename"]).name for c in chain]

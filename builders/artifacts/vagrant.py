@@ -45,7 +45,8 @@ from typing import Any
 from xml.sax.saxutils import quoteattr
 
 from builders.artifacts import seediso
-from builders.artifacts.baseimage import qemu_check
+from builders.tools import qemu_img
+from builders.tools.qemu_img import check as qemu_check
 from builders.core.console import log, progress
 from builders.core.errors import LabError
 from builders.core.fsutil import atomic_path, atomic_write, remove_stale_parts
@@ -143,12 +144,7 @@ def image_info(path: Path) -> dict:
         raise LabError(f"{path}: no such image file; build the image first") from None
     except OSError as exc:
         raise LabError(f"{path}: cannot read the image: {exc.strerror}") from None
-    proc = run(["qemu-img", "info", "--output=json", "-U", path],
-               what=f"reading image {path.name}")
-    try:
-        info = json.loads(proc.stdout)
-    except ValueError:
-        raise LabError(f"{path}: qemu-img info printed no JSON; is it an image?") from None
+    info = qemu_img.info(path)
     fmt = info.get("format")
     if magic != QCOW2_MAGIC or fmt != "qcow2":
         raise LabError(f"{path}: is a {fmt or 'unknown'} image, not qcow2; vagrant-libvirt boxes "
@@ -170,12 +166,7 @@ def image_info(path: Path) -> dict:
 
 
 def _backing_chain(path: Path) -> list[Path]:
-    proc = run(["qemu-img", "info", "--output=json", "-U", "--backing-chain", path],
-               what=f"reading image {path.name}")
-    try:
-        chain = json.loads(proc.stdout)
-    except ValueError:
-        return [path]
+    chain = qemu_img.backing_chain(path)
     return [Path(i["filename"]) for i in chain if i.get("filename")]
 
 
@@ -471,8 +462,7 @@ def _make_box(img: Path, info: dict, box: Path, name: str, version: str) -> tupl
             flat = box.parent / f".{box.name}.flat.part"
             log.info("vagrant-box: %s has a backing file; flattening it with qemu-img convert",
                      img.name)
-            run(["qemu-img", "convert", "-U", "-O", "qcow2", img, flat],
-                what=f"flattening {img.name}")
+            qemu_img.convert(img, flat, what=f"flattening {img.name}")
             src = flat
         meta = json.dumps(box_metadata(info["virtual-size"]), indent=2).encode() + b"\n"
         members: list[tuple[str, bytes | Path]] = [
@@ -551,7 +541,7 @@ def _gateway(lab: Lab, net: Network) -> IPv4Address:
 
 
 def _host_network(lab: Lab, host: Host) -> Network:
-    return lab.network(host.network) if host.network else lab.networks[0]
+    return lab.host_network(host)
 
 
 def _dhcp_range(lab: Lab, net: Network) -> tuple[IPv4Address, IPv4Address]:

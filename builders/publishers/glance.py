@@ -54,8 +54,9 @@ from builders.core.fsutil import CHUNK
 from builders.core.lab import Lab
 from builders.core.manifest import Manifest
 from builders.core.outcome import Outcome
-from builders.core.extcmd import mask, run
+from builders.core.extcmd import mask
 from builders.core.workspace import BuildLock, Workspace
+from builders.tools import distros, qemu_img
 
 log = logging.getLogger("labforge")
 
@@ -76,9 +77,7 @@ _DISK_FORMATS = {"qcow2": "qcow2", "raw": "raw", "vmdk": "vmdk", "vdi": "vdi",
 GLANCE_DISK_FORMATS = ("ami", "ari", "aki", "vhd", "vhdx", "vmdk", "raw", "qcow2", "vdi",
                        "iso", "ploop")
 
-_DEBIAN = {"buster": "10", "bullseye": "11", "bookworm": "12", "trixie": "13", "forky": "14"}
-_UBUNTU = {"focal": "20.04", "jammy": "22.04", "noble": "24.04", "plucky": "25.04"}
-_ARCH = {"amd64": "x86_64", "arm64": "aarch64"}
+_ARCH = distros.ARCHES
 
 
 # --------------------------------------------------------------------------
@@ -327,33 +326,9 @@ def _glance_message(resp) -> str:
 # local file: format, size, streaming hash
 # --------------------------------------------------------------------------
 def detect_disk_format(path: Path) -> str:
-    """Glance disk_format of a file: qemu-img's answer when it is installed,
-    magic bytes otherwise; an ISO 9660 file (qemu-img says raw) is ``iso``."""
-    with open(path, "rb") as fh:
-        head = fh.read(64)
-        fh.seek(0x8001)
-        iso = fh.read(5) == b"CD001"
-    if iso:
-        return "iso"
-    if shutil.which("qemu-img"):
-        proc = run(["qemu-img", "info", "--output=json", str(path)], what="qemu-img info")
-        fmt = json.loads(proc.stdout).get("format", "raw")
-        return _DISK_FORMATS.get(fmt, "raw")
-    if head.startswith(b"QFI\xfb"):
-        return "qcow2"
-    if head.startswith(b"KDMV"):
-        return "vmdk"
-    if head.startswith(b"vhdxfile"):
-        return "vhdx"
-    return "raw"
-
-
-def virtual_size(path: Path) -> int | None:
-    """Virtual disk size in bytes (qemu-img), None when unknown."""
-    if not shutil.which("qemu-img"):
-        return None
-    proc = run(["qemu-img", "info", "--output=json", str(path)], what="qemu-img info")
-    return json.loads(proc.stdout).get("virtual-size")
+    """Glance disk_format of a file (qemu-img's format, ``iso`` for ISO 9660)."""
+    fmt = qemu_img.detect_format(path)
+    return "iso" if fmt == "iso" else _DISK_FORMATS.get(fmt, "raw")
 
 
 def file_hash(path: Path, algo: str, label: str) -> str:
@@ -618,8 +593,7 @@ def upload_image(lab: Lab, ws: Workspace, *, image: str, name: str | None = None
     fmt = disk_format or detect_disk_format(src.path)
     if fmt == "qcow2" and shutil.which("qemu-img"):
         # before contacting the cloud: a truncated image must not become a Glance image
-        from builders.artifacts.baseimage import qemu_check
-        qemu_check(src.path, "rebuild it before uploading")
+        qemu_img.check(src.path, "rebuild it before uploading")
     all_tags = list(dict.fromkeys([*tags, *([rotate_tag] if rotate_tag else [])]))
     cl = connect(cloud or lab.glance.cloud, cacert=cacert, insecure=insecure)
     api = Api(cl)
@@ -1104,7 +1078,7 @@ def amphora_properties(lab: Lab) -> dict[str, str]:
     in Glance's common image properties)."""
     amp = lab.octavia.amphora
     release = amp.release
-    version = (_DEBIAN if amp.base_os == "debian" else _UBUNTU).get(release, release)
+    version = distros.get(amp.base_os).version(release)
     return {"hw_architecture": _ARCH.get(amp.arch, amp.arch), "hw_rng_model": "virtio",
             "os_distro": amp.base_os, "os_version": version}
 
