@@ -90,7 +90,11 @@ def _seeds_ready(lab: Lab, ws: Workspace) -> str | None:
 
 
 def _base_ready(lab: Lab, ws: Workspace) -> str | None:
-    name = f"{lab.base_image.distro}-{lab.base_image.release}"
+    from builders.artifacts.baseimage import release     # "bookworm" is named debian-12
+    try:
+        name = release(lab).name
+    except LabError as exc:
+        return str(exc)
     return _intact(ws, name, "base-image", "base image")
 
 

@@ -551,3 +551,20 @@ def test_package_layer_is_keyed_by_mirror_and_adds_updates_and_security(tmp_path
                      "b.yaml")
     assert baseimage._package_layer(other, ws, rel)["DIB_IMAGE_CACHE"] != env["DIB_IMAGE_CACHE"]
 
+
+@pytest.mark.integration
+def test_release_codename_with_skip_base_image_finds_the_base_image(tmp_path, ws, mirror, cli):
+    """`release: bookworm` names the image debian-12.qcow2; a run that leaves the
+    base image step out must find that file, not look for debian-bookworm."""
+    publish_debian(mirror.root, data_mib=1)
+    lab = lab_file(tmp_path, {"base_image": {"source": "download", "release": "bookworm",
+                                             "url": mirror.url}})
+    proc = cli("base-image", "--lab", str(lab))
+    assert proc.returncode == 0, proc.stderr
+    assert (ws.artifacts / "images" / "debian-12.qcow2").is_file()
+    skip = [a for k in ("certs", "seed-iso", "base-image", "amphora", "vagrant", "glance")
+            for a in ("--skip", k)]
+    proc = cli("all", "--lab", str(lab), "--json", *skip)
+    doc = json.loads(proc.stdout)
+    steps = {s["name"]: s for s in doc["steps"]}
+    assert steps["overlays"]["status"] == "built", steps["overlays"]
