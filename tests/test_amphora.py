@@ -94,6 +94,18 @@ def test_digest_changes_with_inputs(default_lab):
     assert d1 != amphora.image_digest(default_lab, amphora.settings(default_lab, ssh=False))
 
 
+def test_amphora_declares_the_image_it_builds(default_lab, ws):
+    """What `invoke all` finds for a left-out amphora step is the builder's
+    declared output (not a name rebuilt elsewhere, e.g. octavia.image_name)."""
+    [out] = amphora.AMPHORA.outputs(default_lab, ws)
+    assert out.path == ws.artifacts / "images" / "amphora-x64-haproxy.qcow2"
+    assert out.kind == "amphora" and out.digest() == amphora.image_digest(
+        default_lab, amphora.settings(default_lab))
+    assert "amphora-x64-haproxy.qcow2" in amphora.AMPHORA.ready(default_lab, ws)
+    [raw] = amphora.AMPHORA.outputs(default_lab, ws, image_type="raw")
+    assert raw.path.name == "amphora-x64-haproxy.raw"
+
+
 def test_package_layer_only_where_its_package_list_holds(default_lab):
     s = amphora.settings(default_lab)
     assert amphora.layer_name(default_lab, s).startswith("bookworm-")

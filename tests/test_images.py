@@ -56,6 +56,22 @@ def test_download_verifies_and_records(tmp_path, ws, mirror):
 
 
 @pytest.mark.integration
+def test_base_image_declares_what_it_records(tmp_path, ws, mirror):
+    """The builder's declared output is the file it writes and records;
+    ready() (what `invoke all` asks of a left-out step) follows it."""
+    publish_debian(mirror.root)
+    lab = _download_lab(tmp_path, mirror.url, release="bookworm")
+    [declared] = baseimage.BASE_IMAGE.outputs(lab, ws)
+    assert declared.path == ws.artifacts / "images" / "debian-12.qcow2"
+    assert "no record of debian-12.qcow2" in baseimage.BASE_IMAGE.ready(lab, ws)
+    [out] = baseimage.build_base_image(lab, ws)
+    assert out.paths == [declared.path] and out.step == declared.label
+    rec = Manifest(ws.artifacts).get(declared.path)
+    assert rec["kind"] == baseimage.BASE_IMAGE.kind and rec["input_digest"] == declared.digest()
+    assert baseimage.BASE_IMAGE.ready(lab, ws) is None
+
+
+@pytest.mark.integration
 def test_dropped_connection_is_resumed_with_range(tmp_path, ws, mirror):
     img, _ = publish_debian(mirror.root, data_mib=3)
     mirror.drop_after = 1 << 20                  # the first transfer dies after 1 MiB

@@ -1,6 +1,8 @@
 """The Octavia amphora image, built with diskimage-builder in the builder image.
 
-``build_amphora`` makes (or reuses) the builder image
+The builder :data:`AMPHORA` (:mod:`builders.core.contract`) declares the
+image and produces it; ``build_amphora`` runs it.  It makes (or reuses) the
+builder image
 (:mod:`builders.tools.docker_engine`: diskimage-builder pinned, Octavia's
 elements and agent source from the Octavia sdist on PyPI, labforge's local
 elements), then runs ``disk-image-create`` in it through
@@ -29,11 +31,12 @@ import time
 from pathlib import Path
 
 from builders.core.console import progress
+from builders.core.contract import Builder, Built, Context, Output, Stage, run
 from builders.core.errors import LabError
 from builders.core.lab import Lab
-from builders.core.manifest import Manifest, input_digest
+from builders.core.manifest import input_digest
 from builders.core.outcome import Outcome
-from builders.core.workspace import BuildLock, Workspace
+from builders.core.workspace import Workspace
 from builders.tools import dib, distros, docker_engine, qemu_img
 from builders.tools.buildenv import ca_bundle as _lab_ca_bundle
 
@@ -228,67 +231,105 @@ def _mirrors(lab: Lab, s: dict) -> tuple:
     return (distros.ubuntu_mirror(lab),)
 
 
+def _inputs(lab: Lab, s: dict) -> tuple:
+    """Every input of the amphora: settings, builder image inputs, elements,
+    mirrors, its DIB settings; where the workspace is is not one."""
+    return (2, s, docker_engine.builder_inputs(lab, s), elements(s), _mirrors(lab, s),
+            dib_settings(lab, s))
+
+
 def image_digest(lab: Lab, s: dict) -> str:
-    """Digest of every input of the amphora (settings, builder image inputs,
-    elements, mirrors, its DIB settings); where the workspace is is not one."""
-    return input_digest("amphora", 2, s, docker_engine.builder_inputs(lab, s), elements(s),
-                        _mirrors(lab, s), dib_settings(lab, s))
+    """The input digest of the amphora with settings ``s`` (see :func:`_inputs`)."""
+    return input_digest(KIND, *_inputs(lab, s))
 
 
 # --------------------------------------------------------------------------
-# the build
+# the builder
 # --------------------------------------------------------------------------
+KIND = "amphora"
+
+
+class Amphora(Builder):
+    """``artifacts/images/amphora-x64-haproxy.qcow2`` (see module doc).
+
+    Options (those of ``invoke build-amphora``): base_os, release, arch,
+    size, agent, ssh, image_type, apt_mirror, pip_index, ca_bundle; None
+    keeps lab.yaml's value.
+    """
+
+    name = "amphora"
+    kind = KIND
+    help = "Octavia amphora image"
+
+    def skip_reason(self, lab: Lab, ws: Workspace) -> str | None:
+        if not lab.octavia.enabled:
+            return "lab.yaml octavia.enabled is false"
+        if not lab.octavia.amphora.build:
+            return "lab.yaml octavia.amphora.build is false"
+        try:
+            docker_engine.client(ws)   # connects, or starts dockerd when root (as the build would)
+        except LabError as exc:
+            return f"no Docker engine: {exc}"
+        return None
+
+    def outputs(self, lab: Lab, ws: Workspace, **over) -> list[Output]:
+        over = dict(over)
+        lab = with_build_settings(lab, apt_mirror=over.pop("apt_mirror", None),
+                                  pip_index=over.pop("pip_index", None),
+                                  ca_bundle=over.pop("ca_bundle", None),
+                                  base_os=over.get("base_os"))
+        s = settings(lab, **over)
+        return [Output(artifact_path(ws, s), self.kind, "amphora", _inputs(lab, s),
+                       data=(lab, s))]
+
+    def up_to_date(self, ctx: Context, out: Output, digest: str) -> str | None:
+        return None if super().up_to_date(ctx, out, digest) is None else out.path.name
+
+    def build(self, ctx: Context, out: Output, stage: Stage) -> Built:
+        lab, s = out.data
+        ws = ctx.ws
+        start = time.monotonic()
+        docker_engine.confirm_octavia_release(lab, ws, s)   # before any engine is started
+        cli = docker_engine.client(ws)
+        builder_log = ws.artifact_dir("logs") / "amphora-builder.log"
+        with docker_engine.docker_errors("build-amphora"):
+            with open(builder_log, "w") as logfh, \
+                    progress("amphora: builder image", None, "s") as bar:
+                tag = docker_engine.ensure_builder(lab, ws, cli, s, logfh, bar)
+            tmp = stage.file(out.path)
+            log_path = dib.disk_image_create(
+                lab, ws, name="amphora", elements=elements(s), output=tmp,
+                image_type=s["image_type"], image_size=s["size"], arch=s["arch"],
+                env=dib_settings(lab, s, _cache(ws)), distro=s["base_os"], host_ca=False,
+                tmpfs=True, container=dib.in_builder(cli, tag, docker_engine.BUILDER_ELEMENTS_PATH),
+                label="amphora",
+                no_space=f"at --size {s['size']} GB; give a larger --size (octavia.amphora.size)")
+            meta = _inspect(cli, tag, tmp, s)
+        meta["log"] = str(log_path.relative_to(ws.artifacts))
+        # the cache: this release is known good; other package layers are stale
+        docker_engine.remember_octavia_release(lab, ws, s)
+        layer = layer_name(lab, s)
+        if layer:
+            dib.prune_layers(_cache(ws) / "layers" / layer)
+        secs = time.monotonic() - start
+        return Built(f"{out.path.name}, {tmp.stat().st_size / 2**20:.0f} MiB, "
+                     f"{s['base_os']} {s['release']}, octavia {meta['octavia_version']}, "
+                     f"{secs / 60:.1f} min", meta=meta,
+                     tools={"diskimage-builder": docker_engine.DIB_VERSION,
+                            "docker": docker_engine.engine_version(cli), "builder-image": tag})
+
+
+AMPHORA = Amphora()
+
+
 def build_builder_base(lab: Lab, ws: Workspace, *, force: bool = False) -> list[Outcome]:
     """``invoke builder-base``: see :func:`builders.tools.docker_engine.build_builder_base`."""
     return docker_engine.build_builder_base(lab, ws, force=force)
 
 
 def build_amphora(lab: Lab, ws: Workspace, *, force: bool = False, **over) -> list[Outcome]:
-    """Build ``artifacts/images/amphora-x64-haproxy.qcow2`` (see module doc).
-
-    ``over`` takes the options of ``invoke build-amphora`` (base_os, release,
-    arch, size, agent, ssh, image_type, apt_mirror, pip_index, ca_bundle);
-    None keeps lab.yaml's value.
-    """
-    t0 = time.monotonic()
-    lab = with_build_settings(lab, apt_mirror=over.pop("apt_mirror", None),
-                              pip_index=over.pop("pip_index", None),
-                              ca_bundle=over.pop("ca_bundle", None),
-                              base_os=over.get("base_os"))
-    s = settings(lab, **over)
-    target = artifact_path(ws, s)
-    digest = image_digest(lab, s)
-    manifest = Manifest(ws.artifacts)
-    if not force and manifest.is_current(target, digest):
-        return [Outcome("amphora", "up to date", [target], detail=target.name)]
-    docker_engine.confirm_octavia_release(lab, ws, s)
-    cli = docker_engine.client(ws)
-    builder_log = ws.artifact_dir("logs") / "amphora-builder.log"
-    with BuildLock(ws), docker_engine.docker_errors("build-amphora"):
-        with open(builder_log, "w") as logfh, progress("amphora: builder image", None, "s") as bar:
-            tag = docker_engine.ensure_builder(lab, ws, cli, s, logfh, bar)
-        log_path = dib.disk_image_create(
-            lab, ws, name="amphora", elements=elements(s), output=target,
-            image_type=s["image_type"], image_size=s["size"], arch=s["arch"],
-            env=dib_settings(lab, s, _cache(ws)), distro=s["base_os"], host_ca=False, tmpfs=True,
-            container=dib.in_builder(cli, tag, docker_engine.BUILDER_ELEMENTS_PATH),
-            label="amphora",
-            no_space=f"at --size {s['size']} GB; give a larger --size (octavia.amphora.size)")
-        meta = _inspect(cli, tag, target, s)
-        meta["log"] = str(log_path.relative_to(ws.artifacts))
-        manifest.record(target, "amphora", digest,
-                        tools={"diskimage-builder": docker_engine.DIB_VERSION,
-                               "docker": docker_engine.engine_version(cli), "builder-image": tag},
-                        meta=meta)
-        docker_engine.remember_octavia_release(lab, ws, s)
-        layer = layer_name(lab, s)
-        if layer:
-            dib.prune_layers(_cache(ws) / "layers" / layer)
-    secs = time.monotonic() - t0
-    return [Outcome("amphora", "built", [target],
-                    detail=f"{target.name}, {target.stat().st_size / 2**20:.0f} MiB, "
-                           f"{s['base_os']} {s['release']}, octavia {meta['octavia_version']}, "
-                           f"{secs / 60:.1f} min", seconds=secs)]
+    """Build the amphora image (see :class:`Amphora` for the options)."""
+    return run(AMPHORA, lab, ws, force=force, **over)
 
 
 def _inspect(cli, tag: str, built: Path, s: dict) -> dict:

@@ -25,7 +25,10 @@ Two sources, chosen by lab.yaml ``base_image.source``:
 
 Output: ``artifacts/images/<distro>-<version>.qcow2`` (``debian-12``,
 ``ubuntu-24.04``: the name hosts use in ``image:``), recorded in the
-manifest with its sha256, virtual size and where it came from.
+manifest with its sha256, virtual size and where it came from.  The builder
+is :data:`BASE_IMAGE` (:mod:`builders.core.contract`): it declares that one
+output and produces the file; the contract's runner locks, checks, stages,
+renames and records.
 """
 
 from __future__ import annotations
@@ -41,11 +44,12 @@ from typing import Any
 from builders.core import extcmd
 from builders.core.console import progress
 from builders.core.errors import LabError
+from builders.core.contract import Builder, Built, Context, Output, Stage, run
 from builders.core.fsutil import atomic_path, atomic_write, sha256_file
 from builders.core.lab import Lab
-from builders.core.manifest import Manifest, input_digest
+from builders.core.manifest import input_digest
 from builders.core.outcome import Outcome
-from builders.core.workspace import BuildLock, Workspace
+from builders.core.workspace import Workspace
 from builders.tools import dib, distros, docker_engine, download, qemu_img
 from builders.tools.buildenv import ca_bundle
 from builders.tools.distros import Release
@@ -86,45 +90,66 @@ def image_path(lab: Lab, ws: Workspace) -> Path:
     return ws.artifacts / "images" / f"{release(lab).name}.qcow2"
 
 
-def build_base_image(lab: Lab, ws: Workspace, *, force: bool = False) -> list[Outcome]:
-    """Make ``artifacts/images/<distro>-<version>.qcow2`` from the lab's source."""
-    rel = release(lab)
-    bi = lab.base_image
-    if bi.source == "build" and bi.distro != "debian":
-        raise LabError(f"{lab.source.name}: base_image: the build source makes Debian images; "
-                       "set base_image.distro: debian or base_image.source: download")
-    target = image_path(lab, ws)
-    step = f"base-image {rel.name}"
-    if bi.source == "download":
-        digest = input_digest("base-image/download", rel.distro, rel.version, _base_url(lab, rel))
-    else:
-        place = dib_place(lab)
-        digest = build_digest(lab, rel, place.dib_version)
-    manifest = Manifest(ws.artifacts)
-    with BuildLock(ws):
-        if not force and manifest.is_current(target, digest):
-            return [Outcome(step, "up to date", [target])]
-        start = time.monotonic()
+KIND = "base-image"
+
+
+class BaseImage(Builder):
+    """``artifacts/images/<distro>-<version>.qcow2`` from the lab's source."""
+
+    name = "base-image"
+    kind = KIND
+    help = "base cloud image"
+
+    def outputs(self, lab: Lab, ws: Workspace, **_) -> list[Output]:
+        rel = release(lab)
+        bi = lab.base_image
+        if bi.source == "build" and bi.distro != "debian":
+            raise LabError(f"{lab.source.name}: base_image: the build source makes Debian images; "
+                           "set base_image.distro: debian or base_image.source: download")
         if bi.source == "download":
-            meta = _download(lab, ws, rel, target)
+            inputs = _download_inputs(lab, rel)
+            plan = (rel, None)
+        else:
+            place = dib_place(lab)
+            inputs = _build_inputs(lab, rel, place.dib_version)
+            plan = (rel, place)
+        return [Output(image_path(lab, ws), self.kind, f"base-image {rel.name}", inputs,
+                       data=plan)]
+
+    def build(self, ctx: Context, out: Output, stage: Stage) -> Built:
+        lab, ws = ctx.lab, ctx.ws
+        rel, place = out.data
+        source = lab.base_image.source
+        start = time.monotonic()
+        tmp = stage.file(out.path)
+        if place is None:
+            meta = _download(lab, ws, rel, tmp)
             tools = {"requests": download.requests_version()}
         else:
-            meta, tools = _build(lab, ws, rel, target, digest, force, place)
-        info = qemu_img.info(target)
+            meta, tools = _build(lab, ws, rel, tmp, out.digest(), ctx.force, place)
+        info = qemu_img.info(tmp)
         if info.get("format") != "qcow2":
-            target.unlink(missing_ok=True)
-            raise LabError(f"{target}: the {bi.source}ed image is {info.get('format')}, not qcow2")
+            raise LabError(f"{out.path}: the {source}ed image is {info.get('format')}, not qcow2")
         meta.update({"distro": rel.distro, "release": rel.version, "codename": rel.codename,
-                     "source": bi.source, "format": "qcow2",
+                     "source": source, "format": "qcow2",
                      "virtual_size": info["virtual-size"]})
-        manifest.record(target, "base-image", digest, tools=tools, meta=meta)
-        secs = time.monotonic() - start
-        size = info["virtual-size"] / 2**30
-        how = "build reused from cache/dib/images" if meta.get("reused_from_cache") else bi.source
+        how = "build reused from cache/dib/images" if meta.get("reused_from_cache") else source
         if meta.get("builder", "host") != "host" and not meta.get("reused_from_cache"):
             how = f"build in {meta['builder']}"
-        return [Outcome(step, "built", [target], f"{how}, {size:.1f} GiB virtual, "
-                        f"{secs:.0f}s", secs)]
+        return Built(f"{how}, {info['virtual-size'] / 2**30:.1f} GiB virtual, "
+                     f"{time.monotonic() - start:.0f}s", meta=meta, tools=tools)
+
+
+BASE_IMAGE = BaseImage()
+
+
+def build_base_image(lab: Lab, ws: Workspace, *, force: bool = False) -> list[Outcome]:
+    """Make ``artifacts/images/<distro>-<version>.qcow2`` from the lab's source."""
+    return run(BASE_IMAGE, lab, ws, force=force)
+
+
+def _download_inputs(lab: Lab, rel: Release) -> tuple:
+    return ("download", rel.distro, rel.version, _base_url(lab, rel))
 
 
 # --------------------------------------------------------------------------
@@ -139,14 +164,19 @@ class Place:
     tag: str | None = None         # ... this builder image
 
 
-def build_digest(lab: Lab, rel: Release, dib_version: str | None) -> str:
-    """Input digest of the ``build`` source.  Where DIB runs is not an input
-    (same DIB, same elements, same command line); the DIB version of the place
-    that runs it is, so switching between a host and a container whose DIB
+def _build_inputs(lab: Lab, rel: Release, dib_version: str | None) -> tuple:
+    """Inputs of the ``build`` source.  Where DIB runs is not one (same DIB,
+    same elements, same command line); the DIB version of the place that
+    runs it is, so switching between a host and a container whose DIB
     differs rebuilds."""
     main, sec = distros.debian_mirrors(lab)
-    return input_digest("base-image/build", rel.distro, rel.version, lab.base_image.size,
-                        main, sec, BUILD_ELEMENTS, BUILD_PACKAGES, dib_version)
+    return ("build", rel.distro, rel.version, lab.base_image.size,
+            main, sec, BUILD_ELEMENTS, BUILD_PACKAGES, dib_version)
+
+
+def build_digest(lab: Lab, rel: Release, dib_version: str | None) -> str:
+    """Input digest of the ``build`` source (see :func:`_build_inputs`)."""
+    return input_digest(KIND, *_build_inputs(lab, rel, dib_version))
 
 
 def dib_place(lab: Lab) -> Place:
@@ -209,10 +239,11 @@ def _tools(meta: dict, dib_version: str | None, cli=None) -> dict:
 
 def _build(lab: Lab, ws: Workspace, rel: Release, target: Path, digest: str,
            force: bool, place: Place) -> tuple[dict, dict]:
-    """Build with DIB where ``place`` says, or reuse the image an earlier
-    build with the same inputs left in ``cache/dib/images/`` (a CI job that
-    keeps cache/ but starts with an empty artifacts/).  ``force`` always
-    builds.  Returns (meta, tools) for the manifest."""
+    """Build with DIB where ``place`` says into ``target`` (a staged file),
+    or reuse the image an earlier build with the same inputs left in
+    ``cache/dib/images/`` (a CI job that keeps cache/ but starts with an
+    empty artifacts/).  ``force`` always builds.  Returns (meta, tools) for
+    the manifest."""
     cache_dir = ws.cache_dir("dib", "images")
     cached = cache_dir / f"{rel.name}-{digest[:16]}.qcow2"
     sidecar = cached.with_suffix(".json")
@@ -222,8 +253,7 @@ def _build(lab: Lab, ws: Workspace, rel: Release, target: Path, digest: str,
         except ValueError:
             known = {}
         if known.get("sha256") and sha256_file(cached) == known["sha256"]:
-            with atomic_path(target) as tmp:
-                shutil.copyfile(cached, tmp)
+            shutil.copyfile(cached, target)
             meta = {**known.get("meta", {}), "reused_from_cache": True}
             if not (ws.artifacts / meta.get("log", "")).is_file():
                 meta.pop("log", None)           # that build's log went with its artifacts/
@@ -296,13 +326,12 @@ def _download(lab: Lab, ws: Workspace, rel: Release, target: Path) -> dict:
         cached.unlink()
     download.download(url + image_name, cached, expected=expected, algo=algo, session=session,
                       label=f"base-image {rel.name}: {image_name}")
-    # move the verified file into artifacts/ atomically
-    with atomic_path(target) as tmp:
-        try:
-            os.replace(cached, tmp)
-        except OSError:
-            shutil.copyfile(cached, tmp)
-            cached.unlink()
+    # the verified file becomes the staged output (the runner renames it into place)
+    try:
+        os.replace(cached, target)
+    except OSError:
+        shutil.copyfile(cached, target)
+        cached.unlink()
     meta = {"url": url + image_name, algo: expected}
     if signature:
         meta["signature"] = signature

@@ -32,6 +32,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from builders.core.contract import Check
 from builders.core.errors import LabError
 from builders.core.fsutil import atomic_write
 from builders.core.lab import Lab
@@ -195,23 +196,44 @@ def foreign_client(directory: Path) -> Path:
 # --------------------------------------------------------------------------
 # the check
 # --------------------------------------------------------------------------
-def _image(ws: Workspace, image: str | None) -> Path:
+def _image(lab: Lab, ws: Workspace, image: str | None) -> Path:
+    """``--image`` (a path or a manifest name), else the amphora builder's
+    declared output (qcow2, or raw when that is what was built)."""
+    from builders.artifacts import amphora
     if image:
-        return Manifest(ws.artifacts).resolve(image, kinds=("amphora",))[0]
-    for ext in ("qcow2", "raw"):
-        p = ws.artifacts / "images" / f"amphora-x64-haproxy.{ext}"
+        return Manifest(ws.artifacts).resolve(image, kinds=(amphora.KIND,))[0]
+    declared = amphora.AMPHORA.outputs(lab, ws)[0].path
+    for p in (declared, *(amphora.artifact_path(ws, {"image_type": t}) for t in ("qcow2", "raw"))):
         if p.is_file():
             return p
-    raise LabError(f"{ws.artifacts / 'images' / 'amphora-x64-haproxy.qcow2'}: no amphora image; "
-                   "run `invoke build-amphora` first")
+    raise LabError(f"{declared}: no amphora image; run `invoke build-amphora` first")
+
+
+class AmphoraCheck(Check):
+    """``invoke amphora-check``: boot the amphora as Nova would, prove its agent."""
+
+    name = "amphora-check"
+    help = "boot the amphora with a Nova-style config drive and prove its agent (mutual TLS)"
+
+    def check(self, lab: Lab, ws: Workspace, *, image: str | None = None,
+              timeout: float = BOOT_TIMEOUT, accel: str | None = None) -> list[Outcome]:
+        return _check_amphora(lab, ws, image=image, timeout=timeout, accel=accel)
+
+
+AMPHORA_CHECK = AmphoraCheck()
 
 
 def check_amphora(lab: Lab, ws: Workspace, *, image: str | None = None,
                   timeout: float = BOOT_TIMEOUT, accel: str | None = None) -> list[Outcome]:
     """Boot the amphora with a config drive and prove its agent (see module doc)."""
+    return AMPHORA_CHECK.check(lab, ws, image=image, timeout=timeout, accel=accel)
+
+
+def _check_amphora(lab: Lab, ws: Workspace, *, image: str | None, timeout: float,
+                   accel: str | None) -> list[Outcome]:
     from builders.artifacts import certs
     qemu_vm.require_tools()
-    path = _image(ws, image)
+    path = _image(lab, ws, image)
     outcomes = certs.build_certs(lab, ws)
     cdir = ws.certs / "octavia"
     client_pem = cdir / "client.cert-and-key.pem"

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Sequence
 
 from builders.artifacts.overlays import overlay_path
+from builders.core.contract import Check
 from builders.core.errors import LabError
 from builders.core.lab import Host, Lab
 from builders.core.outcome import Outcome
@@ -43,10 +44,32 @@ def _seed(lab: Lab, ws: Workspace, host: Host) -> tuple[Path, str]:
     return path, seediso.seed_marker(lab, host, ws)
 
 
+class BootCheck(Check):
+    """``invoke boot-check --host NAME``: boot a host, prove cloud-init applied its seed."""
+
+    name = "boot-check"
+    help = "boot a host's overlay with its seed under QEMU; pass when cloud-init applied it"
+
+    def check(self, lab: Lab, ws: Workspace, *, host: str, timeout: float = 900,
+              expect: Sequence[str] = (), accel: str | None = None,
+              memory: int = 1024) -> list[Outcome]:
+        return _boot_check(lab, ws, host, timeout=timeout, expect=expect, accel=accel,
+                           memory=memory)
+
+
+BOOT_CHECK = BootCheck()
+
+
 def boot_check(lab: Lab, ws: Workspace, host: str, *, timeout: float = 900,
                expect: Sequence[str] = (), accel: str | None = None,
                memory: int = 1024) -> list[Outcome]:
     """Boot ``host`` from a throwaway overlay and wait for cloud-init and the marker."""
+    return BOOT_CHECK.check(lab, ws, host=host, timeout=timeout, expect=expect, accel=accel,
+                            memory=memory)
+
+
+def _boot_check(lab: Lab, ws: Workspace, host: str, *, timeout: float, expect: Sequence[str],
+                accel: str | None, memory: int) -> list[Outcome]:
     h = lab.host(host)
     overlay = overlay_path(ws, h)
     if not overlay.is_file():
