@@ -37,14 +37,14 @@ import time
 from pathlib import Path
 from typing import Mapping
 
-from builders.core import extcmd
+from builders.core import extcmd, resources
 from builders.core.console import progress
 from builders.core.errors import LabError
 from builders.core.fsutil import atomic_write
 from builders.core.lab import Lab
 from builders.core.manifest import input_digest
 from builders.core.outcome import Outcome
-from builders.core.workspace import PROJECT_DIR, BuildLock, Workspace
+from builders.core.workspace import BuildLock, Workspace
 from builders.tools import distros
 from builders.tools.buildenv import ca_bundle, pip_index, proxy_environment
 
@@ -244,8 +244,8 @@ BASE_RELEASE = distros.DEBIAN.amphora_release
 BASE_REPO = "labforge/debian-base"
 BASE_TAG = f"{BASE_REPO}:{BASE_RELEASE}"
 BUILDER_REPO = "labforge/amphora-builder"
-DOCKERFILE_DIR = PROJECT_DIR / "dockerfiles" / "amphora"
-DIB_BIN_DIR = PROJECT_DIR / "dockerfiles" / "dib" / "bin"
+DOCKERFILE_DIR = resources.dockerfiles("amphora")
+DIB_BIN_DIR = resources.dockerfiles("dib", "bin")
 BUILDER_STANDIN_DIR = "/opt/labforge/dib-bin"   # DIB_BIN_DIR inside the builder image
 # where the builder image holds Octavia's and labforge's elements and sources
 BUILDER_ELEMENTS_PATH = ("/opt/labforge/src/octavia/elements", "/opt/labforge/elements")
