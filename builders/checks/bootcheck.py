@@ -5,7 +5,7 @@
 host's seed ISO as a CD-ROM, watches the serial console and passes when
 
 * cloud-init reports its final stage done (``Cloud-init v. ... finished at``),
-* the seed's marker line (:func:`builders.seediso.seed_marker`, printed by
+* the seed's marker line (:func:`builders.artifacts.seed.seed_marker`, printed by
   the seed's last runcmd) appeared, and
 * every ``expect`` text appeared (for checks a lab adds to runcmd, e.g. the
   hostname or a written file printed to the console).
@@ -37,11 +37,11 @@ FINAL = re.compile(r"Cloud-init v\. \S+ finished at .*?Up ([\d.]+) seconds")
 
 
 def _seed(lab: Lab, ws: Workspace, host: Host) -> tuple[Path, str]:
-    from builders.artifacts import seediso
-    path = seediso.seed_path(lab, ws, host)
+    from builders.artifacts import seed
+    path = seed.seed_path(lab, ws, host)
     if not path.is_file():
         raise LabError(f"{path}: no seed for {host.name}; run `invoke seed-iso` first")
-    return path, seediso.seed_marker(lab, host, ws)
+    return path, seed.seed_marker(lab, host, ws)
 
 
 class BootCheck(Check):
