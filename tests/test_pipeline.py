@@ -383,10 +383,11 @@ def test_artifact_status_comes_from_the_step_that_produced_it(ws, tmp_path):
 def test_amphora_skip_gives_the_real_reason(ws, tmp_path):
     from helpers import lab_from
     from builders import pipeline
+    amphora = pipeline.BY_NAME["amphora"]          # the step is the amphora builder object
     off = lab_from(tmp_path, filename="off.yaml", octavia={"enabled": False})
-    assert pipeline._amphora_skip(off, ws) == "lab.yaml octavia.enabled is false"
+    assert amphora.skip_reason(off, ws) == "lab.yaml octavia.enabled is false"
     nobuild = lab_from(tmp_path, filename="nobuild.yaml", octavia={"amphora": {"build": False}})
-    assert pipeline._amphora_skip(nobuild, ws) == "lab.yaml octavia.amphora.build is false"
+    assert amphora.skip_reason(nobuild, ws) == "lab.yaml octavia.amphora.build is false"
 
 
 def test_a_step_gives_its_own_skip_reason_before_its_needs(ws, cli, quick_lab):
