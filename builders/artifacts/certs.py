@@ -101,6 +101,7 @@ class Plan:
     def commit(self) -> list[Path]:
         """Write what changed; return the paths written or removed."""
         changed: list[Path] = []
+        self.ws.certs_dir()     # certs/ itself 0700 before anything lands under it
         for path, (data, mode) in self.writes.items():
             private_dir(path.parent)
             try:

@@ -20,6 +20,7 @@ from builders.tools import pki
 from builders.artifacts.certs import (PUBLIC, SECRET, Plan, ca_due, cert_record, exists, leaf_due, read_bytes,
                     time_left)
 from builders.core.errors import LabError
+from builders.core.fsutil import read_regular
 from builders.core.lab import Host, Lab
 from builders.core.manifest import input_digest
 from builders.core.workspace import Workspace
@@ -61,7 +62,7 @@ def _password(lab: Lab, d: Path) -> tuple[str, str, bool]:
         p = lab.path(lab.kafka.password_file)
         where = f"kafka.password_file ({p})"
         try:
-            text = p.read_text()
+            text = read_regular(p, "kafka.password_file", 4096).decode()
         except FileNotFoundError:
             raise LabError(f"{lab.source.name}: kafka.password_file: {p} does not exist; "
                            "create it (one line) or remove the setting to generate one") from None

@@ -310,6 +310,16 @@ def ssh_fingerprint(public_line: bytes) -> str:
 
 
 def check_password(pw: str, where: str) -> str:
+    """A store password every consumer reads the same: keytool, OpenSSL,
+    Python and Java's .properties (ISO-8859-1, backslash escapes) alike."""
+    if pw.startswith("\ufeff"):
+        raise LabError(f"{where}: the password file starts with a byte-order mark (an editor "
+                       "saved it as 'UTF-8 with BOM'); save it as plain text without one")
+    bad = next((c for c in pw if not (" " <= c <= "~") and c not in "\r\n"), None)
+    if bad is not None:
+        raise LabError(f"{where}: the store password holds {bad!r} (U+{ord(bad):04X}); use "
+                       "printable ASCII only (Java reads .properties as ISO-8859-1, so other "
+                       "characters would not open the stores there)")
     if len(pw) < 6:
         raise LabError(f"{where}: the store password must have at least 6 characters "
                        "(Java keystores refuse shorter ones)")
