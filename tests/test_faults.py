@@ -82,6 +82,45 @@ LAB_CASES = [
      "write_files[0].path"),
     ("write-file-both", lab_with(_set("hosts.broker1.write_files", [{"path": "/etc/x", "content": "x", "source": "f"}])),
      "give exactly one of source or content"),
+    # output names that would land on another output's file
+    ("name-broker-ca", lab_with(_set("hosts.ca", {"ip": "10.100.0.20"})),
+     "hosts.ca: the name would make broker ca write certs/kafka/ca.crt, the file of the Kafka CA"),
+    ("name-host-net-xml", lab_with(_set("hosts.net-private", {"ip": "10.100.0.20"})),
+     "artifacts/libvirt/net-private.xml, the file of network private"),
+    ("name-host-volume-xml", lab_with(_set("hosts.broker1-volume", {"ip": "10.100.0.20"})),
+     "artifacts/libvirt/broker1-volume.xml, the file of host broker1"),
+    ("name-amp-key-octavia-file", lab_with(_set("octavia.amp_ssh_key_name", "server_ca.key.pem")),
+     "is the name of another file in certs/octavia/"),
+    ("name-client-reserved", lab_with(_set("kafka.client", "ca")), "kafka.client: 'ca' is reserved"),
+    ("name-client-is-host", lab_with(_set("kafka.client", "broker1")), "also a host name"),
+    ("name-image-traversal", lab_with(_set("hosts.broker1.image", "../../certs/kafka/ca")),
+     "hosts.broker1.image: '../../certs/kafka/ca' is not an image name"),
+    # values YAML converts silently
+    ("yaml-mode-unquoted", lab_with(_set("hosts.broker1.write_files", [
+        {"path": "/etc/x", "content": "x", "permissions": "PERM"}])).replace("permissions: PERM",
+                                                                            "permissions: 0644"),
+     'hosts.broker1.write_files[0].permissions: YAML reads the unquoted 0644 as the number 420; '
+     'write "0644" in quotes'),
+    ("yaml-mac-unquoted", DEFAULT.replace('mac: "52:54:00:64:00:0b"', "mac: 52:54:00:12:34:56"),
+     'write "52:54:00:12:34:56" in quotes'),
+    ("yaml-release-float", DEFAULT.replace('release: "12"', "release: 24.10").replace(
+        "distro: debian", "distro: ubuntu"), 'base_image.release: YAML reads the unquoted 24.10 '
+     'as the number 24.1; write "24.10" in quotes'),
+    ("yaml-no-as-string", lab_with(_set("hosts.broker1.dhcp_interface", "NO")).replace(
+        "dhcp_interface: 'NO'", "dhcp_interface: no"), 'write "no" in quotes'),
+    ("yaml-on-as-choice", lab_with(_set("glance.visibility", "ON")).replace(
+        "visibility: 'ON'", "visibility: on"), "glance.visibility: 'on' is not one of"),
+    ("yaml-yes-as-package", lab_with(_set("hosts.broker1.packages", ["YES"])).replace(
+        "- 'YES'", "- yes"), 'hosts.broker1.packages[0]: YAML reads the unquoted yes as true'),
+    # values that can never work
+    ("mac-multicast", lab_with(_set("hosts.broker1.mac", "01:00:5e:00:00:01")), "is a multicast address"),
+    ("mac-broadcast", lab_with(_set("hosts.broker1.mac", "ff:ff:ff:ff:ff:ff")), "is a multicast address"),
+    ("mac-all-zero", lab_with(_set("hosts.broker1.mac", "00:00:00:00:00:00")), "is all zeros"),
+    ("role-misspelled", lab_with(_set("hosts.broker1.roles", ["kafka-brokr"])),
+     "hosts.broker1.roles[0]: 'kafka-brokr' is not a role labforge knows (did you mean 'kafka-broker'?)"),
+    ("role-unknown", lab_with(_set("hosts.broker1.roles", ["zookeeper"])), "known: kafka-broker"),
+    ("empty-lab-file", "", "the lab file is empty"),
+    ("comments-only-lab-file", "# nothing here yet\n", "the lab file is empty"),
 ]
 
 
@@ -360,7 +399,153 @@ def _keystone_not_keystone(tmp_path, ws, cli, mirror):
     return ["glance-upload", "--image", str(img)], env
 
 
+def _special_lab(kind):
+    def prepare(tmp_path, ws, cli):
+        import os
+        if kind == "dev-zero":
+            return ["check-lab", "--lab", "/dev/zero"]
+        if kind == "directory":
+            return ["all", "--lab", str(tmp_path)]
+        if kind == "fifo":
+            os.mkfifo(tmp_path / "lab.fifo")
+            return ["check-lab", "--lab", str(tmp_path / "lab.fifo")]
+        big = tmp_path / "big.yaml"
+        big.write_text("# padding\n" * 300_000)
+        return ["check-lab", "--lab", str(big)]
+    return prepare
+
+
+def _no_hosts(task):
+    def prepare(tmp_path, ws, cli):
+        lab = tmp_path / "nohosts.yaml"
+        lab.write_text("name: empty-lab\nnetworks: {private: {cidr: 10.100.0.0/24}}\n")
+        return [task, "--lab", str(lab)]
+    return prepare
+
+
+def _empty_lab_over_existing_certs(tmp_path, ws, cli):
+    """The issue's worst case: an empty lab file must not delete every broker's keys."""
+    assert cli("certs").returncode == 0
+    (tmp_path / "empty.yaml").write_text("")
+    return ["certs", "--lab", str(tmp_path / "empty.yaml")]
+
+
+def _broker_ca_over_existing_certs(tmp_path, ws, cli):
+    assert cli("certs").returncode == 0
+    return ["certs", "--lab", _lab(tmp_path, hosts={"ca": {"ip": "10.100.0.20"}})]
+
+
+def _option(*args):
+    def prepare(tmp_path, ws, cli):
+        return list(args)
+    return prepare
+
+
+def _password_file(content: bytes):
+    def prepare(tmp_path, ws, cli):
+        pw = tmp_path / "store.pw"
+        pw.write_bytes(content)
+        return ["certs", "--lab", _lab(tmp_path, kafka={"password_file": str(pw)})]
+    return prepare
+
+
+def _file_key(where: str, kind: str):
+    """A lab naming a file of the wrong kind at ``where``."""
+    def prepare(tmp_path, ws, cli):
+        import os
+        import subprocess
+        if kind == "dir":
+            target = tmp_path / "a-directory"
+            target.mkdir()
+        elif kind == "fifo":
+            target = tmp_path / "a-fifo"
+            os.mkfifo(target)
+        elif kind == "dev-zero":
+            target = Path("/dev/zero")
+        elif kind == "big":
+            target = tmp_path / "big.bin"
+            with open(target, "wb") as fh:
+                fh.truncate(17 << 20)
+        elif kind == "pub":
+            key = tmp_path / "id_ed25519"
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+            target = tmp_path / "id_ed25519.pub"
+        else:  # text
+            target = tmp_path / "notes.txt"
+            target.write_text("not a certificate\n")
+        section, _, key = where.partition(".")
+        if section == "host":
+            value = [str(target)] if key == "ssh_authorized_keys" else \
+                [{"path": "/etc/x", "source": str(target)}] if key == "write_files" else str(target)
+            changes = _host(**{key: value})
+        else:
+            changes = {section: {key: str(target)}}
+        return ["seed-iso" if section == "host" else "certs", "--lab", _lab(tmp_path, **changes)]
+    return prepare
+
+
+def _verify_manifest(state: str):
+    def prepare(tmp_path, ws, cli):
+        assert cli("certs").returncode == 0
+        assert cli("seed-iso").returncode == 0
+        m = ws.artifacts / "manifest.json"
+        if state == "missing":
+            m.unlink()
+        elif state == "garbage":
+            m.write_text('{"version": 1, "artifacts": ')
+        else:
+            m.unlink()
+            m.mkdir()
+        return ["verify"]
+    return prepare
+
+
 PIPELINE_CASES = [
+    ("lab-dev-zero", _special_lab("dev-zero"), "/dev/zero: the lab file must be a regular file, not a character device"),
+    ("lab-directory", _special_lab("directory"), "the lab file must be a regular file, not a directory"),
+    ("lab-fifo", _special_lab("fifo"), "the lab file must be a regular file, not a named pipe"),
+    ("lab-oversized", _special_lab("big"), "more than the 1 MiB labforge reads"),
+    ("no-hosts-certs", _no_hosts("certs"), "the lab has no hosts; certs needs at least one"),
+    ("no-hosts-seed-iso", _no_hosts("seed-iso"), "the lab has no hosts; seed-iso needs"),
+    ("no-hosts-overlays", _no_hosts("overlays"), "the lab has no hosts; overlays needs"),
+    ("no-hosts-libvirt-xml", _no_hosts("libvirt-xml"), "the lab has no hosts; libvirt-xml needs"),
+    ("no-hosts-vagrantfile", _no_hosts("vagrantfile"), "the lab has no hosts; vagrantfile needs"),
+    ("no-hosts-all", _no_hosts("all"), "the lab has no hosts; invoke all"),
+    ("empty-lab-keeps-certs", _empty_lab_over_existing_certs, "the lab file is empty"),
+    ("broker-ca-keeps-ca-key", _broker_ca_over_existing_certs, "certs/kafka/ca.crt, the file of the Kafka CA"),
+    ("opt-boot-timeout", _option("boot-check", "--host", "broker1", "--timeout", "abc"),
+     "--timeout abc: expected a number of seconds"),
+    ("opt-boot-timeout-negative", _option("boot-check", "--host", "broker1", "--timeout", "-5"),
+     "--timeout -5: expected a positive number of seconds"),
+    ("opt-boot-memory", _option("boot-check", "--host", "broker1", "--memory", "x"),
+     "--memory x: expected a whole number"),
+    ("opt-warn-days", _option("certs-check", "--warn-days", "z"), "--warn-days z: expected a whole number"),
+    ("opt-amphora-check-timeout", _option("amphora-check", "--timeout", "soon"),
+     "--timeout soon: expected a number of seconds"),
+    ("opt-glance-min-ram", _option("glance-upload", "--image", "x", "--min-ram", "lots"),
+     "--min-ram lots: expected a whole number"),
+    ("password-bom", _password_file("\ufeffsecret-store-pw\n".encode()), "byte-order mark"),
+    ("password-non-ascii", _password_file("pässwört-store\n".encode()), "use printable ASCII only"),
+    ("password-latin1", _password_file(b"p\xe4sswort-store\n"), "not UTF-8 text"),
+    ("password-control-char", _password_file(b"secret\x07store\n"), "use printable ASCII only"),
+    ("file-password-dir", _file_key("kafka.password_file", "dir"), "kafka.password_file:"),
+    ("file-password-dev-zero", _file_key("kafka.password_file", "dev-zero"), "is a character device"),
+    ("file-ssh-key-dir", _file_key("host.ssh_authorized_keys", "dir"), "is a directory; name a regular file"),
+    ("file-user-data-dir", _file_key("host.user_data", "dir"), "hosts.broker1.user_data:"),
+    ("file-user-data-fifo", _file_key("host.user_data", "fifo"), "is a named pipe"),
+    ("file-vendor-data-dev-zero", _file_key("host.vendor_data", "dev-zero"), "is a character device"),
+    ("file-network-config-big", _file_key("host.network_config", "big"), "more than the"),
+    ("file-write-source-big", _file_key("host.write_files", "big"), "hosts.broker1.write_files[0].source"),
+    ("file-write-source-fifo", _file_key("host.write_files", "fifo"), "is a named pipe"),
+    ("file-vagrant-key-is-pub", _file_key("vagrant.ssh_private_key", "pub"),
+     "vagrant.ssh_private_key: "),
+    ("file-vagrant-key-not-a-key", _file_key("vagrant.ssh_private_key", "text"), "is not a private key"),
+    ("file-ca-bundle-not-pem", _file_key("build.ca_bundle", "text"), "holds no PEM certificate"),
+    ("file-ca-bundle-dir", _file_key("build.ca_bundle", "dir"), "build.ca_bundle:"),
+    ("verify-manifest-missing", _verify_manifest("missing"), "manifest.json: missing, but"),
+    ("verify-manifest-garbage", _verify_manifest("garbage"), "unreadable manifest"),
+    ("verify-manifest-directory", _verify_manifest("directory"), "manifest must be a regular file"),
+
     ("seed-user-data-yaml", _bad_yaml_user_data, "user-data:3: invalid YAML"),
     ("seed-missing-ssh-key", _missing_ssh_key, "nope.pub"),
     ("seed-missing-write-source", _missing_write_source, "absent.txt"),

@@ -58,3 +58,123 @@ def test_jks_keystore_without_twofish(tmp_path):
                           "-storepass:file", str(tmp_path / "pw")],
                          capture_output=True, text=True, check=True).stdout
     assert "Entry type: PrivateKeyEntry" in out and "Certificate chain length: 2" in out
+
+
+# --------------------------------------------------------------------------
+# progress on stderr
+# --------------------------------------------------------------------------
+@pytest.mark.integration
+def test_progress_bar_goes_to_stderr(tmp_path):
+    """With stderr a terminal and stdout a pipe, the bar is drawn on the
+    terminal and stdout stays empty (rich's default console is stdout)."""
+    import pty
+    script = textwrap.dedent("""
+        from builders.core.console import progress
+        with progress("copy", total=100) as p:
+            for _ in range(10):
+                p.advance(10)
+    """)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=slave, env={**os.environ, "TERM": "xterm", "COLUMNS": "80"})
+    os.close(slave)
+    out, _ = proc.communicate(timeout=60)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(master)
+    assert proc.returncode == 0
+    assert out == b"", out
+    assert b"copy" in seen
+
+
+# --------------------------------------------------------------------------
+# certs/ is private from its first moment
+# --------------------------------------------------------------------------
+def test_certs_dir_private_after_interrupted_first_run(tmp_path, default_lab, monkeypatch):
+    """An interrupt while the first files are written leaves certs/ 0700."""
+    from builders.artifacts import certs as certsmod
+    from builders.core.workspace import Workspace
+    ws = Workspace(tmp_path / "ws")
+    os.umask(0o022)
+    calls = []
+
+    def interrupted(path, data, mode=0o644):     # Ctrl-C on the first write
+        calls.append(path)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(certsmod, "atomic_write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        certsmod.build_certs(default_lab, ws)
+    assert calls
+    assert (ws.certs.stat().st_mode & 0o777) == 0o700
+    for d in ws.certs.rglob("*"):
+        if d.is_dir():
+            assert (d.stat().st_mode & 0o777) == 0o700, d
+
+
+def test_private_dir_narrows_an_open_certs_dir(tmp_path):
+    from builders.core.workspace import Workspace
+    ws = Workspace(tmp_path / "ws")
+    ws.certs.mkdir(parents=True, mode=0o755)
+    os.chmod(ws.certs, 0o755)
+    ws.certs_dir("kafka")
+    assert (ws.certs.stat().st_mode & 0o777) == 0o700
+    assert ((ws.certs / "kafka").stat().st_mode & 0o777) == 0o700
+
+
+# --------------------------------------------------------------------------
+# output names: the lab's list is the builders' list
+# --------------------------------------------------------------------------
+@pytest.mark.integration
+def test_output_names_cover_what_the_builders_write(tmp_path, ws, cli, default_lab):
+    """Every file `certs` and `seed-iso` write for the default lab is in
+    lab.outputs(), so the collision check sees every output name."""
+    assert cli("certs").returncode == 0
+    assert cli("seed-iso").returncode == 0
+    known = {p for p, _ in labmod.outputs(default_lab)}
+    written = set()
+    for sub in ("certs/kafka", "certs/octavia", "certs/ssh", "certs/seed", "artifacts/seed"):
+        d = ws.root / sub
+        if d.is_dir():
+            written |= {f"{sub}/{p.name}" for p in d.iterdir() if p.is_file()}
+    assert written and written <= known, sorted(written - known)
+
+
+def test_outputs_collide_for_every_kind():
+    """One colliding name per kind of output is refused at validation."""
+    base = {"networks": {"private": {"cidr": "10.100.0.0/24"}}}
+    for hosts, needle in (
+            ({"ca": {"ip": "10.100.0.2", "roles": ["kafka-broker"]}}, "certs/kafka/ca.crt"),
+            ({"net-private": {"ip": "10.100.0.2"}}, "artifacts/libvirt/net-private.xml"),
+            ({"a": {"ip": "10.100.0.2"}, "a-volume": {"ip": "10.100.0.3"}},
+             "artifacts/libvirt/a-volume.xml")):
+        with pytest.raises(LabError) as err:
+            labmod.from_dict({**base, "hosts": hosts})
+        assert needle in str(err.value)
+
+
+# --------------------------------------------------------------------------
+# cloud-init's schema, from the package (not installed)
+# --------------------------------------------------------------------------
+@pytest.mark.integration
+def test_cloudinit_schema_from_the_package(tmp_path):
+    from builders.tools import cloudinit_schema as cis
+    distro, codename = cis.host_release()
+    schema, version = cis.load_schema(tmp_path, distro, codename)
+    assert version and (cis.schema_dir(tmp_path, distro, codename) / cis.CLOUD_CONFIG).is_file()
+    cis.validate({"packages": ["curl"], "runcmd": ["true"],
+                  "write_files": [{"path": "/x", "content": b"bytes", "permissions": "0644"}]},
+                 schema, "user-data", version)
+    for doc, needle in (({"packages": 5}, "packages: 5 is not of type 'array'"),
+                        ({"write_files": [{"path": "/x", "permissions": 420}]},
+                         "write_files.0.permissions"),
+                        ({"power_state": {"mode": "off"}}, "power_state.mode")):
+        with pytest.raises(LabError) as err:
+            cis.validate(doc, schema, "user-data", version)
+        assert needle in str(err.value) and "cloud-init" in str(err.value)
