@@ -19,6 +19,7 @@ from builders.core import lab as labmod
 from builders import pipeline
 from builders.core.console import setup_logging
 from builders.core.errors import LabError
+from builders.core.fsutil import os_reason
 from builders.core.manifest import Manifest
 from builders.core.workspace import Workspace
 
@@ -61,7 +62,7 @@ def _user_errors(fn):
             if os.environ.get("LABFORGE_DEBUG"):
                 raise
             where = f"{exc.filename}: " if exc.filename else ""
-            print(f"error: {where}{exc.strerror or exc}; fix it and rerun", file=sys.stderr)
+            print(f"error: {where}{os_reason(exc)}; fix it and rerun", file=sys.stderr)
             raise Exit(code=1) from None
         except Exception as exc:  # a bug: say so in one line, traceback on request
             if os.environ.get("LABFORGE_DEBUG"):

@@ -500,7 +500,16 @@ def _verify_manifest(state: str):
     return prepare
 
 
+def _seed_dir_dangling_symlink(tmp_path, ws, cli):
+    assert cli("certs").returncode == 0
+    ws.artifacts.mkdir(parents=True, exist_ok=True)
+    (ws.artifacts / "seed").symlink_to(tmp_path / "gone")
+    return ["seed-iso"]
+
+
 PIPELINE_CASES = [
+    ("seed-dir-dangling-symlink", _seed_dir_dangling_symlink,
+     "artifacts/seed: cannot write the seeds: it is a dangling symlink"),
     ("lab-dev-zero", _special_lab("dev-zero"), "/dev/zero: the lab file must be a regular file, not a character device"),
     ("lab-directory", _special_lab("directory"), "the lab file must be a regular file, not a directory"),
     ("lab-fifo", _special_lab("fifo"), "the lab file must be a regular file, not a named pipe"),

@@ -48,7 +48,7 @@ from typing import Any, Iterable, Iterator
 import yaml
 
 from builders.core.errors import LabError
-from builders.core.fsutil import atomic_write, fsync_dir, sha256_file
+from builders.core.fsutil import atomic_write, fsync_dir, os_reason, sha256_file
 from builders.core.lab import Host, Lab, parse_yaml
 from builders.core.manifest import Manifest, input_digest
 from builders.core.outcome import Outcome
@@ -700,8 +700,8 @@ def build_seed_isos(lab: Lab, ws: Workspace, *, hosts: Iterable[str] | None = No
             _write_all(pending)
         except OSError as exc:
             where = exc.filename or (pending[0][0].parent if pending else ws.artifacts)
-            raise LabError(f"{where}: cannot write the seeds: {exc.strerror or exc}; free some "
-                           "space or fix the directory's permissions and rerun") from None
+            raise LabError(f"{where}: cannot write the seeds: {os_reason(exc)}; fix it "
+                           "and rerun") from None
         if records:
             manifest.record_many(records)
         if state_changed:

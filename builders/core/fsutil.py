@@ -64,6 +64,15 @@ def read_regular(path: Path | str, what: str, limit: int) -> bytes:
         os.close(fd)
 
 
+def os_reason(exc: OSError) -> str:
+    """What went wrong, for a message: the OS's words, except where they
+    mislead (mkdir over a dangling symlink says "File exists")."""
+    name = exc.filename
+    if name and os.path.islink(name) and not os.path.exists(name):
+        return f"it is a dangling symlink (to {os.readlink(name)}, which does not exist)"
+    return exc.strerror or str(exc)
+
+
 def private_dir(path: Path) -> Path:
     """Create ``path`` (and parents) and make it mode 0700.
 
