@@ -178,3 +178,50 @@ def test_cloudinit_schema_from_the_package(tmp_path):
         with pytest.raises(LabError) as err:
             cis.validate(doc, schema, "user-data", version)
         assert needle in str(err.value) and "cloud-init" in str(err.value)
+
+
+# --------------------------------------------------------------------------
+# secrets never reach artifacts/
+# --------------------------------------------------------------------------
+def test_secret_scan_finds_keys_in_base64_and_plain(tmp_path):
+    """The scanner itself: a key in plain text, one base64-encoded inside a
+    user-data file, a password; and nothing in a clean file."""
+    import base64
+    from secret_scan import scan
+    key = b"-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n"
+    (tmp_path / "plain.txt").write_bytes(b"x" * 100 + key)
+    (tmp_path / "user-data").write_bytes(b"#cloud-config\nwrite_files:\n- content: "
+                                         + base64.b64encode(key * 2) + b"\n  encoding: b64\n")
+    (tmp_path / "props").write_text("ssl.keystore.password=Sup3r-Secret-pw\n")
+    (tmp_path / "clean.txt").write_text("-----BEGIN CERTIFICATE-----\nMIIB\n")
+    found = scan(tmp_path, ["Sup3r-Secret-pw"])
+    assert any(f.startswith("plain.txt: a PEM/OpenSSH private key") for f in found), found
+    assert any(f.startswith("user-data:") and "(base64)" in f for f in found), found
+    assert "props: a lab secret" in found
+    assert not [f for f in found if f.startswith("clean.txt")]
+
+
+@pytest.mark.integration
+def test_public_artifacts_hold_no_secrets(tmp_path, ws, cli):
+    """A lab whose broker1 seed carries a keystore from certs/ (a secret seed,
+    under certs/seed/) and whose others are public: artifacts/ holds no
+    private key, keystore or secret of the lab."""
+    from secret_scan import scan, secrets_of
+    from imagetools import lab_file
+    lab = lab_file(tmp_path, {"hosts": {"broker1": {
+        "ip": "10.100.0.11", "mac": "52:54:00:64:00:0b",
+        "write_files": [{"path": "/etc/kafka/ssl/broker1.keystore.p12",
+                         "source": "certs:kafka/broker1.keystore.p12", "permissions": "0600"},
+                        {"path": "/etc/kafka/ssl/broker1.key", "source": "certs:kafka/broker1.key",
+                         "permissions": "0600"}]}}})
+    for task in ("certs", "seed-iso", "vagrantfile"):
+        proc = cli(task, "--lab", str(lab))
+        assert proc.returncode == 0, proc.stderr
+    assert cli("seed-iso", "--lab", str(lab), "--format", "vfat").returncode == 0
+    assert (ws.certs / "seed" / "broker1.iso").is_file()
+    assert (ws.artifacts / "seed" / "broker2.iso").is_file()
+    secrets = secrets_of(ws.certs)
+    assert len(secrets) >= 2
+    assert scan(ws.artifacts, secrets) == []
+    # and the scanner does see them where they are
+    assert scan(ws.certs / "seed", secrets)
