@@ -21,17 +21,17 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 from builders.core import extcmd
 from builders.artifacts.baseimage import qemu_check, qemu_info
 from builders.core.errors import LabError
-from builders.core.fsutil import atomic_path, sha256_file
+from builders.core.contract import Builder, Built, Context, Output, Stage, run
+from builders.core.fsutil import sha256_file
 from builders.core.lab import Host, Lab
-from builders.core.manifest import Manifest, input_digest
+from builders.core.manifest import Manifest
 from builders.core.outcome import Outcome
-from builders.core.workspace import BuildLock, Workspace
+from builders.core.workspace import Workspace
 
 GiB = 1 << 30
 
@@ -92,63 +92,76 @@ def _base_sha(base: Path, manifest: Manifest) -> str:
     return sha256_file(base)
 
 
-def build_overlays(lab: Lab, ws: Workspace, *, hosts: list[str] | None = None,
-                   force: bool = False) -> list[Outcome]:
-    """Create the overlay of each host (default: all); see the module doc."""
-    names = list(dict.fromkeys(hosts)) if hosts else [h.name for h in lab.hosts]
-    chosen = [lab.host(n) for n in names]
-    if not chosen:
-        raise LabError(f"{lab.source.name}: hosts: the lab has no hosts; nothing to do")
-    extcmd.require("qemu-img")
-    manifest = Manifest(ws.artifacts)
-    outcomes = []
-    with BuildLock(ws):
-        # check every host before writing anything
-        plans = []
+class Overlays(Builder):
+    """One overlay per host; the reference port of the builder contract."""
+
+    name = "overlays"
+    kind = "overlay"
+    help = "qcow2 overlay per host"
+    needs = ("base-image",)
+
+    def outputs(self, lab: Lab, ws: Workspace, *, hosts: list[str] | None = None,
+                **_) -> list[Output]:
+        names = list(dict.fromkeys(hosts)) if hosts else [h.name for h in lab.hosts]
+        chosen = [lab.host(n) for n in names]
+        if not chosen:
+            raise LabError(f"{lab.source.name}: hosts: the lab has no hosts; nothing to do")
+        extcmd.require("qemu-img")
+        manifest = Manifest(ws.artifacts)
+        outs = []
         seen: dict[Path, tuple[dict, str]] = {}     # each base is inspected and hashed once
         for h in chosen:
             base, info, sha = _check_base(lab, ws, h, manifest, seen)
             # only this host's own settings and the base's content, with the
             # host's identity: first boot writes it into the disk (cloud-init
             # state, network config), so a new address means a fresh disk
-            digest = input_digest("overlay", h.name, h.image, h.disk, sha,
-                                  str(h.ip), h.mac, h.network)
-            plans.append((h, base, sha, digest))
-        for h, base, sha, digest in plans:
-            outcomes.append(_one(lab, ws, manifest, h, base, sha, digest, force))
-    return outcomes
+            outs.append(Output(overlay_path(ws, h), self.kind, f"overlay {h.name}",
+                               inputs=(h.name, h.image, h.disk, sha, str(h.ip), h.mac, h.network),
+                               data=(h, base, sha)))
+        return outs
 
-
-def _one(lab: Lab, ws: Workspace, manifest: Manifest, h: Host, base: Path, sha: str,
-         digest: str, force: bool) -> Outcome:
-    target = overlay_path(ws, h)
-    step = f"overlay {h.name}"
-    rec = manifest.get(target)
-    if target.exists():
+    def up_to_date(self, ctx: Context, out: Output, digest: str) -> str | None:
+        """A VM's writes make an overlay differ from its record: that is use,
+        not damage.  A used overlay whose inputs changed is refused without
+        --force (runs with --force never ask)."""
+        target = out.path
+        if not target.exists():
+            return None
+        rec = ctx.manifest.get(target)
         used = written_bytes(target)
         same = rec is not None and rec.get("input_digest") == digest
-        if same and (used or manifest.intact(target, rec)) and not force:
-            detail = f"a VM has written {used / 2**20:.0f} MiB, kept" if used else ""
-            return Outcome(step, "up to date", [target], detail)
-        if used and not force:
+        if same and (used or ctx.manifest.intact(target, rec)):
+            return f"a VM has written {used / 2**20:.0f} MiB, kept" if used else ""
+        if used:
+            _, _, sha = out.data
             why = "its base image changed" if rec and rec.get("meta", {}).get(
                 "backing_sha256") != sha else "its settings changed"
             raise LabError(f"{target}: a VM has written {used / 2**20:.0f} MiB to this overlay "
                            f"and {why}; it holds that VM's data: rerun with --force to discard "
                            "it and start from the base image")
-    start = time.monotonic()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    backing = os.path.relpath(base, target.parent)
-    with atomic_path(target) as tmp:
+        return None
+
+    def build(self, ctx: Context, out: Output, stage: Stage) -> Built:
+        h, base, sha = out.data
+        target = out.path
+        backing = os.path.relpath(base, target.parent)
+        tmp = stage.file(target)
         extcmd.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2",
                     tmp, f"{h.disk}G"], cwd=target.parent, what=f"creating {target.name}")
         chain = [target.name, *check_chain(tmp, base, h.disk * GiB)[1:]]
-    secs = time.monotonic() - start
-    manifest.record(target, "overlay", digest, tools={"qemu-img": extcmd.tool_version("qemu-img")},
-                    meta={"host": h.name, "backing": backing, "backing_format": "qcow2",
-                          "backing_sha256": sha, "virtual_size": h.disk * GiB,
-                          "chain": chain})
-    return Outcome(step, "built", [target], f"{h.disk} GiB, backed by {base.name}", secs)
+        return Built(f"{h.disk} GiB, backed by {base.name}",
+                     meta={"host": h.name, "backing": backing, "backing_format": "qcow2",
+                           "backing_sha256": sha, "virtual_size": h.disk * GiB, "chain": chain},
+                     tools={"qemu-img": extcmd.tool_version("qemu-img")})
+
+
+OVERLAYS = Overlays()
+
+
+def build_overlays(lab: Lab, ws: Workspace, *, hosts: list[str] | None = None,
+                   force: bool = False) -> list[Outcome]:
+    """Create the overlay of each host (default: all); see the module doc."""
+    return run(OVERLAYS, lab, ws, force=force, hosts=hosts)
 
 
 def check_chain(overlay: Path, base: Path, size: int) -> list[str]:

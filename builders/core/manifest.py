@@ -89,10 +89,13 @@ def _stat_key(path: Path) -> list[int]:
 class Manifest:
     """Read-modify-write access to manifest.json under a file lock."""
 
+    FILE = "manifest.json"
+    MODE = 0o644
+
     def __init__(self, artifacts: Path):
         self.root = Path(artifacts)
-        self.path = self.root / "manifest.json"
-        self._lock_path = self.root / ".manifest.lock"
+        self.path = self.root / self.FILE
+        self._lock_path = self.root / f".{Path(self.FILE).stem}.lock"   # .manifest.lock
 
     # -- reading -----------------------------------------------------------
     def load(self) -> dict:
@@ -150,12 +153,13 @@ class Manifest:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[dict]:
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, self.MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             data = self.load()
             yield data
-            atomic_write(self.path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+            atomic_write(self.path, json.dumps(data, indent=2, sort_keys=True) + "\n",
+                         mode=self.MODE)
         finally:
             os.close(fd)
 
@@ -277,3 +281,12 @@ class Manifest:
         want = " or ".join(kinds) if kinds else "artifact"
         raise LabError(f"{name_or_path}: no {want} of that name in {self.path}; "
                        "build it first or give a path under artifacts/")
+
+
+class SecretLedger(Manifest):
+    """The manifest's twin for secret outputs (seeds that carry certs/
+    material): ``ledger.json`` in their directory under certs/, 0600, so the
+    publishable manifest never names them.  Same records, same checks."""
+
+    FILE = "ledger.json"
+    MODE = 0o600
