@@ -201,6 +201,7 @@ class Glance:
     method: Literal["auto", "direct", "glance-direct"] = "auto"
     keep: int | None = None                # amphora rotation: keep N newest, delete older ones
     deactivate_old: bool = False           # amphora rotation: deactivate older ones instead
+    timeout: int = 60                      # seconds: connect and each wait for an answer
 
 
 @dataclass(frozen=True)
@@ -696,6 +697,8 @@ def _check(lab: Lab, errors: list[str]) -> None:
         errors.append(f"octavia.amphora.size: {lab.octavia.amphora.size} GB is out of range (1-100)")
     if not re.match(r"^[a-z0-9][a-z0-9._-]*/[a-z0-9][a-z0-9._-]*$", lab.vagrant.box, re.I):
         errors.append(f"vagrant.box: {lab.vagrant.box!r} is not ORG/NAME")
+    if not 1 <= lab.glance.timeout <= 86400:
+        errors.append(f"glance.timeout: {lab.glance.timeout} is out of range (1-86400 seconds)")
     if lab.glance.keep is not None and lab.glance.keep < 1:
         errors.append(f"glance.keep: {lab.glance.keep} keeps no image; use 1 or more (the new one counts)")
     if not errors:
