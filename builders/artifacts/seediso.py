@@ -48,11 +48,12 @@ from typing import Any, Iterable, Iterator
 import yaml
 
 from builders.core.errors import LabError
-from builders.core.fsutil import atomic_write, fsync_dir, os_reason, sha256_file
-from builders.core.lab import Host, Lab, parse_yaml
+from builders.core.fsutil import atomic_write, fsync_dir, os_reason, read_regular, sha256_file
+from builders.core.lab import SOURCE_FILE_LIMIT, Host, Lab, parse_yaml
 from builders.core.manifest import Manifest, input_digest
 from builders.core.outcome import Outcome
 from builders.core.workspace import BuildLock, Workspace
+from builders.tools import keymaterial
 
 log = logging.getLogger("labforge")
 
@@ -149,13 +150,42 @@ def is_secret(lab: Lab, ws: Workspace, host: Host) -> bool:
     a ``certs:`` write_files source, or any write_files source or user-data /
     vendor-data / network-config file whose path (relative to the lab file,
     symlinks followed) lies under certs/."""
-    for wf in host.write_files:
+    return secret_why(lab, ws, host) is not None
+
+
+def secret_why(lab: Lab, ws: Workspace, host: Host) -> str | None:
+    """Why the host's seed is secret (see :func:`is_secret`; also key
+    material in any file or inline content, and hard links), or None."""
+    for i, wf in enumerate(host.write_files):
+        where = f"hosts.{host.name}.write_files[{i}]"
         if wf.source is None:
+            what = keymaterial.key_material((wf.content or "").encode())
+            if what:
+                return f"{where}.content is {what}"
             continue
         if wf.source.startswith(CERTS_PREFIX) or _under(lab.path(wf.source), ws.certs):
-            return True
-    return any(value is not None and _under(lab.path(value), ws.certs)
-               for value in (host.user_data, host.vendor_data, host.network_config))
+            return f"{where}.source comes from certs/"
+        why = _file_secret(lab.path(wf.source), ws)
+        if why:
+            return f"{where}.source: {why}"
+    for attr in ("user_data", "vendor_data", "network_config"):
+        value = getattr(host, attr)
+        if value is None:
+            continue
+        if _under(lab.path(value), ws.certs):
+            return f"hosts.{host.name}.{attr} comes from certs/"
+        why = _file_secret(lab.path(value), ws)
+        if why:
+            return f"hosts.{host.name}.{attr}: {why}"
+    return None
+
+
+def _file_secret(path: Path, ws: Workspace) -> str | None:
+    try:
+        data = read_regular(path, "the file", SOURCE_FILE_LIMIT)
+    except (OSError, LabError):
+        return None             # reported where the file is read for the seed
+    return keymaterial.secret_reason(path, data, ws.certs)
 
 
 def seed_path(lab: Lab, ws: Workspace, host: Host | str, *, fmt: str = "iso") -> Path:
@@ -198,7 +228,9 @@ def _where(lab: Lab, field_path: str) -> str:
 
 def _read(lab: Lab, path: Path, where: str, hint: str) -> bytes:
     try:
-        return path.read_bytes()
+        return read_regular(path, "the file", SOURCE_FILE_LIMIT)
+    except LabError as exc:
+        raise LabError(f"{_where(lab, where)}: {exc}") from None
     except FileNotFoundError:
         raise LabError(f"{_where(lab, where)}: {path}: no such file; {hint}") from None
     except IsADirectoryError:
@@ -260,7 +292,11 @@ def _write_files(lab: Lab, ws: Workspace, h: Host) -> list[dict]:
                 path = _certs_file(ws, wf.source, where, lab)
                 data = _read(lab, path, where, "run `invoke certs` first or fix the name")
             else:
-                data = _read(lab, lab.path(wf.source), where, "fix the path")
+                path = lab.path(wf.source)
+                if os.path.lexists(path):
+                    keymaterial.check_source(wf.source, path, lab.source.parent, ws.certs,
+                                             _where(lab, where))
+                data = _read(lab, path, where, "fix the path")
         else:
             data = (wf.content or "").encode()
         perms = wf.permissions if len(wf.permissions) == 4 else "0" + wf.permissions
