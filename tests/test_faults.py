@@ -507,7 +507,67 @@ def _seed_dir_dangling_symlink(tmp_path, ws, cli):
     return ["seed-iso"]
 
 
+_NO_OS_ENV = {"OS_CLOUD": "", "OS_AUTH_URL": "", "OS_USERNAME": "", "OS_PASSWORD": "",
+              "OS_PROJECT_NAME": "", "OS_CLIENT_CONFIG_FILE": "/nonexistent/clouds.yaml"}
+
+
+def _glance_config(kind: str):
+    """glance-upload with a configuration mistake: never 'internal error'."""
+    def prepare(tmp_path, ws, cli):
+        img = make_qcow2(tmp_path / "x.qcow2", "64M")
+        args = ["glance-upload", "--image", str(img)]
+        env = dict(_NO_OS_ENV)
+        clouds = tmp_path / "clouds.yaml"
+        if kind == "none":
+            return args, env
+        if kind == "only-auth-url":
+            return args, {**env, "OS_AUTH_URL": "http://127.0.0.1:9/v3"}
+        clouds.write_text({
+            "malformed": "clouds:\n  lab: [\n",
+            "not-mapping": "clouds:\n  - lab\n",
+            "no-auth-url": "clouds:\n  lab:\n    auth: {username: admin, password: pw-123456}\n",
+            "no-password": "clouds:\n  lab:\n    auth: {auth_url: 'http://127.0.0.1:9/v3', "
+                           "username: admin, project_name: admin}\n",
+        }[kind])
+        return [*args, "--cloud", "lab"], {**env, "OS_CLIENT_CONFIG_FILE": str(clouds)}
+    return prepare
+
+
+def _source_outside(how: str):
+    """A write_files source that leaves the lab's directory."""
+    def prepare(tmp_path, ws, cli):
+        assert cli("certs").returncode == 0
+        labdir = tmp_path / "labdir"
+        labdir.mkdir()
+        if how == "climbs":
+            source = "../" * 12 + "etc/hostname"
+        elif how == "absolute":
+            source = "/etc/hostname"
+        else:
+            (labdir / "notes.txt").symlink_to("/etc/hostname")
+            source = "notes.txt"
+        lab = lab_file(labdir, _host(write_files=[{"path": "/etc/x", "source": source}]))
+        return ["seed-iso", "--lab", str(lab)]
+    return prepare
+
+
 PIPELINE_CASES = [
+    ("source-climbs-out-of-lab-dir", _source_outside("climbs"),
+     "is outside the lab file's directory"),
+    ("source-absolute-elsewhere", _source_outside("absolute"),
+     "/etc/hostname is outside the lab file's directory"),
+    ("source-symlink-out-of-lab-dir", _source_outside("symlink"),
+     "notes.txt (that is /etc/hostname) is outside the lab file's directory"),
+    ("glance-no-cloud", _glance_config("none"), "glance: no cloud configured; pass --cloud NAME"),
+    ("glance-only-os-auth-url", _glance_config("only-auth-url"),
+     "the OS_* environment variables: no username and no password; set OS_USERNAME and OS_PASSWORD"),
+    ("glance-clouds-yaml-malformed", _glance_config("malformed"), "clouds.yaml:3: invalid YAML"),
+    ("glance-clouds-yaml-not-mapping", _glance_config("not-mapping"),
+     "expected 'clouds:' with a mapping of cloud names"),
+    ("glance-cloud-without-auth-url", _glance_config("no-auth-url"),
+     "clouds.yaml cloud 'lab': incomplete credentials (no auth_url)"),
+    ("glance-cloud-without-password", _glance_config("no-password"),
+     "clouds.yaml cloud 'lab': no password; add password under its auth"),
     ("seed-dir-dangling-symlink", _seed_dir_dangling_symlink,
      "artifacts/seed: cannot write the seeds: it is a dangling symlink"),
     ("lab-dev-zero", _special_lab("dev-zero"), "/dev/zero: the lab file must be a regular file, not a character device"),
@@ -683,3 +743,36 @@ def test_service_faults(tmp_path, ws, cli, services, request, case_id, prepare, 
     assert_bad_input_outcome(proc, needle, before, ws)
     assert services.admin_password not in proc.stderr
     assert "not-the-password-q7" not in proc.stderr
+
+
+@pytest.mark.integration
+def test_keystone_that_never_answers(tmp_path, ws, cli, request):
+    """A Keystone that accepts the connection and never answers: one line
+    within glance.timeout, not a hang."""
+    import socket
+    import threading
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    held = []
+    stop = threading.Event()
+
+    def accept():
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(srv.accept()[0])   # keep it open, never answer
+            except OSError:
+                continue
+    threading.Thread(target=accept, daemon=True).start()
+    request.addfinalizer(lambda: (stop.set(), [c.close() for c in held], srv.close()))
+    url = f"http://127.0.0.1:{srv.getsockname()[1]}/v3"
+    img = make_qcow2(tmp_path / "x.qcow2", "64M")
+    lab = _lab(tmp_path, glance={"timeout": 2})
+    env = {**_NO_OS_ENV, "OS_AUTH_URL": url, "OS_USERNAME": "admin", "OS_PASSWORD": "pw-7f3k2j",
+           "OS_PROJECT_NAME": "admin", "OS_USER_DOMAIN_NAME": "Default",
+           "OS_PROJECT_DOMAIN_NAME": "Default"}
+    before = snapshot(ws.root)
+    proc = cli("glance-upload", "--image", str(img), "--lab", lab, env=env, timeout=120)
+    assert_bad_input_outcome(proc, f"Keystone at {url} did not answer within 2s", before, ws)
+    assert "pw-7f3k2j" not in proc.stderr

@@ -225,3 +225,39 @@ def test_public_artifacts_hold_no_secrets(tmp_path, ws, cli):
     assert scan(ws.artifacts, secrets) == []
     # and the scanner does see them where they are
     assert scan(ws.certs / "seed", secrets)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("how", ["hard-link-to-other-ca-key", "private-key-file", "inline-key",
+                                 "hard-link-plain-file"])
+def test_key_material_makes_the_seed_secret(tmp_path, ws, cli, how):
+    """A seed carrying key material (by content, or a hard link whose other
+    name may be a key) goes to certs/seed/, never to artifacts/."""
+    from imagetools import lab_file
+    from secret_scan import scan
+    other = tmp_path / "other-ws"
+    assert cli("certs", env={"LABFORGE_WORKDIR": str(other)}).returncode == 0
+    assert cli("certs").returncode == 0
+    labdir = tmp_path / "labdir"
+    labdir.mkdir()
+    wf = {"path": "/etc/x", "permissions": "0600"}
+    if how == "hard-link-to-other-ca-key":
+        os.link(other / "certs" / "kafka" / "ca.key", labdir / "innocent.txt")
+        wf["source"] = "innocent.txt"
+    elif how == "private-key-file":
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
+                        str(labdir / "id_ed25519")], check=True)
+        wf["source"] = "id_ed25519"
+    elif how == "inline-key":
+        wf["content"] = (other / "certs" / "kafka" / "broker1.key").read_text()
+    else:
+        (tmp_path / "plain.txt").write_text("hello\n")
+        os.link(tmp_path / "plain.txt", labdir / "plain.txt")
+        wf["source"] = "plain.txt"
+    lab = lab_file(labdir, {"hosts": {"broker1": {"ip": "10.100.0.11", "mac": "52:54:00:64:00:0b",
+                                                  "write_files": [wf]}}})
+    proc = cli("seed-iso", "--lab", str(lab))
+    assert proc.returncode == 0, proc.stderr
+    assert (ws.certs / "seed" / "broker1.iso").is_file()
+    assert not (ws.artifacts / "seed" / "broker1.iso").exists()
+    assert scan(ws.artifacts, []) == []
