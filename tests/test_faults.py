@@ -501,8 +501,10 @@ def _verify_manifest(state: str):
 
 
 def _seed_dir_dangling_symlink(tmp_path, ws, cli):
+    import shutil
     assert cli("certs").returncode == 0
-    ws.artifacts.mkdir(parents=True, exist_ok=True)
+    assert cli("seed-iso").returncode == 0          # fills cache/ (cloud-init's schema)
+    shutil.rmtree(ws.artifacts / "seed")
     (ws.artifacts / "seed").symlink_to(tmp_path / "gone")
     return ["seed-iso"]
 
@@ -551,7 +553,24 @@ def _source_outside(how: str):
     return prepare
 
 
+def _schema_rejects(attr: str, text: str):
+    """user-data / vendor-data that parses but cloud-init's own schema rejects."""
+    def prepare(tmp_path, ws, cli):
+        assert cli("certs").returncode == 0
+        assert cli("seed-iso").returncode == 0      # seeds that must stay as they are
+        f = tmp_path / attr
+        f.write_text(text)
+        return ["seed-iso", "--lab", _lab(tmp_path, **_host(**{attr: str(f)}))]
+    return prepare
+
+
 PIPELINE_CASES = [
+    ("schema-user-data-packages-not-list", _schema_rejects("user_data", "#cloud-config\npackages: curl\n"),
+     "packages: 'curl' is not of type 'array' (cloud-init"),
+    ("schema-user-data-power-state", _schema_rejects(
+        "user_data", "#cloud-config\npower_state: {mode: off}\n"), "power_state.mode"),
+    ("schema-vendor-data-runcmd", _schema_rejects("vendor_data", "#cloud-config\nruncmd: reboot\n"),
+     "hosts.broker1.vendor_data"),
     ("source-climbs-out-of-lab-dir", _source_outside("climbs"),
      "is outside the lab file's directory"),
     ("source-absolute-elsewhere", _source_outside("absolute"),

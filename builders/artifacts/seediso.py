@@ -380,6 +380,19 @@ def _user_data(lab: Lab, ws: Workspace, h: Host) -> dict:
     return cfg
 
 
+def _schema_check(lab: Lab, ws: Workspace, h: Host, data: bytes, name: str) -> None:
+    """cloud-init's own schema (of the lab image's release) on a #cloud-config."""
+    from builders.artifacts.baseimage import release
+    from builders.tools import cloudinit_schema
+    rel = release(lab)
+    attr = name.replace("-", "_")
+    value = getattr(h, attr, None)
+    where = _where(lab, f"hosts.{h.name}.{attr}") + (f": {value}" if value else
+                                                      " (generated user-data)")
+    mirror = lab.build.debian_mirror if rel.distro == "debian" else lab.build.ubuntu_mirror
+    cloudinit_schema.check_cloud_config(data, where, ws.cache, rel.distro, rel.codename, mirror)
+
+
 def render(lab: Lab, ws: Workspace, host: Host | str) -> Seed:
     """Render and validate one host's seed files; raise LabError on bad input."""
     h = _host(lab, host)
@@ -422,6 +435,9 @@ def render(lab: Lab, ws: Workspace, host: Host | str) -> Seed:
         user_data = ("#cloud-config\n" + _dump(cfg)).encode()
     else:
         user_data = supplied["user-data"]
+    _schema_check(lab, ws, h, user_data, "user-data")
+    if "vendor-data" in supplied:
+        _schema_check(lab, ws, h, supplied["vendor-data"], "vendor-data")
     meta = _dump({"instance-id": instance_id, "local-hostname": h.name}).encode()
     files = {"meta-data": meta, "network-config": netcfg, "user-data": user_data}
     if "vendor-data" in supplied:

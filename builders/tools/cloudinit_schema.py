@@ -128,3 +128,22 @@ def validate(doc: Any, schema: dict, name: str, version: str) -> None:
 def clear(cache: Path) -> None:
     """Forget every fetched schema (tests)."""
     shutil.rmtree(cache / "cloud-init", ignore_errors=True)
+
+
+def check_cloud_config(data: bytes, where: str, cache: Path, distro: str, codename: str,
+                       mirror: str | None = None) -> None:
+    """Check a user-data / vendor-data file that is a plain ``#cloud-config``
+    against cloud-init's schema for ``distro`` ``codename`` (scripts,
+    archives, MIME and jinja templates are left to cloud-init)."""
+    import yaml
+    text = data.decode("utf-8", "replace")
+    if not text.startswith("#cloud-config") or text.startswith("#cloud-config-"):
+        return
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return                  # reported with its line by the seed builder's own check
+    if not isinstance(doc, dict):
+        return
+    schema, version = load_schema(cache, distro, codename, mirror)
+    validate(doc, schema, where, version)
