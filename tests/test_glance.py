@@ -175,7 +175,7 @@ def test_upload_via_clouds_yaml_active_hash_tags_props_and_bytes(clouds, service
 def test_auto_is_a_direct_upload(clouds, services, ws, default_lab, tmp_path):
     """Glance offers glance-direct here, yet auto uploads directly, as
     `openstack image create --file` does (one write instead of stage + copy)."""
-    assert "glance-direct" in glance.Api(glance.connect("lab")).import_methods()
+    assert "glance-direct" in glance.connect("lab").import_methods()
     f = make_qcow2(tmp_path / "auto.qcow2", 2)
     out = glance.upload_image(default_lab, ws, image=str(f), name="lf-auto", cloud="lab")
     assert out[0].status == "built" and "direct upload of" in out[0].detail, out[0].line()
@@ -188,7 +188,7 @@ def test_refused_direct_upload_falls_back_to_glance_direct(clouds, glance_refuse
                                                           ws, default_lab, cli, tmp_path):
     services = glance_refuses_direct_upload
     # 64 MiB: far more than is sent before Glance answers, so over TLS the
-    # 403 comes as a lost connection (see glance._send)
+    # 403 comes as a lost connection (see glance.upload._send)
     f = sparse_image(tmp_path / "refused.raw", gib=1 / 16)
     env = {"OS_CLIENT_CONFIG_FILE": str(clouds)}
     # asked for direct: one line saying what Glance answered and what to do, no image left
@@ -400,17 +400,15 @@ def test_interrupt_right_after_create_deletes_image(clouds, services, ws, defaul
                                                     monkeypatch):
     """Ctrl-C arriving while Glance's answer to the create is on its way (the
     id is not known yet): the image is found by its upload id and deleted.
-    Fault injection into labforge's own Api.call (Glance is real): a signal
-    cannot be timed into that gap from outside."""
+    Fault injection into labforge's own Cloud.create_image (Glance is real):
+    a signal cannot be timed into that gap from outside."""
     f = make_qcow2(tmp_path / "gap.qcow2", 1)
-    real_call = glance.Api.call
+    real_create = glance.Cloud.create_image
 
-    def call(self, method, path, **kw):
-        resp = real_call(self, method, path, **kw)
-        if method == "POST" and path == "/images":
-            raise KeyboardInterrupt
-        return resp
-    monkeypatch.setattr(glance.Api, "call", call)
+    def create(self, attrs):
+        real_create(self, attrs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(glance.Cloud, "create_image", create)
     with pytest.raises(KeyboardInterrupt):
         glance.upload_image(default_lab, ws, image=str(f), name="lf-gap", cloud="lab")
     monkeypatch.undo()
