@@ -119,6 +119,10 @@ LAB_CASES = [
     ("role-misspelled", lab_with(_set("hosts.broker1.roles", ["kafka-brokr"])),
      "hosts.broker1.roles[0]: 'kafka-brokr' is not a role labforge knows (did you mean 'kafka-broker'?)"),
     ("role-unknown", lab_with(_set("hosts.broker1.roles", ["zookeeper"])), "known: kafka-broker"),
+    ("user-name-shell", lab_with(_set("user.name", "root; rm -rf /")), "user.name: 'root; rm -rf /' is not a Linux user name"),
+    ("vagrant-network-quote", lab_with(_set("vagrant.management_network", 'lab"net')),
+     "vagrant.management_network:"),
+    ("glance-timeout-zero", lab_with(_set("glance.timeout", 0)), "glance.timeout: 0 is out of range"),
     ("empty-lab-file", "", "the lab file is empty"),
     ("comments-only-lab-file", "# nothing here yet\n", "the lab file is empty"),
 ]

@@ -695,6 +695,12 @@ def _check(lab: Lab, errors: list[str]) -> None:
         errors.append(f"octavia.amp_image_tag: {lab.octavia.amp_image_tag!r} is not a valid Glance tag")
     if not 1 <= lab.octavia.amphora.size <= 100:
         errors.append(f"octavia.amphora.size: {lab.octavia.amphora.size} GB is out of range (1-100)")
+    if not re.match(r"^[a-z_][a-z0-9_-]{0,31}$", lab.user.name):
+        errors.append(f"user.name: {lab.user.name!r} is not a Linux user name (a-z, 0-9, '_', "
+                      "'-', starting with a letter or '_', at most 32)")
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", lab.vagrant.management_network):
+        errors.append(f"vagrant.management_network: {lab.vagrant.management_network!r} is not a "
+                      "libvirt network name (letters, digits, '_', '.', '-')")
     if not re.match(r"^[a-z0-9][a-z0-9._-]*/[a-z0-9][a-z0-9._-]*$", lab.vagrant.box, re.I):
         errors.append(f"vagrant.box: {lab.vagrant.box!r} is not ORG/NAME")
     if not 1 <= lab.glance.timeout <= 86400:
