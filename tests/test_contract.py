@@ -16,7 +16,7 @@ from builders import pipeline
 from builders.core.contract import Builder, Built, Output, run
 from builders.core.errors import LabError
 from builders.core.manifest import Manifest, SecretLedger
-from conftest import ROOT
+from helpers import ROOT
 
 SCHEMA = json.loads((ROOT / "builders" / "schemas" / "run.schema.json").read_text())
 

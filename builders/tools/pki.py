@@ -230,9 +230,19 @@ def p12_truststore(entries: Sequence[tuple[str, x509.Certificate]], password: st
     return pkcs12.serialize_java_truststore(certs, _p12_encryption(password))
 
 
+def _jks():
+    """pyjks, imported lazily (it pulls in pyasn1 and friends); missing, one line."""
+    try:
+        import jks
+    except ImportError:
+        raise LabError("pyjks is not installed (JKS keystores); install it without its "
+                       "twofish requirement: pip install --no-deps pyjks") from None
+    return jks
+
+
 def jks_keystore(alias: str, key, cert: x509.Certificate, chain: Sequence[x509.Certificate],
                  password: str) -> bytes:
-    import jks  # pyjks: imported lazily, it pulls in pyasn1 and friends
+    jks = _jks()
     der_key = key.private_bytes(DER, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
     entry = jks.PrivateKeyEntry.new(alias, [c.public_bytes(DER) for c in (cert, *chain)],
@@ -242,7 +252,7 @@ def jks_keystore(alias: str, key, cert: x509.Certificate, chain: Sequence[x509.C
 
 
 def jks_truststore(entries: Sequence[tuple[str, x509.Certificate]], password: str) -> bytes:
-    import jks
+    jks = _jks()
     items = [jks.TrustedCertEntry.new(alias, c.public_bytes(DER)) for alias, c in entries]
     return jks.KeyStore.new("jks", items).saves(password)
 
@@ -254,7 +264,7 @@ def open_p12(data: bytes, password: str) -> pkcs12.PKCS12KeyAndCertificates:
 
 def open_jks(data: bytes, password: str):
     """Load a JKS and decrypt its keys; raise ValueError on a wrong password."""
-    import jks
+    jks = _jks()
     try:
         store = jks.KeyStore.loads(data, password)
     except (jks.util.KeystoreSignatureException, jks.util.DecryptionFailureException,
