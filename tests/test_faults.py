@@ -5,6 +5,7 @@ manifest; a run killed with SIGKILL at any point is completed by a rerun.
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import pytest
 import yaml
@@ -56,21 +57,21 @@ LAB_CASES = [
     ("write-file-both", lab_text(**{"hosts.broker1.write_files": [{"path": "/etc/x", "content": "x", "source": "f"}]}),
      "give exactly one of source or content"),
     # output names that would land on another output's file
-    ("name-broker-ca", lab_with(_set("hosts.ca", {"ip": "10.100.0.20"})),
+    ("name-broker-ca", lab_text(**{"hosts.ca": {"ip": "10.100.0.20"}}),
      "hosts.ca: the name would make broker ca write certs/kafka/ca.crt, the file of the Kafka CA"),
-    ("name-host-net-xml", lab_with(_set("hosts.net-private", {"ip": "10.100.0.20"})),
+    ("name-host-net-xml", lab_text(**{"hosts.net-private": {"ip": "10.100.0.20"}}),
      "artifacts/libvirt/net-private.xml, the file of network private"),
-    ("name-host-volume-xml", lab_with(_set("hosts.broker1-volume", {"ip": "10.100.0.20"})),
+    ("name-host-volume-xml", lab_text(**{"hosts.broker1-volume": {"ip": "10.100.0.20"}}),
      "artifacts/libvirt/broker1-volume.xml, the file of host broker1"),
-    ("name-amp-key-octavia-file", lab_with(_set("octavia.amp_ssh_key_name", "server_ca.key.pem")),
+    ("name-amp-key-octavia-file", lab_text(**{"octavia.amp_ssh_key_name": "server_ca.key.pem"}),
      "is the name of another file in certs/octavia/"),
-    ("name-client-reserved", lab_with(_set("kafka.client", "ca")), "kafka.client: 'ca' is reserved"),
-    ("name-client-is-host", lab_with(_set("kafka.client", "broker1")), "also a host name"),
-    ("name-image-traversal", lab_with(_set("hosts.broker1.image", "../../certs/kafka/ca")),
+    ("name-client-reserved", lab_text(**{"kafka.client": "ca"}), "kafka.client: 'ca' is reserved"),
+    ("name-client-is-host", lab_text(**{"kafka.client": "broker1"}), "also a host name"),
+    ("name-image-traversal", lab_text(**{"hosts.broker1.image": "../../certs/kafka/ca"}),
      "hosts.broker1.image: '../../certs/kafka/ca' is not an image name"),
     # values YAML converts silently
-    ("yaml-mode-unquoted", lab_with(_set("hosts.broker1.write_files", [
-        {"path": "/etc/x", "content": "x", "permissions": "PERM"}])).replace("permissions: PERM",
+    ("yaml-mode-unquoted", lab_text(**{"hosts.broker1.write_files": [
+        {"path": "/etc/x", "content": "x", "permissions": "PERM"}]}).replace("permissions: PERM",
                                                                             "permissions: 0644"),
      'hosts.broker1.write_files[0].permissions: YAML reads the unquoted 0644 as the number 420; '
      'write "0644" in quotes'),
@@ -79,23 +80,23 @@ LAB_CASES = [
     ("yaml-release-float", DEFAULT.replace('release: "12"', "release: 24.10").replace(
         "distro: debian", "distro: ubuntu"), 'base_image.release: YAML reads the unquoted 24.10 '
      'as the number 24.1; write "24.10" in quotes'),
-    ("yaml-no-as-string", lab_with(_set("hosts.broker1.dhcp_interface", "NO")).replace(
+    ("yaml-no-as-string", lab_text(**{"hosts.broker1.dhcp_interface": "NO"}).replace(
         "dhcp_interface: 'NO'", "dhcp_interface: no"), 'write "no" in quotes'),
-    ("yaml-on-as-choice", lab_with(_set("glance.visibility", "ON")).replace(
+    ("yaml-on-as-choice", lab_text(**{"glance.visibility": "ON"}).replace(
         "visibility: 'ON'", "visibility: on"), "glance.visibility: 'on' is not one of"),
-    ("yaml-yes-as-package", lab_with(_set("hosts.broker1.packages", ["YES"])).replace(
+    ("yaml-yes-as-package", lab_text(**{"hosts.broker1.packages": ["YES"]}).replace(
         "- 'YES'", "- yes"), 'hosts.broker1.packages[0]: YAML reads the unquoted yes as true'),
     # values that can never work
-    ("mac-multicast", lab_with(_set("hosts.broker1.mac", "01:00:5e:00:00:01")), "is a multicast address"),
-    ("mac-broadcast", lab_with(_set("hosts.broker1.mac", "ff:ff:ff:ff:ff:ff")), "is a multicast address"),
-    ("mac-all-zero", lab_with(_set("hosts.broker1.mac", "00:00:00:00:00:00")), "is all zeros"),
-    ("role-misspelled", lab_with(_set("hosts.broker1.roles", ["kafka-brokr"])),
+    ("mac-multicast", lab_text(**{"hosts.broker1.mac": "01:00:5e:00:00:01"}), "is a multicast address"),
+    ("mac-broadcast", lab_text(**{"hosts.broker1.mac": "ff:ff:ff:ff:ff:ff"}), "is a multicast address"),
+    ("mac-all-zero", lab_text(**{"hosts.broker1.mac": "00:00:00:00:00:00"}), "is all zeros"),
+    ("role-misspelled", lab_text(**{"hosts.broker1.roles": ["kafka-brokr"]}),
      "hosts.broker1.roles[0]: 'kafka-brokr' is not a role labforge knows (did you mean 'kafka-broker'?)"),
-    ("role-unknown", lab_with(_set("hosts.broker1.roles", ["zookeeper"])), "known: kafka-broker"),
-    ("user-name-shell", lab_with(_set("user.name", "root; rm -rf /")), "user.name: 'root; rm -rf /' is not a Linux user name"),
-    ("vagrant-network-quote", lab_with(_set("vagrant.management_network", 'lab"net')),
+    ("role-unknown", lab_text(**{"hosts.broker1.roles": ["zookeeper"]}), "known: kafka-broker"),
+    ("user-name-shell", lab_text(**{"user.name": "root; rm -rf /"}), "user.name: 'root; rm -rf /' is not a Linux user name"),
+    ("vagrant-network-quote", lab_text(**{"vagrant.management_network": 'lab"net'}),
      "vagrant.management_network:"),
-    ("glance-timeout-zero", lab_with(_set("glance.timeout", 0)), "glance.timeout: 0 is out of range"),
+    ("glance-timeout-zero", lab_text(**{"glance.timeout": 0}), "glance.timeout: 0 is out of range"),
     ("empty-lab-file", "", "the lab file is empty"),
     ("comments-only-lab-file", "# nothing here yet\n", "the lab file is empty"),
 ]
@@ -403,7 +404,7 @@ def _empty_lab_over_existing_certs(tmp_path, ws, cli):
 
 def _broker_ca_over_existing_certs(tmp_path, ws, cli):
     assert cli("certs").returncode == 0
-    return ["certs", "--lab", _lab(tmp_path, hosts={"ca": {"ip": "10.100.0.20"}})]
+    return ["certs", "--lab", str(lab_file(tmp_path, **{"hosts.ca": {"ip": "10.100.0.20"}}))]
 
 
 def _option(*args):
@@ -416,7 +417,7 @@ def _password_file(content: bytes):
     def prepare(tmp_path, ws, cli):
         pw = tmp_path / "store.pw"
         pw.write_bytes(content)
-        return ["certs", "--lab", _lab(tmp_path, kafka={"password_file": str(pw)})]
+        return ["certs", "--lab", lab_file(tmp_path, kafka={"password_file": str(pw)})]
     return prepare
 
 
@@ -451,7 +452,7 @@ def _file_key(where: str, kind: str):
             changes = _host(**{key: value})
         else:
             changes = {section: {key: str(target)}}
-        return ["seed-iso" if section == "host" else "certs", "--lab", _lab(tmp_path, **changes)]
+        return ["seed-iso" if section == "host" else "certs", "--lab", lab_file(tmp_path, **changes)]
     return prepare
 
 
@@ -519,7 +520,7 @@ def _source_outside(how: str):
         else:
             (labdir / "notes.txt").symlink_to("/etc/hostname")
             source = "notes.txt"
-        lab = lab_file(labdir, _host(write_files=[{"path": "/etc/x", "source": source}]))
+        lab = lab_file(labdir, **_host(write_files=[{"path": "/etc/x", "source": source}]))
         return ["seed-iso", "--lab", str(lab)]
     return prepare
 
@@ -531,7 +532,7 @@ def _schema_rejects(attr: str, text: str):
         assert cli("seed-iso").returncode == 0      # seeds that must stay as they are
         f = tmp_path / attr
         f.write_text(text)
-        return ["seed-iso", "--lab", _lab(tmp_path, **_host(**{attr: str(f)}))]
+        return ["seed-iso", "--lab", lab_file(tmp_path, **_host(**{attr: str(f)}))]
     return prepare
 
 
@@ -754,11 +755,11 @@ def test_keystone_that_never_answers(tmp_path, ws, cli, request):
     request.addfinalizer(lambda: (stop.set(), [c.close() for c in held], srv.close()))
     url = f"http://127.0.0.1:{srv.getsockname()[1]}/v3"
     img = make_qcow2(tmp_path / "x.qcow2", "64M")
-    lab = _lab(tmp_path, glance={"timeout": 2})
+    lab = lab_file(tmp_path, glance={"timeout": 2})
     env = {**_NO_OS_ENV, "OS_AUTH_URL": url, "OS_USERNAME": "admin", "OS_PASSWORD": "pw-7f3k2j",
            "OS_PROJECT_NAME": "admin", "OS_USER_DOMAIN_NAME": "Default",
            "OS_PROJECT_DOMAIN_NAME": "Default"}
-    before = snapshot(ws.root)
+    before = tree_snapshot(ws.root)
     proc = cli("glance-upload", "--image", str(img), "--lab", lab, env=env, timeout=120)
     assert_bad_input_outcome(proc, f"Keystone at {url} did not answer within 2s", before, ws)
     assert "pw-7f3k2j" not in proc.stderr

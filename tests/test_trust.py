@@ -14,7 +14,7 @@ import pytest
 
 from builders.core import lab as labmod
 from builders.core.errors import LabError
-from conftest import ROOT
+from helpers import ROOT, lab_file
 
 
 # --------------------------------------------------------------------------
@@ -207,13 +207,11 @@ def test_public_artifacts_hold_no_secrets(tmp_path, ws, cli):
     under certs/seed/) and whose others are public: artifacts/ holds no
     private key, keystore or secret of the lab."""
     from secret_scan import scan, secrets_of
-    from imagetools import lab_file
-    lab = lab_file(tmp_path, {"hosts": {"broker1": {
-        "ip": "10.100.0.11", "mac": "52:54:00:64:00:0b",
+    lab = lab_file(tmp_path, **{"hosts.broker1": {
         "write_files": [{"path": "/etc/kafka/ssl/broker1.keystore.p12",
                          "source": "certs:kafka/broker1.keystore.p12", "permissions": "0600"},
                         {"path": "/etc/kafka/ssl/broker1.key", "source": "certs:kafka/broker1.key",
-                         "permissions": "0600"}]}}})
+                         "permissions": "0600"}]}})
     for task in ("certs", "seed-iso", "vagrantfile"):
         proc = cli(task, "--lab", str(lab))
         assert proc.returncode == 0, proc.stderr
@@ -233,7 +231,6 @@ def test_public_artifacts_hold_no_secrets(tmp_path, ws, cli):
 def test_key_material_makes_the_seed_secret(tmp_path, ws, cli, how):
     """A seed carrying key material (by content, or a hard link whose other
     name may be a key) goes to certs/seed/, never to artifacts/."""
-    from imagetools import lab_file
     from secret_scan import scan
     other = tmp_path / "other-ws"
     assert cli("certs", env={"LABFORGE_WORKDIR": str(other)}).returncode == 0
@@ -254,8 +251,7 @@ def test_key_material_makes_the_seed_secret(tmp_path, ws, cli, how):
         (tmp_path / "plain.txt").write_text("hello\n")
         os.link(tmp_path / "plain.txt", labdir / "plain.txt")
         wf["source"] = "plain.txt"
-    lab = lab_file(labdir, {"hosts": {"broker1": {"ip": "10.100.0.11", "mac": "52:54:00:64:00:0b",
-                                                  "write_files": [wf]}}})
+    lab = lab_file(labdir, **{"hosts.broker1": {"write_files": [wf]}})
     proc = cli("seed-iso", "--lab", str(lab))
     assert proc.returncode == 0, proc.stderr
     assert (ws.certs / "seed" / "broker1.iso").is_file()
