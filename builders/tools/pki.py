@@ -337,3 +337,52 @@ def check_password(pw: str, where: str) -> str:
         raise LabError(f"{where}: the store password must be one line without backslashes "
                        "or surrounding blanks (it goes into .properties files)")
     return pw
+
+
+# --------------------------------------------------------------------------
+# certs-check: keys and stores as their consumers load them
+# --------------------------------------------------------------------------
+def key_problem(cert: x509.Certificate, data: bytes, passphrase: str | None = None) -> str | None:
+    """Why the PEM private key ``data`` is not ``cert``'s key, or None."""
+    try:
+        key = serialization.load_pem_private_key(data, passphrase.encode() if passphrase else None)
+    except TypeError:
+        return "its key needs a passphrase that is missing or not needed"
+    except (ValueError, UnsupportedAlgorithm):
+        return "its key does not load (not a PEM private key, or damaged)"
+    if not same_public_key(key, cert):
+        return "its key does not belong to it"
+    return None
+
+
+def store_problem(data: bytes, kind: str, password: str, cert: x509.Certificate | None = None
+                  ) -> str | None:
+    """Why a keystore (``kind`` "p12" or "jks") does not open with
+    ``password`` or does not hold ``cert``'s key (None: it is fine).  For a
+    truststore pass ``cert`` None: it must open and hold a certificate."""
+    if kind == "p12":
+        try:
+            store = open_p12(data, password)
+        except (ValueError, TypeError):
+            return "does not open with the stored password"
+        if cert is None:
+            return None if (store.cert or store.additional_certs) else "holds no certificate"
+        if store.key is None or not same_public_key(store.key, cert):
+            return "does not hold the key of its certificate"
+        return None
+    try:
+        store = open_jks(data, password)
+    except ValueError:
+        return "does not open with the stored password"
+    if cert is None:
+        return None if store.certs else "holds no trusted certificate"
+    for entry in store.private_keys.values():
+        if not entry.is_decrypted():
+            try:
+                entry.decrypt(password)
+            except Exception:  # noqa: BLE001 - pyjks raises its own types for a wrong password
+                return "its key entry does not open with the stored password"
+        key = serialization.load_der_private_key(entry.pkey_pkcs8, None)
+        if same_public_key(key, cert):
+            return None
+    return "does not hold the key of its certificate"
