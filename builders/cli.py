@@ -129,11 +129,13 @@ def check_lab(c, lab=None):
     "force": "re-issue every leaf key, certificate and store under the existing CAs",
     "rotate": "replace a set's CA (or key) and everything it signed: kafka, octavia or ssh "
               "(repeatable)",
+    "prune": "remove the keys, certificates and stores of identities no longer in the lab "
+             "(listed); without it they are kept",
 })
-def certs(c, lab=None, force=False, rotate=None):
+def certs(c, lab=None, force=False, rotate=None, prune=False):
     """Issue the lab's certificates, keystores and keys under certs/ (idempotent)."""
     from builders.artifacts.certs import build_certs
-    _print(build_certs(*_lab_ws(lab, "certs"), force=force, rotate=rotate or ()))
+    _print(build_certs(*_lab_ws(lab, "certs"), force=force, rotate=rotate or (), prune=prune))
 
 
 @labtask(help={

@@ -536,7 +536,49 @@ def _schema_rejects(attr: str, text: str):
     return prepare
 
 
+def _certs_check_after(how: str):
+    """certs-check on material that looks fine by name but does not work."""
+    def prepare(tmp_path, ws, cli):
+        import shutil
+        assert cli("certs").returncode == 0
+        k, o = ws.certs / "kafka", ws.certs / "octavia"
+        if how == "swapped-key":
+            shutil.copy(k / "broker2.key", k / "broker1.key")
+        elif how == "garbage-key":
+            (k / "broker1.key").write_text("-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n")
+        elif how == "store-other-password":
+            from builders.tools import pki
+            cert = pki.load_certs((k / "broker1.crt").read_bytes())[0]
+            ca = pki.load_certs((k / "ca.crt").read_bytes())[0]
+            key = pki.load_key((k / "broker1.key").read_bytes())
+            (k / "broker1.keystore.jks").write_bytes(
+                pki.jks_keystore("broker1", key, cert, [ca], "another-password-1"))
+        elif how == "store-of-other-key":
+            shutil.copy(k / "broker2.keystore.p12", k / "broker1.keystore.p12")
+        elif how == "truststore-damaged":
+            data = (k / "truststore.p12").read_bytes()
+            (k / "truststore.p12").write_bytes(data[: len(data) // 2])
+        else:  # octavia CA keys swapped
+            a, b = (o / "server_ca.key.pem").read_bytes(), (o / "client_ca.key.pem").read_bytes()
+            (o / "server_ca.key.pem").write_bytes(b)
+            (o / "client_ca.key.pem").write_bytes(a)
+        return ["certs-check"]
+    return prepare
+
+
 PIPELINE_CASES = [
+    ("certs-check-swapped-key", _certs_check_after("swapped-key"),
+     "broker1.crt: its key does not belong to it (broker1.key)"),
+    ("certs-check-garbage-key", _certs_check_after("garbage-key"),
+     "broker1.crt: its key does not load"),
+    ("certs-check-store-password", _certs_check_after("store-other-password"),
+     "broker1.keystore.jks does not open with the stored password"),
+    ("certs-check-store-other-key", _certs_check_after("store-of-other-key"),
+     "broker1.keystore.p12 does not hold the key of its certificate"),
+    ("certs-check-truststore-damaged", _certs_check_after("truststore-damaged"),
+     "ca.crt: truststore.p12 does not open with the stored password"),
+    ("certs-check-octavia-keys-swapped", _certs_check_after("octavia-swapped"),
+     "server_ca.cert.pem: its key does not belong to it (server_ca.key.pem)"),
     ("schema-user-data-packages-not-list", _schema_rejects("user_data", "#cloud-config\npackages: curl\n"),
      "packages: 'curl' is not of type 'array' (cloud-init"),
     ("schema-user-data-power-state", _schema_rejects(

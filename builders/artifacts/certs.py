@@ -35,7 +35,7 @@ from typing import Iterable
 
 from builders.tools import pki
 from builders.core.errors import LabError
-from builders.core.fsutil import atomic_write, private_dir
+from builders.core.fsutil import read_regular, atomic_write, private_dir
 from builders.core.lab import Lab
 from builders.core.outcome import Outcome
 from builders.core.workspace import BuildLock, Workspace
@@ -170,8 +170,11 @@ def cert_record(cert, digest: str, **extra) -> dict:
 # entry points
 # --------------------------------------------------------------------------
 def build_certs(lab: Lab, ws: Workspace, *, force: bool = False,
-                rotate: Iterable[str] = ()) -> list[Outcome]:
+                rotate: Iterable[str] = (), prune: bool = False) -> list[Outcome]:
     """Issue or refresh every certificate set of the lab under ``ws.certs``.
+
+    Identities no longer in the lab keep their keys and stores (reported as
+    kept) unless ``prune``, which removes them and lists what went.
 
     ``force`` re-issues every leaf (keys, certificates, stores) under the
     existing CAs; ``rotate`` names sets ("kafka", "octavia", "ssh") whose CAs
@@ -200,7 +203,7 @@ def build_certs(lab: Lab, ws: Workspace, *, force: bool = False,
         # plan every set first: any LabError here leaves certs/ untouched
         planned("ssh", plan_ssh, lab, ws, old.get("ssh"), "ssh" in rotate, plan, new)
         planned("kafka", certs_kafka.plan, lab, ws, old.get("kafka"), "kafka" in rotate,
-                force, plan, new)
+                force, plan, new, prune)
         if lab.octavia.enabled:
             planned("octavia", certs_octavia.plan, lab, ws, old.get("octavia"),
                     "octavia" in rotate, force, plan, new)
@@ -381,8 +384,59 @@ def check_certs(lab: Lab, ws: Workspace, warn_days: int = 30) -> list[CertStatus
                     "ok": "run `invoke certs --force` to re-issue the leaves now (`invoke "
                           f"certs` renews a leaf only in its last {RENEW_DAYS} days)",
                 }[due])
+        for problem in _key_and_store_problems(cp, cert, ip is None):
+            problems.append(problem)
+            fixes.append(rotate if ip is None else "run `invoke certs --force`")
         out.append(CertStatus(set_name, cp, cert.subject.rfc4514_string(), pki.sans_of(cert),
                               days, ip, problems, list(dict.fromkeys(fixes))))
+    return out
+
+
+def _read_text(p: Path) -> str | None:
+    try:
+        return read_regular(p, p.name, 4096).decode().strip()
+    except (OSError, LabError, UnicodeDecodeError):
+        return None
+
+
+def _key_and_store_problems(cp: Path, cert, is_ca: bool) -> list[str]:
+    """A certificate's key loads and belongs to it; its keystores (Kafka:
+    <id>.keystore.p12/.jks, for the CA the truststores) open with the stored
+    password and hold that key."""
+    d, name = cp.parent, cp.name
+    out: list[str] = []
+    passphrase = None
+    if name.endswith(".cert.pem"):                       # Octavia CA: encrypted key
+        key_p = d / (name[:-len(".cert.pem")] + ".key.pem")
+        passphrase = _read_text(d / "ca_private_key_passphrase")
+    elif name.endswith(".crt"):
+        key_p = cp.with_suffix(".key")
+    else:                                                # client.cert-and-key.pem
+        key_p = cp
+    try:
+        key_data = read_regular(key_p, "the key", 1 << 20)
+    except (OSError, LabError):
+        out.append(f"its key {key_p.name} is missing or unreadable")
+    else:
+        why = pki.key_problem(cert, key_data, passphrase)
+        if why:
+            out.append(f"{why} ({key_p.name})")
+    if not name.endswith(".crt"):
+        return out
+    password = _read_text(d / "store.password")
+    stem = cp.stem
+    stores = ([(d / f"truststore.{k}", k, None) for k in ("p12", "jks")] if is_ca else
+              [(d / f"{stem}.keystore.{k}", k, cert) for k in ("p12", "jks")])
+    for store, kind, owner in stores:
+        try:
+            data = read_regular(store, "the store", 16 << 20)
+        except (OSError, LabError):
+            out.append(f"{store.name} is missing or unreadable")
+            continue
+        why = "store.password is missing or unreadable" if password is None else \
+            pki.store_problem(data, kind, password, owner)
+        if why:
+            out.append(f"{store.name} {why}")
     return out
 
 
