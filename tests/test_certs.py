@@ -315,7 +315,11 @@ def test_check_certs_detects_a_foreign_signature(built: Workspace, default_lab, 
     (built.certs / "kafka" / "broker2.crt").write_bytes(
         (other.certs / "kafka" / "broker2.crt").read_bytes())
     bad = [r for r in check_certs(default_lab, built) if not r.ok]
-    assert [(r.path.name, r.problems) for r in bad] == [("broker2.crt", ["not signed by ca.crt"])]
+    # a certificate from elsewhere: not signed by the CA, and not the key's or the stores'
+    assert [(r.path.name, r.problems) for r in bad] == [("broker2.crt", [
+        "not signed by ca.crt", "its key does not belong to it (broker2.key)",
+        "broker2.keystore.p12 does not hold the key of its certificate",
+        "broker2.keystore.jks does not hold the key of its certificate"])]
 
 
 def test_check_certs_without_certs(ws, default_lab):
