@@ -166,7 +166,7 @@ def certs_check(c, lab=None, warn_days=None):
 })
 def seed_iso(c, lab=None, host=None, format="iso", force=False):
     """Build cloud-init NoCloud seeds (artifacts/seed/<host>.iso) for the lab's hosts."""
-    from builders.artifacts.seediso import build_seed_isos
+    from builders.artifacts.seed import build_seed_isos
     _print(build_seed_isos(*_lab_ws(lab, "seed-iso"), hosts=host or None,
                            force=force, fmt=format))
 

@@ -100,15 +100,16 @@ def test_progress_bar_goes_to_stderr(tmp_path):
 def test_certs_dir_private_after_interrupted_first_run(tmp_path, default_lab, monkeypatch):
     """An interrupt while the first files are written leaves certs/ 0700."""
     from builders.artifacts import certs as certsmod
+    from builders.core import contract
     from builders.core.workspace import Workspace
     ws = Workspace(tmp_path / "ws")
     os.umask(0o022)
     calls = []
 
-    def interrupted(path, data, mode=0o644):     # Ctrl-C on the first write
+    def interrupted(self, path, *args, **kwargs):     # Ctrl-C on the first write
         calls.append(path)
         raise KeyboardInterrupt
-    monkeypatch.setattr(certsmod, "atomic_write", interrupted)
+    monkeypatch.setattr(contract.Stage, "write", interrupted)
     with pytest.raises(KeyboardInterrupt):
         certsmod.build_certs(default_lab, ws)
     assert calls

@@ -47,7 +47,7 @@ KEY_FILE_LIMIT = 64 << 10          # SSH keys
 PASSWORD_FILE_LIMIT = 4 << 10
 BUNDLE_FILE_LIMIT = 16 << 20       # a CA bundle
 # the files `invoke certs` writes in certs/octavia/ besides the amphora SSH key
-# pair (builders.certs_octavia.F; a test keeps the two the same): the key pair
+# pair (builders.artifacts.certs.octavia.F; a test keeps the two the same): the key pair
 # named octavia.amp_ssh_key_name must not overwrite one of them
 OCTAVIA_FILES = frozenset({
     "server_ca.cert.pem", "server_ca.key.pem", "server_ca-chain.cert.pem",
@@ -243,6 +243,15 @@ class Lab:
             raise LabError(f"{self.source.name}: hosts: the lab has no hosts; {task} needs at "
                            "least one (see the embedded lab.yaml)")
         return self
+
+    def host_network(self, host: Host) -> Network:
+        """The network a host is on: its ``network``, else the lab's first one."""
+        if host.network:
+            return self.network(host.network)
+        if not self.networks:
+            raise LabError(f"{self.source.name}: networks: the lab has no network for "
+                           f"hosts.{host.name}")
+        return self.networks[0]
 
     def brokers(self) -> tuple[Host, ...]:
         if self.kafka.brokers:
@@ -598,8 +607,10 @@ def _check(lab: Lab, errors: list[str]) -> None:
         if not _DNS_LABEL.match(h.name):
             errors.append(f"{w}: {h.name!r} is not a valid hostname (a DNS label: a-z, 0-9, "
                           "'-', not at either end, at most 63 characters)")
-        net_name = h.network or (lab.networks[0].name if lab.networks else "")
-        net = nets.get(net_name)
+        try:
+            net = lab.host_network(h)
+        except LabError:
+            net = None                  # reported below (unknown name) or above (no networks)
         if h.network and net is None:
             errors.append(f"{w}.network: no network named {h.network!r} (networks: "
                           f"{', '.join(nets) or 'none'})")
@@ -724,7 +735,7 @@ KAFKA_LEAF = ("{n}.crt", "{n}.key", "{n}-chain.pem", "{n}.keystore.p12", "{n}.ke
 def outputs(lab: Lab) -> list[tuple[str, str]]:
     """Every file the builders derive from the lab's names, as (path under the
     workspace, what it is), fixed names included: certs/kafka (the builders'
-    certs_kafka module doc), certs/octavia, certs/ssh, seeds, overlays,
+    certs/kafka.py module doc), certs/octavia, certs/ssh, seeds, overlays,
     libvirt and Vagrant XML.  Boxes and base images are named from one lab
     value each and cannot meet (a test keeps this list and the builders the
     same)."""
