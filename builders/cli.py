@@ -26,6 +26,7 @@ from builders.core import lab as labmod
 from builders import pipeline
 from builders.core.console import setup_logging
 from builders.core.errors import LabError
+from builders.core.fsutil import os_reason
 from builders.core.manifest import Manifest
 from builders.core.workspace import Workspace
 
@@ -77,7 +78,7 @@ def _user_errors(fn):
             if os.environ.get("LABFORGE_DEBUG"):
                 raise
             where = f"{exc.filename}: " if exc.filename else ""
-            print(f"error: {where}{exc.strerror or exc}; fix it and rerun", file=sys.stderr)
+            print(f"error: {where}{os_reason(exc)}; fix it and rerun", file=sys.stderr)
             raise Exit(code=1) from None
         except Exception as exc:  # a bug: say so in one line, traceback on request
             if os.environ.get("LABFORGE_DEBUG"):
@@ -97,9 +98,12 @@ def labtask(*args, **kwargs):
     return deco
 
 
-def _lab_ws(lab: str | None) -> tuple[labmod.Lab, Workspace]:
-    """The lab and its workspace: LABFORGE_WORKDIR, else beside the lab file."""
+def _lab_ws(lab: str | None, needs_hosts: str | None = None) -> tuple[labmod.Lab, Workspace]:
+    """The lab and its workspace: LABFORGE_WORKDIR, else beside the lab file.
+    ``needs_hosts`` names a task that cannot run on a lab without hosts."""
     lb = labmod.load(lab)
+    if needs_hosts:
+        lb.require_hosts(needs_hosts)
     return lb, Workspace.default(lb)
 
 
@@ -125,22 +129,25 @@ def check_lab(c, lab=None):
     "force": "re-issue every leaf key, certificate and store under the existing CAs",
     "rotate": "replace a set's CA (or key) and everything it signed: kafka, octavia or ssh "
               "(repeatable)",
+    "prune": "remove the keys, certificates and stores of identities no longer in the lab "
+             "(listed); without it they are kept",
 })
-def certs(c, lab=None, force=False, rotate=None):
+def certs(c, lab=None, force=False, rotate=None, prune=False):
     """Issue the lab's certificates, keystores and keys under certs/ (idempotent)."""
     from builders.artifacts.certs import build_certs
-    _print(build_certs(*_lab_ws(lab), force=force, rotate=rotate or ()))
+    _print(build_certs(*_lab_ws(lab, "certs"), force=force, rotate=rotate or (), prune=prune))
 
 
 @labtask(help={
     "lab": LAB_HELP,
     "warn_days": "fail when a certificate expires within this many days (default 30)",
 })
-def certs_check(c, lab=None, warn_days=30):
+def certs_check(c, lab=None, warn_days=None):
     """List every certificate with subject, SANs and days to expiry; fail on problems."""
     from builders.artifacts.certs import check_certs, fix_hint
+    days = _int(warn_days, "--warn-days", minimum=0)
     lb, ws = _lab_ws(lab)
-    rows = check_certs(lb, ws, warn_days=int(warn_days))
+    rows = check_certs(lb, ws, warn_days=30 if days is None else days)
     for r in rows:
         print(r.line(ws.root))
     bad = [r for r in rows if not r.ok]
@@ -160,7 +167,7 @@ def certs_check(c, lab=None, warn_days=30):
 def seed_iso(c, lab=None, host=None, format="iso", force=False):
     """Build cloud-init NoCloud seeds (artifacts/seed/<host>.iso) for the lab's hosts."""
     from builders.artifacts.seed import build_seed_isos
-    _print(build_seed_isos(*_lab_ws(lab), hosts=host or None,
+    _print(build_seed_isos(*_lab_ws(lab, "seed-iso"), hosts=host or None,
                            force=force, fmt=format))
 
 
@@ -182,7 +189,7 @@ def base_image(c, lab=None, force=False, verbose=False):
 def overlays(c, lab=None, host=None, force=False, verbose=False):
     """Create each host's qcow2 overlay backed by the base image."""
     from builders.artifacts.overlays import build_overlays
-    _print(build_overlays(*_lab_ws(lab), hosts=host or None, force=force))
+    _print(build_overlays(*_lab_ws(lab, "overlays"), hosts=host or None, force=force))
 
 
 @labtask(iterable=["expect"],
@@ -193,14 +200,17 @@ def overlays(c, lab=None, host=None, force=False, verbose=False):
                "accel": "kvm or tcg (default: kvm when it can run guests here, else tcg)",
                "memory": "guest memory in MiB, at most the host's (default 1024)",
                "verbose": "show debug output (commands run)"})
-def boot_check(c, lab=None, host=None, timeout=900, expect=None, accel=None, memory=1024,
+def boot_check(c, lab=None, host=None, timeout=None, expect=None, accel=None, memory=None,
                verbose=False):
     """Boot a host's overlay with its seed under QEMU; pass when cloud-init applied the seed."""
     from builders.checks.bootcheck import boot_check as check
     if not host:
         raise LabError("boot-check: give --host NAME")
-    _print(check(*_lab_ws(lab), host, timeout=float(timeout),
-                 expect=expect or (), accel=accel, memory=int(memory)))
+    timeout_s = _seconds(timeout, "--timeout")
+    mem = _int(memory, "--memory", minimum=1)
+    _print(check(*_lab_ws(lab, "boot-check"), host,
+                 timeout=900.0 if timeout_s is None else timeout_s,
+                 expect=expect or (), accel=accel, memory=1024 if mem is None else mem))
 
 
 @labtask(iterable=["host"],
@@ -211,7 +221,7 @@ def boot_check(c, lab=None, host=None, timeout=900, expect=None, accel=None, mem
 def libvirt_xml(c, lab=None, host=None, force=False, verbose=False):
     """Write libvirt domain, volume and network XML per host (for virsh users)."""
     from builders.artifacts.libvirtxml import build_libvirt_xml
-    _print(build_libvirt_xml(*_lab_ws(lab), hosts=host or None, force=force))
+    _print(build_libvirt_xml(*_lab_ws(lab, "libvirt-xml"), hosts=host or None, force=force))
 
 
 # ---- amphora ---------------------------------------------------------------
@@ -255,10 +265,12 @@ def build_amphora(c, lab=None, force=False, base_os=None, release=None, arch=Non
     "timeout": "seconds to wait for the agent to answer (default: 1200, TCG is slow)",
     "accel": "kvm or tcg (default: KVM when it works, else TCG)",
 })
-def amphora_check(c, lab=None, image=None, timeout=1200, accel=None):
+def amphora_check(c, lab=None, image=None, timeout=None, accel=None):
     """Boot the amphora under QEMU with a Nova-style config drive and prove its agent (mutual TLS)."""
     from builders.checks import amphora_check as ac
-    _print(ac.check_amphora(*_lab_ws(lab), image=image, timeout=float(timeout),
+    timeout_s = _seconds(timeout, "--timeout")
+    _print(ac.check_amphora(*_lab_ws(lab), image=image,
+                            timeout=1200.0 if timeout_s is None else timeout_s,
                             accel=accel))
 
 
@@ -288,7 +300,7 @@ def vagrant_box(c, image=None, name=None, version=None, add=False, base_url=None
 def vagrantfile(c, force=False, lab=None):
     """Render the lab's Vagrantfile and libvirt network XML under artifacts/vagrant/."""
     from builders.artifacts import vagrant
-    lb, ws = _lab_ws(lab)
+    lb, ws = _lab_ws(lab, "vagrantfile")
     _print(vagrant.build_vagrantfile(lb, ws, force=force))
     print("create the lab networks (once per libvirt host), then `vagrant up`:")
     for cmd in vagrant.network_commands(lb, ws):
@@ -355,13 +367,30 @@ def publish_amphora(c, cloud=None, property=None, keep=None, deactivate_old=Fals
         cacert=os_cacert, insecure=insecure))
 
 
-def _int(value, option: str):
+def _int(value, option: str, minimum: int | None = None):
+    """An option's whole number (None when not given); anything else is one line."""
     if value is None:
         return None
     try:
-        return int(value)
+        n = int(str(value).strip(), 10)
     except (TypeError, ValueError):
         raise LabError(f"{option} {value}: expected a whole number") from None
+    if minimum is not None and n < minimum:
+        raise LabError(f"{option} {value}: must be at least {minimum}")
+    return n
+
+
+def _seconds(value, option: str):
+    """An option's positive number of seconds (None when not given)."""
+    if value is None:
+        return None
+    try:
+        n = float(str(value).strip())
+    except (TypeError, ValueError):
+        raise LabError(f"{option} {value}: expected a number of seconds") from None
+    if not 0 < n < float("inf"):
+        raise LabError(f"{option} {value}: expected a positive number of seconds")
+    return n
 
 # ---- whole lab, manifest ----------------------------------------------------
 
@@ -375,6 +404,11 @@ def _int(value, option: str):
 def build_all(c, lab=None, only=None, skip=None, force=False, json=False):
     """Build everything the lab needs: certs, seeds, base image, overlays, amphora, boxes, Glance."""
     lb, ws = _lab_ws(lab)
+    pipeline.check_kinds(tuple(only or ()), "--only")
+    pipeline.check_kinds(tuple(skip or ()), "--skip")
+    host_steps = {"certs", "seed-iso", "overlays", "vagrant"}
+    if any(k in host_steps for k in (only or pipeline.KINDS) if k not in (skip or ())):
+        lb.require_hosts("invoke all (certs, seed-iso, overlays, vagrant)")
 
     def show(rep):
         detail = f" ({rep.detail})" if rep.detail else ""

@@ -16,6 +16,20 @@ from builders.core.workspace import Workspace
 from helpers import INVOKE, ROOT
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_published_artifacts(tmp_path_factory):
+    """After the whole run: no workspace any test built has a private key,
+    keystore or one of its lab's secrets under artifacts/ (what CI publishes)."""
+    yield
+    from secret_scan import scan, secrets_of
+    base = tmp_path_factory.getbasetemp()
+    problems = []
+    for manifest in base.glob("**/artifacts/manifest.json"):
+        art = manifest.parent
+        problems += [f"{art}/{p}" for p in scan(art, secrets_of(art.parent / "certs"))]
+    assert not problems, "secrets in published artifacts:\n" + "\n".join(problems)
+
+
 @pytest.fixture
 def ws(tmp_path: Path) -> Workspace:
     """An empty workspace (certs/, artifacts/, cache/) in a temp dir."""

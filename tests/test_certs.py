@@ -134,10 +134,18 @@ def test_adding_a_broker_issues_only_that_broker(built: Workspace, tmp_path):
     ca = x509.load_pem_x509_certificate((built.certs / "kafka" / "ca.crt").read_bytes())
     b4 = x509.load_pem_x509_certificate((built.certs / "kafka" / "broker4.crt").read_bytes())
     b4.verify_directly_issued_by(ca)
-    # and removing it again removes exactly its material, reported as a change
+    # a lab that stops naming it keeps its key material, and says so
+    after_add = tree_snapshot(built.certs, mtimes=True)
     out = {o.step: o for o in build_certs(lab_from(tmp_path / "lab3"), built)}
+    assert changed(after_add, tree_snapshot(built.certs, mtimes=True)) == set()
+    assert out["certs kafka"].status == "up to date"
+    assert "kept broker4, no longer in the lab; `certs --prune` removes them" in out["certs kafka"].detail
+    # --prune removes exactly its material, listed, reported as a change
+    out = {o.step: o for o in build_certs(lab_from(tmp_path / "lab3"), built, prune=True)}
     assert changed(before, tree_snapshot(built.certs, mtimes=True)) == {"state.json"}
-    assert (out["certs kafka"].status, out["certs kafka"].detail) == ("built", "removed broker4")
+    assert (out["certs kafka"].status, out["certs kafka"].detail) == (
+        "built", "pruned broker4: broker4.crt, broker4.key, broker4-chain.pem, "
+        "broker4.keystore.p12, broker4.keystore.jks, server-broker4.properties")
     assert out["certs octavia"].status == "up to date"
 
 
@@ -314,7 +322,11 @@ def test_check_certs_detects_a_foreign_signature(built: Workspace, default_lab, 
     (built.certs / "kafka" / "broker2.crt").write_bytes(
         (other.certs / "kafka" / "broker2.crt").read_bytes())
     bad = [r for r in check_certs(default_lab, built) if not r.ok]
-    assert [(r.path.name, r.problems) for r in bad] == [("broker2.crt", ["not signed by ca.crt"])]
+    # a certificate from elsewhere: not signed by the CA, and not the key's or the stores'
+    assert [(r.path.name, r.problems) for r in bad] == [("broker2.crt", [
+        "not signed by ca.crt", "its key does not belong to it (broker2.key)",
+        "broker2.keystore.p12 does not hold the key of its certificate",
+        "broker2.keystore.jks does not hold the key of its certificate"])]
 
 
 def test_check_certs_without_certs(ws, default_lab):

@@ -293,7 +293,7 @@ def test_cli_wrong_store_password_file(cli, ws, tmp_path):
     # unreadable: the password file is a directory; missing
     pwf.unlink()
     pwf.mkdir()
-    assert_one_line_error(cli("certs", "--lab", str(lab)), "kafka.password_file", "cannot read")
+    assert_one_line_error(cli("certs", "--lab", str(lab)), "kafka.password_file", "is a directory")
     pwf.rmdir()
     assert_one_line_error(cli("certs", "--lab", str(lab)), "kafka.password_file", "does not exist")
     assert changed(before, tree_snapshot(ws.certs, mtimes=True)) == set()

@@ -223,7 +223,7 @@ def test_any_file_from_certs_makes_the_seed_secret(ws, lab_key, how):
     kafka = ws.certs_dir("kafka")
     secret_bytes = b"\xfe\xed\xfe\xed secret keystore"
     (kafka / "broker1.keystore.jks").write_bytes(secret_bytes)
-    (kafka / "ud.yaml").write_text("#cloud-config\nruncmd: [true]\n")
+    (kafka / "ud.yaml").write_text("#cloud-config\nruncmd: [\"true\"]\n")
     (kafka / "nc.yaml").write_text("version: 2\nethernets:\n  eth0: {dhcp4: true}\n")
     (kafka / "vd.yaml").write_text("#cloud-config\npackages: [jq]\n")
     (ws.root / "link.jks").symlink_to(kafka / "broker1.keystore.jks")
@@ -254,7 +254,7 @@ def test_any_file_from_certs_makes_the_seed_secret(ws, lab_key, how):
 
 
 def test_user_supplied_files_are_used_as_is(tmp_path, ws, lab_key):
-    ud = "#cloud-config\nhostname: custom\nruncmd: [true]\nfrobnicate: 1\n"
+    ud = "#cloud-config\nhostname: custom\nruncmd: [\"true\"]\nfrobnicate: 1\n"
     nc = "network:\n  version: 2\n  ethernets:\n    eth0: {dhcp4: true}\n"
     (tmp_path / "ud.yaml").write_text(ud)
     (tmp_path / "nc.yaml").write_text(nc)

@@ -92,7 +92,9 @@ def progress(label: str, total: float | None = None, unit: str = "B") -> Iterato
         cols = [TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn()]
         if unit == "B":
             cols[2:2] = [DownloadColumn(), TransferSpeedColumn()]
-        with RichProgress(*cols, transient=True) as bar:
+        from rich.console import Console
+        # rich's default console is stdout: bars go where every human line goes
+        with RichProgress(*cols, transient=True, console=Console(stderr=True)) as bar:
             p._bar = bar
             p._task = bar.add_task(label, total=total)
             yield p

@@ -27,6 +27,7 @@ import yaml
 
 from builders.core import resources
 from builders.core.errors import LabError
+from builders.core.fsutil import read_regular
 
 DEFAULT_LAB = resources.default_lab()
 
@@ -34,6 +35,17 @@ _DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _DNS_NAME = re.compile(r"^(?=.{1,253}$)((?!-)[a-z0-9-]{1,63}(?<!-)\.)*(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 _CN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# the roles labforge acts on (a host's roles say what it is built for); a
+# misspelled role would silently leave a broker without its certificate
+ROLES = ("kafka-broker",)
+# what labforge reads from files the lab names, at most (a bigger file is
+# surely the wrong one; a device or pipe is never read)
+LAB_FILE_LIMIT = 1 << 20
+SEED_FILE_LIMIT = 1 << 20          # user-data, vendor-data, network-config
+SOURCE_FILE_LIMIT = 16 << 20       # a write_files source (embedded in user-data)
+KEY_FILE_LIMIT = 64 << 10          # SSH keys
+PASSWORD_FILE_LIMIT = 4 << 10
+BUNDLE_FILE_LIMIT = 16 << 20       # a CA bundle
 # the files `invoke certs` writes in certs/octavia/ besides the amphora SSH key
 # pair (builders.artifacts.certs.octavia.F; a test keeps the two the same): the key pair
 # named octavia.amp_ssh_key_name must not overwrite one of them
@@ -190,6 +202,7 @@ class Glance:
     method: Literal["auto", "direct", "glance-direct"] = "auto"
     keep: int | None = None                # amphora rotation: keep N newest, delete older ones
     deactivate_old: bool = False           # amphora rotation: deactivate older ones instead
+    timeout: int = 60                      # seconds: connect and each wait for an answer
 
 
 @dataclass(frozen=True)
@@ -223,6 +236,13 @@ class Lab:
             if n.name == name:
                 return n
         raise LabError(f"{self.source.name}: no network named {name!r}")
+
+    def require_hosts(self, task: str) -> "Lab":
+        """This lab, or a LabError when it has no hosts (``task`` needs some)."""
+        if not self.hosts:
+            raise LabError(f"{self.source.name}: hosts: the lab has no hosts; {task} needs at "
+                           "least one (see the embedded lab.yaml)")
+        return self
 
     def host_network(self, host: Host) -> Network:
         """The network a host is on: its ``network``, else the lab's first one."""
@@ -282,9 +302,68 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = Fal
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def parse_yaml(text: str, name: str) -> Any:
+class _Int(int):
+    """A YAML int that remembers how it was written (0644 is 420)."""
+    yaml_text = ""
+
+
+class _Float(float):
+    """A YAML float that remembers how it was written (24.10 is 24.1)."""
+    yaml_text = ""
+
+
+class _Bool:
+    """A YAML boolean that remembers how it was written (on, yes, no ...)."""
+    def __init__(self, value: bool, text: str):
+        self.value, self.yaml_text = value, text
+
+    def __bool__(self) -> bool:
+        return self.value
+
+
+class _LabLoader(_Loader):
+    """The lab file's loader: numbers and booleans keep their source text, so
+    a value YAML converted silently (an unquoted mode 0644, a release 24.10,
+    a yes meant as text) is refused with the fix instead of used changed."""
+
+
+def _keep_text(cls, base_constructor):
+    def construct(loader, node):
+        value = base_constructor(loader, node)
+        if cls is _Bool:
+            return _Bool(value, node.value)
+        out = cls(value)
+        out.yaml_text = node.value
+        return out
+    return construct
+
+
+_LabLoader.add_constructor("tag:yaml.org,2002:int",
+                           _keep_text(_Int, yaml.constructor.SafeConstructor.construct_yaml_int))
+_LabLoader.add_constructor("tag:yaml.org,2002:float",
+                           _keep_text(_Float, yaml.constructor.SafeConstructor.construct_yaml_float))
+_LabLoader.add_constructor("tag:yaml.org,2002:bool",
+                           _keep_text(_Bool, yaml.constructor.SafeConstructor.construct_yaml_bool))
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with the loader's remembering types turned back into plain ones."""
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, _Bool):
+        return value.value
+    if isinstance(value, _Int):
+        return int(value)
+    if isinstance(value, _Float):
+        return float(value)
+    return value
+
+
+def parse_yaml(text: str, name: str, _loader: type = _Loader) -> Any:
     """Parse YAML; a syntax error or duplicate key is a LabError naming the line."""
-    loader = _Loader(text)
+    loader = _loader(text)
     loader.duplicates = []
     try:
         data = loader.get_single_data()
@@ -319,12 +398,18 @@ def load(path: Path | str | None = None) -> Lab:
     path = Path(path) if path else DEFAULT_LAB
     name = path.name
     try:
-        raw = path.read_bytes()
+        raw = read_regular(path, "the lab file", LAB_FILE_LIMIT)
     except FileNotFoundError:
         raise LabError(f"{path}: lab file not found; pass --lab FILE or create lab.yaml") from None
     except OSError as exc:
         raise LabError(f"{path}: cannot read lab file: {exc.strerror}") from None
-    data = parse_yaml(decode_text(raw, name), name)
+    text = decode_text(raw, name)
+    if text.startswith("\ufeff"):
+        text = text[1:]         # a BOM some editors write: harmless here
+    data = parse_yaml(text, name, _LabLoader)
+    if data is None or data == {}:
+        raise LabError(f"{path}: the lab file is empty; describe the lab in it (the embedded "
+                       "lab.yaml is an example) or leave out --lab to use that")
     return from_dict(data, source=path.resolve())
 
 
@@ -345,7 +430,7 @@ def from_dict(data: Any, source: Path = DEFAULT_LAB) -> Lab:
     work["hosts"] = _named(work.get("hosts", {}), "hosts", errors, defaults)
     lab = _convert(Lab, work, "", errors)
     if lab is not None:
-        lab = dataclasses.replace(lab, source=source, raw=data)
+        lab = dataclasses.replace(lab, source=source, raw=_plain(data))
         # cross-field checks run too, except on fields already reported
         # (a field that failed to convert holds its default)
         reported = {e.split(":", 1)[0] for e in errors}
@@ -380,9 +465,20 @@ def _named(value: Any, where: str, errors: list[str], defaults: dict) -> list:
     return out
 
 
+def _show(v: Any) -> str:
+    """A value as the user wrote it."""
+    text = getattr(v, "yaml_text", None)
+    return text if text is not None else repr(v)
+
+
 def _tname(v: Any) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", int: "a number",
-            float: "a number", bool: "true/false", type(None): "nothing"}.get(type(v), type(v).__name__)
+    if isinstance(v, _Bool):
+        return "true/false"
+    for t, name in ((bool, "true/false"), (dict, "a mapping"), (list, "a list"), (str, "a string"),
+                    (int, "a number"), (float, "a number"), (type(None), "nothing")):
+        if isinstance(v, t):
+            return name
+    return type(v).__name__
 
 
 def _convert(tp: Any, value: Any, where: str, errors: list[str]) -> Any:
@@ -435,25 +531,40 @@ def _convert(tp: Any, value: Any, where: str, errors: list[str]) -> Any:
                 items.append(conv)
         return tuple(items)
     if origin is Literal:
-        if value not in args:
-            errors.append(f"{label}: {value!r} is not one of {', '.join(map(str, args))}")
+        if isinstance(value, _Bool):
+            value = value.yaml_text     # `visibility: on` is never a visibility
+        if value not in args or type(value) is not type(args[0]):
+            errors.append(f"{label}: {_show(value)} is not one of {', '.join(map(str, args))}")
             return None
         return value
+    if isinstance(value, _Bool) and tp is not bool:
+        errors.append(f"{label}: YAML reads the unquoted {value.yaml_text} as "
+                      f"{str(value.value).lower()}; write \"{value.yaml_text}\" in quotes")
+        return None
     if tp is bool:
+        if isinstance(value, _Bool):
+            return value.value
         if not isinstance(value, bool):
-            errors.append(f"{label}: expected true or false, got {value!r}")
+            errors.append(f"{label}: expected true or false, got {_show(value)}")
             return None
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            errors.append(f"{label}: expected a whole number, got {value!r}")
+            errors.append(f"{label}: expected a whole number, got {_show(value)}")
             return None
-        return value
+        return int(value)
     if tp is str:
         if isinstance(value, (dict, list)) or value is None:
             errors.append(f"{label}: expected a string, got {_tname(value)}")
             return None
-        return str(value)
+        text = getattr(value, "yaml_text", None)
+        if text is not None and text != str(value):
+            # 0644 -> 420, 24.10 -> 24.1, 52:54:00:12:34:56 -> 677919...: never meant
+            errors.append(f"{label}: YAML reads the unquoted {text} as the number {value!r}; "
+                          f"write \"{text}\" in quotes")
+            return None
+        return str(int(value) if isinstance(value, _Int) else
+                   float(value) if isinstance(value, _Float) else value)
     if tp is IPv4Address:
         try:
             return IPv4Address(str(value))
@@ -518,6 +629,12 @@ def _check(lab: Lab, errors: list[str]) -> None:
         if h.mac is not None:
             if not _MAC.match(h.mac.lower()):
                 errors.append(f"{w}.mac: {h.mac!r} is not a MAC address like 52:54:00:12:34:56")
+            elif int(h.mac[:2], 16) & 1:
+                errors.append(f"{w}.mac: {h.mac} is a multicast address (the first byte is odd); "
+                              "a NIC needs a unicast one like 52:54:00:12:34:56")
+            elif h.mac.lower() == "00:00:00:00:00:00":
+                errors.append(f"{w}.mac: {h.mac} is all zeros; give a unicast address like "
+                              "52:54:00:12:34:56 or leave mac out")
             elif h.mac.lower() in seen_mac:
                 errors.append(f"{w}.mac: {h.mac} is already used by host {seen_mac[h.mac.lower()]}")
             else:
@@ -539,6 +656,14 @@ def _check(lab: Lab, errors: list[str]) -> None:
                 errors.append(f"{ww}: give exactly one of source or content")
             if not re.match(r"^0?[0-7]{3}$", wf.permissions):
                 errors.append(f"{ww}.permissions: {wf.permissions!r} is not an octal mode like 0644")
+        for i, role in enumerate(h.roles):
+            if role not in ROLES:
+                close = difflib.get_close_matches(role, ROLES, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(ROLES)}"
+                errors.append(f"{w}.roles[{i}]: {role!r} is not a role labforge knows ({hint})")
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$", h.image) or ".." in h.image:
+            errors.append(f"{w}.image: {h.image!r} is not an image name like debian-12 "
+                          "(artifacts/images/NAME.qcow2)")
         _check_seed_host(h, w, errors)
     names = {h.name for h in lab.hosts}
     for i, b in enumerate(lab.kafka.brokers):
@@ -582,10 +707,158 @@ def _check(lab: Lab, errors: list[str]) -> None:
         errors.append(f"octavia.amp_image_tag: {lab.octavia.amp_image_tag!r} is not a valid Glance tag")
     if not 1 <= lab.octavia.amphora.size <= 100:
         errors.append(f"octavia.amphora.size: {lab.octavia.amphora.size} GB is out of range (1-100)")
+    if not re.match(r"^[a-z_][a-z0-9_-]{0,31}$", lab.user.name):
+        errors.append(f"user.name: {lab.user.name!r} is not a Linux user name (a-z, 0-9, '_', "
+                      "'-', starting with a letter or '_', at most 32)")
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", lab.vagrant.management_network):
+        errors.append(f"vagrant.management_network: {lab.vagrant.management_network!r} is not a "
+                      "libvirt network name (letters, digits, '_', '.', '-')")
     if not re.match(r"^[a-z0-9][a-z0-9._-]*/[a-z0-9][a-z0-9._-]*$", lab.vagrant.box, re.I):
         errors.append(f"vagrant.box: {lab.vagrant.box!r} is not ORG/NAME")
+    if not 1 <= lab.glance.timeout <= 86400:
+        errors.append(f"glance.timeout: {lab.glance.timeout} is out of range (1-86400 seconds)")
     if lab.glance.keep is not None and lab.glance.keep < 1:
         errors.append(f"glance.keep: {lab.glance.keep} keeps no image; use 1 or more (the new one counts)")
+    if not errors:
+        _check_collisions(lab, errors)
+    _check_files(lab, errors)
+
+
+# --------------------------------------------------------------------------
+# output names: no two outputs may land on one file
+# --------------------------------------------------------------------------
+KAFKA_FIXED = ("ca.crt", "ca.key", "truststore.p12", "truststore.jks", "store.password",
+               "client-ssl.properties", "client-bundle.pem")
+KAFKA_LEAF = ("{n}.crt", "{n}.key", "{n}-chain.pem", "{n}.keystore.p12", "{n}.keystore.jks")
+
+
+def outputs(lab: Lab) -> list[tuple[str, str]]:
+    """Every file the builders derive from the lab's names, as (path under the
+    workspace, what it is), fixed names included: certs/kafka (the builders'
+    certs/kafka.py module doc), certs/octavia, certs/ssh, seeds, overlays,
+    libvirt and Vagrant XML.  Boxes and base images are named from one lab
+    value each and cannot meet (a test keeps this list and the builders the
+    same)."""
+    out: list[tuple[str, str]] = []
+    out += [(f"certs/kafka/{f}", "the Kafka CA" if f.startswith("ca.") else "the Kafka stores")
+            for f in KAFKA_FIXED]
+    for n in lab.networks:      # before the hosts: a host named net-X is the one to rename
+        out += [(f"artifacts/libvirt/net-{n.name}.xml", f"network {n.name}"),
+                (f"artifacts/vagrant/networks/{n.name}.xml", f"network {n.name}")]
+    brokers = [h.name for h in lab.hosts if "kafka-broker" in h.roles] \
+        if not lab.kafka.brokers else list(lab.kafka.brokers)
+    for n, what in [*((b, f"broker {b}") for b in brokers),
+                    (lab.kafka.client, f"kafka.client {lab.kafka.client}")]:
+        out += [(f"certs/kafka/{t.format(n=n)}", what) for t in KAFKA_LEAF]
+    out += [(f"certs/kafka/server-{b}.properties", f"broker {b}") for b in brokers]
+    out += [(f"certs/octavia/{f}", "the Octavia certificates") for f in sorted(OCTAVIA_FILES)]
+    key = lab.octavia.amp_ssh_key_name
+    out += [(f"certs/octavia/{key}", "octavia.amp_ssh_key_name"),
+            (f"certs/octavia/{key}.pub", "octavia.amp_ssh_key_name")]
+    out += [("certs/ssh/lab_ed25519", "the lab SSH key"), ("certs/ssh/lab_ed25519.pub", "the lab SSH key")]
+    out += [("certs/seed/state.json", "the seed state")]
+    for h in lab.hosts:
+        what = f"host {h.name}"
+        for ext in (".iso", ".img"):
+            out += [(f"artifacts/seed/{h.name}{ext}", what), (f"certs/seed/{h.name}{ext}", what)]
+        out += [(f"artifacts/vms/{h.name}.qcow2", what),
+                (f"artifacts/libvirt/{h.name}.xml", what),
+                (f"artifacts/libvirt/{h.name}-volume.xml", what),
+                (f"artifacts/logs/boot-{h.name}.console.log", what)]
+    return out
+
+
+def _check_collisions(lab: Lab, errors: list[str]) -> None:
+    owner: dict[str, str] = {}
+    reported: set[tuple[str, str]] = set()
+    for path, what in outputs(lab):
+        first = owner.setdefault(path, what)
+        if first != what and (first, what) not in reported:
+            reported.add((first, what))
+            errors.append(f"{_field_of(what)}: the name would make {what} write {path}, the "
+                          f"file of {first}; choose another name")
+
+
+def _field_of(what: str) -> str:
+    kind, _, name = what.partition(" ")
+    return {"broker": f"hosts.{name}", "host": f"hosts.{name}",
+            "network": f"networks.{name}"}.get(kind, what.split(" ")[0])
+
+
+# --------------------------------------------------------------------------
+# files the lab names: what they must be
+# --------------------------------------------------------------------------
+def file_values(lab: Lab) -> list[tuple[str, str, str, int]]:
+    """(field, value, kind, size limit) of every key naming a local file; kind
+    is "file", "public-key", "private-key" or "pem-bundle"."""
+    out = []
+    for h in lab.hosts:
+        w = f"hosts.{h.name}"
+        for i, k in enumerate(h.ssh_authorized_keys):
+            out.append((f"{w}.ssh_authorized_keys[{i}]", k, "public-key", KEY_FILE_LIMIT))
+        for key in ("user_data", "vendor_data", "network_config"):
+            v = getattr(h, key)
+            if v is not None:
+                out.append((f"{w}.{key}", v, "file", SEED_FILE_LIMIT))
+        for i, wf in enumerate(h.write_files):
+            if wf.source is not None and not wf.source.startswith("certs:"):
+                out.append((f"{w}.write_files[{i}].source", wf.source, "file", SOURCE_FILE_LIMIT))
+    if lab.kafka.password_file:
+        out.append(("kafka.password_file", lab.kafka.password_file, "file", PASSWORD_FILE_LIMIT))
+    if lab.vagrant.ssh_private_key:
+        out.append(("vagrant.ssh_private_key", lab.vagrant.ssh_private_key, "private-key",
+                    KEY_FILE_LIMIT))
+    if lab.build.ca_bundle:
+        out.append(("build.ca_bundle", lab.build.ca_bundle, "pem-bundle", BUNDLE_FILE_LIMIT))
+    return out
+
+
+def _check_files(lab: Lab, errors: list[str]) -> None:
+    """Files the lab names that exist must be what the key needs: a regular
+    file of sane size, a public key where one is authorized, a private key
+    where one signs in.  A missing file is left to the task that reads it (a
+    lab may name a file that `invoke certs` makes later)."""
+    import os
+    import stat as stat_
+    from builders.core.fsutil import file_kind
+    for where, value, kind, limit in file_values(lab):
+        p = lab.path(value)
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        if not stat_.S_ISREG(st.st_mode):
+            errors.append(f"{where}: {p} is {file_kind(st.st_mode)}; name a regular file")
+            continue
+        if st.st_size > limit:
+            errors.append(f"{where}: {p} is {st.st_size} bytes, more than the {limit} "
+                          "labforge reads for it; is it the right file?")
+            continue
+        if kind == "file":
+            continue
+        try:
+            with open(p, "rb") as fh:
+                head = fh.read(4096)
+        except OSError:
+            continue
+        if kind == "public-key" and b"PRIVATE KEY-----" in head:
+            errors.append(f"{where}: {p} is a private key; name the .pub file")
+        elif kind == "private-key" and (p.suffix == ".pub" or head.lstrip().startswith(
+                (b"ssh-", b"ecdsa-", b"sk-"))):
+            errors.append(f"{where}: {p} is a public key; name the private key (without .pub)")
+        elif kind == "private-key" and b"PRIVATE KEY-----" not in head:
+            errors.append(f"{where}: {p} is not a private key (no PRIVATE KEY block)")
+        elif kind == "pem-bundle" and b"-----BEGIN CERTIFICATE-----" not in head \
+                and b"-----BEGIN CERTIFICATE-----" not in _read_some(p, limit):
+            errors.append(f"{where}: {p} holds no PEM certificate; name a CA bundle such as "
+                          "/etc/ssl/certs/ca-certificates.crt")
+
+
+def _read_some(p: Path, limit: int) -> bytes:
+    try:
+        return read_regular(p, "the file", limit)
+    except (OSError, LabError):
+        return b""
 
 
 def _check_seed_host(h: Host, w: str, errors: list[str]) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from builders.core.errors import LabError
-from builders.core.fsutil import atomic_write, sha256_file
+from builders.core.fsutil import atomic_write, read_regular, sha256_file
 
 SCHEMA_VERSION = 1
 
@@ -100,9 +100,11 @@ class Manifest:
     # -- reading -----------------------------------------------------------
     def load(self) -> dict:
         try:
-            data = json.loads(self.path.read_text())
+            data = json.loads(read_regular(self.path, "the manifest", 64 << 20))
         except FileNotFoundError:
             return {"version": SCHEMA_VERSION, "artifacts": {}}
+        except LabError as exc:
+            raise LabError(f"{exc}; move it away and rebuild, or restore it") from None
         except (OSError, ValueError) as exc:
             raise LabError(f"{self.path}: unreadable manifest ({exc}); move it away and "
                            "rebuild, or restore it from your CI artifacts") from None
@@ -205,8 +207,30 @@ class Manifest:
         with self._locked() as data:
             data["artifacts"].pop(rel, None)
 
+    def unrecorded_outputs(self) -> list[str]:
+        """Artifacts present under the root (logs and labforge's own dot files
+        aside) though the manifest is missing: what `verify` cannot vouch for."""
+        if not self.root.is_dir() or os.path.lexists(self.path):
+            return []
+        out = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            rel_dir = Path(dirpath).relative_to(self.root)
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")
+                           and not (rel_dir == Path(".") and d == "logs")]
+            out += [(rel_dir / f).as_posix() for f in filenames if not f.startswith(".")]
+        return sorted(out)
+
     def verify(self) -> list[tuple[str, str]]:
-        """Re-hash every artifact; return (path, problem) for each that drifted."""
+        """Re-hash every artifact; return (path, problem) for each that drifted.
+
+        A missing manifest with artifacts present is a LabError: there is
+        nothing to verify them against (a manifest that cannot be read is
+        one already, from :meth:`load`)."""
+        present = self.unrecorded_outputs()
+        if present:
+            raise LabError(f"{self.path}: missing, but {len(present)} artifacts are present "
+                           f"({present[0]}{', ...' if len(present) > 1 else ''}); restore the "
+                           "manifest or rebuild them (invoke all --force)")
         problems = []
         for rel, rec in sorted(self.entries().items()):
             full = self.root / rel

@@ -231,9 +231,19 @@ def p12_truststore(entries: Sequence[tuple[str, x509.Certificate]], password: st
     return pkcs12.serialize_java_truststore(certs, _p12_encryption(password))
 
 
+def _jks():
+    """pyjks, imported lazily (it pulls in pyasn1 and friends); missing, one line."""
+    try:
+        import jks
+    except ImportError:
+        raise LabError("pyjks is not installed (JKS keystores); install it without its "
+                       "twofish requirement: pip install --no-deps pyjks") from None
+    return jks
+
+
 def jks_keystore(alias: str, key, cert: x509.Certificate, chain: Sequence[x509.Certificate],
                  password: str) -> bytes:
-    import jks  # pyjks: imported lazily, it pulls in pyasn1 and friends
+    jks = _jks()
     der_key = key.private_bytes(DER, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
     entry = jks.PrivateKeyEntry.new(alias, [c.public_bytes(DER) for c in (cert, *chain)],
@@ -243,7 +253,7 @@ def jks_keystore(alias: str, key, cert: x509.Certificate, chain: Sequence[x509.C
 
 
 def jks_truststore(entries: Sequence[tuple[str, x509.Certificate]], password: str) -> bytes:
-    import jks
+    jks = _jks()
     items = [jks.TrustedCertEntry.new(alias, c.public_bytes(DER)) for alias, c in entries]
     return jks.KeyStore.new("jks", items).saves(password)
 
@@ -255,7 +265,7 @@ def open_p12(data: bytes, password: str) -> pkcs12.PKCS12KeyAndCertificates:
 
 def open_jks(data: bytes, password: str):
     """Load a JKS and decrypt its keys; raise ValueError on a wrong password."""
-    import jks
+    jks = _jks()
     try:
         store = jks.KeyStore.loads(data, password)
     except (jks.util.KeystoreSignatureException, jks.util.DecryptionFailureException,
@@ -311,6 +321,16 @@ def ssh_fingerprint(public_line: bytes) -> str:
 
 
 def check_password(pw: str, where: str) -> str:
+    """A store password every consumer reads the same: keytool, OpenSSL,
+    Python and Java's .properties (ISO-8859-1, backslash escapes) alike."""
+    if pw.startswith("\ufeff"):
+        raise LabError(f"{where}: the password file starts with a byte-order mark (an editor "
+                       "saved it as 'UTF-8 with BOM'); save it as plain text without one")
+    bad = next((c for c in pw if not (" " <= c <= "~") and c not in "\r\n"), None)
+    if bad is not None:
+        raise LabError(f"{where}: the store password holds {bad!r} (U+{ord(bad):04X}); use "
+                       "printable ASCII only (Java reads .properties as ISO-8859-1, so other "
+                       "characters would not open the stores there)")
     if len(pw) < 6:
         raise LabError(f"{where}: the store password must have at least 6 characters "
                        "(Java keystores refuse shorter ones)")
@@ -318,3 +338,52 @@ def check_password(pw: str, where: str) -> str:
         raise LabError(f"{where}: the store password must be one line without backslashes "
                        "or surrounding blanks (it goes into .properties files)")
     return pw
+
+
+# --------------------------------------------------------------------------
+# certs-check: keys and stores as their consumers load them
+# --------------------------------------------------------------------------
+def key_problem(cert: x509.Certificate, data: bytes, passphrase: str | None = None) -> str | None:
+    """Why the PEM private key ``data`` is not ``cert``'s key, or None."""
+    try:
+        key = serialization.load_pem_private_key(data, passphrase.encode() if passphrase else None)
+    except TypeError:
+        return "its key needs a passphrase that is missing or not needed"
+    except (ValueError, UnsupportedAlgorithm):
+        return "its key does not load (not a PEM private key, or damaged)"
+    if not same_public_key(key, cert):
+        return "its key does not belong to it"
+    return None
+
+
+def store_problem(data: bytes, kind: str, password: str, cert: x509.Certificate | None = None
+                  ) -> str | None:
+    """Why a keystore (``kind`` "p12" or "jks") does not open with
+    ``password`` or does not hold ``cert``'s key (None: it is fine).  For a
+    truststore pass ``cert`` None: it must open and hold a certificate."""
+    if kind == "p12":
+        try:
+            store = open_p12(data, password)
+        except (ValueError, TypeError):
+            return "does not open with the stored password"
+        if cert is None:
+            return None if (store.cert or store.additional_certs) else "holds no certificate"
+        if store.key is None or not same_public_key(store.key, cert):
+            return "does not hold the key of its certificate"
+        return None
+    try:
+        store = open_jks(data, password)
+    except ValueError:
+        return "does not open with the stored password"
+    if cert is None:
+        return None if store.certs else "holds no trusted certificate"
+    for entry in store.private_keys.values():
+        if not entry.is_decrypted():
+            try:
+                entry.decrypt(password)
+            except Exception:  # noqa: BLE001 - pyjks raises its own types for a wrong password
+                return "its key entry does not open with the stored password"
+        key = serialization.load_der_private_key(entry.pkey_pkcs8, None)
+        if same_public_key(key, cert):
+            return None
+    return "does not hold the key of its certificate"

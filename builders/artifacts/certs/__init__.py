@@ -64,13 +64,14 @@ class Certs(Builder):
     kind = "certs"
     help = "Kafka and Octavia PKI under certs/"
 
-    def outputs(self, lab: Lab, ws: Workspace, *, rotate: Iterable[str] = (), **_) -> list[Output]:
+    def outputs(self, lab: Lab, ws: Workspace, *, rotate: Iterable[str] = (), prune: bool = False,
+                **_) -> list[Output]:
         rotate = tuple(rotate or ())
         unknown = [r for r in rotate if r not in SETS]
         if unknown:
             raise LabError(f"--rotate: unknown set {unknown[0]!r}; choose from {', '.join(SETS)}")
         names = ["ssh", "kafka"] + (["octavia"] if lab.octavia.enabled else [])
-        shared: dict = {"rotate": rotate}                        # prepare() adds the plan
+        shared: dict = {"rotate": rotate, "prune": prune}        # prepare() adds the plan
         return [Output(ws.certs / n, self.kind, f"certs {n}", inputs=(n,), ledger="none",
                        mode=SECRET, data=(n, shared)) for n in names]
 
@@ -94,7 +95,7 @@ class Certs(Builder):
 
         planned("ssh", ssh.plan, lab, ws, old.get("ssh"), "ssh" in rotate, plan, new)
         planned("kafka", kafka.plan, lab, ws, old.get("kafka"), "kafka" in rotate,
-                ctx.force, plan, new)
+                ctx.force, plan, new, shared["prune"])
         if lab.octavia.enabled:
             planned("octavia", octavia.plan, lab, ws, old.get("octavia"),
                     "octavia" in rotate, ctx.force, plan, new)
@@ -116,11 +117,12 @@ class Certs(Builder):
         notes, writes, removes = shared["sets"][name]
         if name == shared["state_with"]:
             writes = [*writes, state_path(ctx.ws)]
+        ctx.ws.certs_dir()          # certs/ itself 0700 before anything lands under it
         for path in writes:
             data, mode = plan.writes[path]
             private_dir(path.parent)
             stage.write(path, data, mode)
-        for path in removes:          # a broker gone from lab.yaml: a change too
+        for path in removes:          # `certs --prune` of a broker gone from lab.yaml
             if path not in plan.writes:
                 stage.remove(path)
         return Built("; ".join(notes))
@@ -144,11 +146,14 @@ CERTS = Certs()
 
 
 def build_certs(lab: Lab, ws: Workspace, *, force: bool = False,
-                rotate: Iterable[str] = ()) -> list[Outcome]:
+                rotate: Iterable[str] = (), prune: bool = False) -> list[Outcome]:
     """Issue or refresh every certificate set of the lab under ``ws.certs``.
+
+    Identities no longer in the lab keep their keys and stores (reported as
+    kept) unless ``prune``, which removes them and lists what went.
 
     ``force`` re-issues every leaf (keys, certificates, stores) under the
     existing CAs; ``rotate`` names sets ("kafka", "octavia", "ssh") whose CAs
     (or SSH key) are replaced deliberately, with everything they signed.
     """
-    return run(CERTS, lab, ws, force=force, rotate=tuple(rotate or ()))
+    return run(CERTS, lab, ws, force=force, rotate=tuple(rotate or ()), prune=prune)

@@ -12,6 +12,7 @@ from builders.artifacts.certs.kafka import cert_files as kafka_cert_files
 from builders.artifacts.certs.octavia import cert_files as octavia_cert_files
 from builders.artifacts.certs.common import RENEW_DAYS, leaf_due
 from builders.core.errors import LabError
+from builders.core.fsutil import read_regular
 from builders.core.lab import Lab
 from builders.core.workspace import Workspace
 from builders.tools import pki
@@ -43,7 +44,9 @@ def check_certs(lab: Lab, ws: Workspace, warn_days: int = 30) -> list[CertStatus
     """Every certificate of the lab with subject, SANs, days to expiry and problems.
 
     A problem: missing or unreadable, expiring within ``warn_days``, not
-    signed by (or not chaining to) its CA, not yet valid.  Raises LabError
+    signed by (or not chaining to) its CA, not yet valid; its key does not
+    load or is not its key; a keystore does not open with the stored
+    password or does not hold its key.  Raises LabError
     when certs/ holds no certificate set at all.
     """
     pairs: list[tuple[str, Path, Path | None]] = []   # set, cert, issuer cert
@@ -107,8 +110,59 @@ def check_certs(lab: Lab, ws: Workspace, warn_days: int = 30) -> list[CertStatus
                     "ok": "run `invoke certs --force` to re-issue the leaves now (`invoke "
                           f"certs` renews a leaf only in its last {RENEW_DAYS} days)",
                 }[due])
+        for problem in _key_and_store_problems(cp, cert, ip is None):
+            problems.append(problem)
+            fixes.append(rotate if ip is None else "run `invoke certs --force`")
         out.append(CertStatus(set_name, cp, cert.subject.rfc4514_string(), pki.sans_of(cert),
                               days, ip, problems, list(dict.fromkeys(fixes))))
+    return out
+
+
+def _read_text(p: Path) -> str | None:
+    try:
+        return read_regular(p, p.name, 4096).decode().strip()
+    except (OSError, LabError, UnicodeDecodeError):
+        return None
+
+
+def _key_and_store_problems(cp: Path, cert, is_ca: bool) -> list[str]:
+    """A certificate's key loads and belongs to it; its keystores (Kafka:
+    <id>.keystore.p12/.jks, for the CA the truststores) open with the stored
+    password and hold that key."""
+    d, name = cp.parent, cp.name
+    out: list[str] = []
+    passphrase = None
+    if name.endswith(".cert.pem"):                       # Octavia CA: encrypted key
+        key_p = d / (name[:-len(".cert.pem")] + ".key.pem")
+        passphrase = _read_text(d / "ca_private_key_passphrase")
+    elif name.endswith(".crt"):
+        key_p = cp.with_suffix(".key")
+    else:                                                # client.cert-and-key.pem
+        key_p = cp
+    try:
+        key_data = read_regular(key_p, "the key", 1 << 20)
+    except (OSError, LabError):
+        out.append(f"its key {key_p.name} is missing or unreadable")
+    else:
+        why = pki.key_problem(cert, key_data, passphrase)
+        if why:
+            out.append(f"{why} ({key_p.name})")
+    if not name.endswith(".crt"):
+        return out
+    password = _read_text(d / "store.password")
+    stem = cp.stem
+    stores = ([(d / f"truststore.{k}", k, None) for k in ("p12", "jks")] if is_ca else
+              [(d / f"{stem}.keystore.{k}", k, cert) for k in ("p12", "jks")])
+    for store, kind, owner in stores:
+        try:
+            data = read_regular(store, "the store", 16 << 20)
+        except (OSError, LabError):
+            out.append(f"{store.name} is missing or unreadable")
+            continue
+        why = "store.password is missing or unreadable" if password is None else \
+            pki.store_problem(data, kind, password, owner)
+        if why:
+            out.append(f"{store.name} {why}")
     return out
 
 

@@ -20,6 +20,7 @@ from builders.tools import pki
 from builders.artifacts.certs.common import (PUBLIC, SECRET, Plan, ca_due, cert_record, exists,
                                              leaf_due, read_bytes, time_left)
 from builders.core.errors import LabError
+from builders.core.fsutil import read_regular
 from builders.core.lab import Host, Lab
 from builders.core.manifest import input_digest
 from builders.core.workspace import Workspace
@@ -61,7 +62,7 @@ def _password(lab: Lab, d: Path) -> tuple[str, str, bool]:
         p = lab.path(lab.kafka.password_file)
         where = f"kafka.password_file ({p})"
         try:
-            text = p.read_text()
+            text = read_regular(p, "kafka.password_file", 4096).decode()
         except FileNotFoundError:
             raise LabError(f"{lab.source.name}: kafka.password_file: {p} does not exist; "
                            "create it (one line) or remove the setting to generate one") from None
@@ -140,7 +141,7 @@ def _check_stores(d: Path, password: str, where: str) -> None:
 
 
 def plan(lab: Lab, ws: Workspace, st: dict | None, rotate: bool, force: bool, plan_: Plan,
-         new: dict) -> tuple[list[str], list[Path]]:
+         new: dict, prune: bool = False) -> tuple[list[str], list[Path]]:
     d = _dir(ws)
     st = st or {}
     notes: list[str] = []
@@ -269,13 +270,19 @@ def plan(lab: Lab, ws: Workspace, st: dict | None, rotate: bool, force: bool, pl
     paths.append(p)
 
     # -- identities no longer in the lab ------------------------------------
+    # key material is never removed because the lab stopped naming it (an
+    # empty or mistaken lab must not wipe keys): only `certs --prune` does
     gone = sorted(set(st.get("leaves", {})) - set(leaves))
     for n in gone:
-        for t in LEAF_FILES:
-            plan_.removes.append(d / t.format(n=n))
-        plan_.removes.append(d / f"server-{n}.properties")
-    if gone:
-        notes.append("removed " + ", ".join(gone))
+        files = [p for p in (*(d / t.format(n=n) for t in LEAF_FILES),
+                             d / f"server-{n}.properties") if exists(p)]
+        if prune:
+            plan_.removes.extend(files)
+            notes.append(f"pruned {n}: {', '.join(p.name for p in files) or 'no files left'}")
+        else:
+            leaves[n] = st["leaves"][n]         # still known, still on disk
+    if gone and not prune:
+        notes.append(f"kept {', '.join(gone)}, no longer in the lab; `certs --prune` removes them")
 
     new["kafka"] = {"ca": cert_record(ca, ca_digest if ca_new else st.get("ca", {}).get(
                         "digest", ca_digest)),

@@ -35,6 +35,7 @@ from builders.artifacts.seed.validate import (CERTS_PREFIX, MAX_SEED_BYTES, chec
 from builders.artifacts.seed.vfat import make_vfat as _fat12
 from builders.core.contract import Builder, Built, Context, Output, Stage, ledger_for, run
 from builders.core.errors import LabError
+from builders.core.fsutil import os_reason
 from builders.core.lab import Host, Lab
 from builders.core.manifest import SecretLedger
 from builders.core.outcome import Outcome
@@ -167,8 +168,7 @@ class Seeds(Builder):
             stage.write(out.path, image, out.mode)
         except OSError as exc:
             raise LabError(f"{exc.filename or out.path.parent}: cannot write the seeds: "
-                           f"{exc.strerror or exc}; free some space or fix the directory's "
-                           "permissions and rerun") from None
+                           f"{os_reason(exc)}; fix it and rerun") from None
         stage.remove(_elsewhere(ctx.ws, out.path))
         shown = _shown(ctx.ws, out.path)
         return Built(f"{shown}, secret: holds certs/ material, not in the manifest"

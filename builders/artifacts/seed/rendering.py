@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from builders.artifacts.seed.validate import (CERTS_PREFIX, SSH_KEY, certs_source, check_generated,
+                                              check_source_place,
                                               check_size, is_secret, public_keys, read_source,
                                               validate_network_config, validate_user_data, where)
 from builders.core.errors import LabError
@@ -102,7 +103,9 @@ def _write_files(lab: Lab, ws: Workspace, h: Host) -> list[dict]:
                 path = certs_source(lab, ws, wf.source, at)
                 data = read_source(lab, path, at, "run `invoke certs` first or fix the name")
             else:
-                data = read_source(lab, lab.path(wf.source), at, "fix the path")
+                path = lab.path(wf.source)
+                check_source_place(lab, ws, wf.source, path, at)
+                data = read_source(lab, path, at, "fix the path")
         else:
             data = (wf.content or "").encode()
         perms = wf.permissions if len(wf.permissions) == 4 else "0" + wf.permissions
@@ -177,6 +180,19 @@ def _user_data(lab: Lab, ws: Workspace, h: Host) -> dict:
 
 
 
+def _schema_check(lab: Lab, ws: Workspace, h: Host, data: bytes, name: str) -> None:
+    """cloud-init's own schema (of the lab image's release) on a #cloud-config."""
+    from builders.artifacts.baseimage import release
+    from builders.tools import cloudinit_schema
+    rel = release(lab)
+    attr = name.replace("-", "_")
+    value = getattr(h, attr, None)
+    at = where(lab, f"hosts.{h.name}.{attr}") + (f": {value}" if value else
+                                                 " (generated user-data)")
+    mirror = lab.build.debian_mirror if rel.distro == "debian" else lab.build.ubuntu_mirror
+    cloudinit_schema.check_cloud_config(data, at, ws.cache, rel.distro, rel.codename, mirror)
+
+
 def render(lab: Lab, ws: Workspace, host: Host | str) -> Seed:
     """Render and validate one host's seed files; raise LabError on bad input."""
     h = host_of(lab, host)
@@ -219,6 +235,9 @@ def render(lab: Lab, ws: Workspace, host: Host | str) -> Seed:
         user_data = ("#cloud-config\n" + dump_yaml(cfg)).encode()
     else:
         user_data = supplied["user-data"]
+    _schema_check(lab, ws, h, user_data, "user-data")
+    if "vendor-data" in supplied:
+        _schema_check(lab, ws, h, supplied["vendor-data"], "vendor-data")
     meta = dump_yaml({"instance-id": instance_id, "local-hostname": h.name}).encode()
     files = {"meta-data": meta, "network-config": netcfg, "user-data": user_data}
     if "vendor-data" in supplied:

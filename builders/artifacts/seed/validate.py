@@ -12,12 +12,15 @@ is decided here too, from the same sources.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path, PurePosixPath
 
 from builders.core.errors import LabError
-from builders.core.lab import Host, Lab, parse_yaml
+from builders.core.fsutil import read_regular
+from builders.core.lab import SOURCE_FILE_LIMIT, Host, Lab, parse_yaml
 from builders.core.workspace import Workspace
+from builders.tools import keymaterial
 
 log = logging.getLogger("labforge")
 
@@ -84,19 +87,58 @@ def is_secret(lab: Lab, ws: Workspace, host: Host) -> bool:
     a ``certs:`` write_files source, or any write_files source or user-data /
     vendor-data / network-config file whose path (relative to the lab file,
     symlinks followed) lies under certs/."""
-    for wf in host.write_files:
+    return secret_why(lab, ws, host) is not None
+
+
+def secret_why(lab: Lab, ws: Workspace, host: Host) -> str | None:
+    """Why the host's seed is secret (see :func:`is_secret`; also key
+    material in any file or inline content, and hard links), or None."""
+    for i, wf in enumerate(host.write_files):
+        at = f"hosts.{host.name}.write_files[{i}]"
         if wf.source is None:
+            what = keymaterial.key_material((wf.content or "").encode())
+            if what:
+                return f"{at}.content is {what}"
             continue
         if wf.source.startswith(CERTS_PREFIX) or _under(lab.path(wf.source), ws.certs):
-            return True
-    return any(value is not None and _under(lab.path(value), ws.certs)
-               for value in (host.user_data, host.vendor_data, host.network_config))
+            return f"{at}.source comes from certs/"
+        why = _file_secret(lab.path(wf.source), ws)
+        if why:
+            return f"{at}.source: {why}"
+    for attr in ("user_data", "vendor_data", "network_config"):
+        value = getattr(host, attr)
+        if value is None:
+            continue
+        if _under(lab.path(value), ws.certs):
+            return f"hosts.{host.name}.{attr} comes from certs/"
+        why = _file_secret(lab.path(value), ws)
+        if why:
+            return f"hosts.{host.name}.{attr}: {why}"
+    return None
+
+
+def _file_secret(path: Path, ws: Workspace) -> str | None:
+    try:
+        data = read_regular(path, "the file", SOURCE_FILE_LIMIT)
+    except (OSError, LabError):
+        return None             # reported where the file is read for the seed
+    return keymaterial.secret_reason(path, data, ws.certs)
+
+
+def check_source_place(lab: Lab, ws: Workspace, value: str, path: Path, field_path: str) -> None:
+    """A write_files source lies inside the lab file's directory or certs/
+    (symlinks resolved); a missing one is reported when it is read."""
+    if os.path.lexists(path):
+        keymaterial.check_source(value, path, lab.source.parent, ws.certs, where(lab, field_path))
 
 
 def read_source(lab: Lab, path: Path, field_path: str, hint: str) -> bytes:
-    """The bytes of a file lab.yaml names at ``field_path``; a LabError ending in ``hint``."""
+    """The bytes of a file lab.yaml names at ``field_path`` (a regular file of
+    bounded size); a LabError ending in ``hint``."""
     try:
-        return path.read_bytes()
+        return read_regular(path, "the file", SOURCE_FILE_LIMIT)
+    except LabError as exc:
+        raise LabError(f"{where(lab, field_path)}: {exc}") from None
     except FileNotFoundError:
         raise LabError(f"{where(lab, field_path)}: {path}: no such file; {hint}") from None
     except IsADirectoryError:

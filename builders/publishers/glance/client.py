@@ -257,9 +257,72 @@ class Cloud:
                                     f"{glance_message(resp)}"))
 
 
+DEFAULT_TIMEOUT = 60.0      # seconds: connect, and each wait for an answer
+
+
+def _clouds_files() -> list[Path]:
+    """The clouds.yaml / secure.yaml files the SDK would read (the first of
+    its search path that exists, of each kind)."""
+    from openstack.config import loader
+    out = []
+    for env, paths in (("OS_CLIENT_CONFIG_FILE", loader.CONFIG_FILES),
+                       ("OS_CLIENT_SECURE_FILE", loader.SECURE_FILES)):
+        for f in [os.environ.get(env), *paths]:
+            if f and os.path.exists(f):
+                out.append(Path(f))
+                break
+    return out
+
+
+def _check_clouds_yaml(path: Path) -> None:
+    """A clouds.yaml the SDK would silently skip (bad YAML) or crash on (not a
+    mapping of clouds) is an error naming the file, not 'cloud not found'."""
+    import yaml
+    from builders.core.fsutil import read_regular
+    try:
+        data = yaml.safe_load(read_regular(path, "clouds.yaml", 1 << 20))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise LabError(f"glance: {path}{line}: invalid YAML "
+                       f"({getattr(exc, 'problem', None) or 'syntax error'}); fix the file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LabError(f"glance: {path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+    if data is None:
+        return
+    if not isinstance(data, dict) or not isinstance(data.get("clouds", {}), dict):
+        raise LabError(f"glance: {path}: expected 'clouds:' with a mapping of cloud names; "
+                       "see the openstack client's clouds.yaml documentation")
+    for name, entry in (data.get("clouds") or {}).items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("auth", {}), dict):
+            raise LabError(f"glance: {path}: clouds.{name}: expected a mapping with an 'auth' "
+                           "mapping (auth_url, username, password, project_name, ...)")
+
+
+def _check_auth(auth: dict, auth_type: str, where: str) -> None:
+    """The credentials keystoneauth needs, before it is asked (it raises a
+    bare Exception for some of them)."""
+    if auth_type in ("password", "v3password", "v2password") or not auth_type:
+        missing = [k for k in ("password",) if not auth.get(k)]
+        if not (auth.get("username") or auth.get("user_id")):
+            missing.insert(0, "username")
+        if missing:
+            env = " and ".join(f"OS_{k.upper()}" for k in missing)
+            fix = f"set {env}" if where.startswith("the OS_") else \
+                f"add {' and '.join(missing)} under its auth (or set {env})"
+            raise LabError(f"glance: {where}: no {' and no '.join(missing)}; {fix}")
+    elif auth_type == "v3applicationcredential":
+        if not auth.get("application_credential_secret"):
+            raise LabError(f"glance: {where}: no application_credential_secret; add it under auth")
+
+
 def connect(cloud: str | None = None, *, cacert: str | None = None,
-            insecure: bool | None = None) -> Cloud:
-    """Authenticate and find the image endpoint; every failure is one LabError line."""
+            insecure: bool | None = None, timeout: float | None = None) -> Cloud:
+    """Authenticate and find the image endpoint; every failure is one LabError line.
+
+    Every request has a connect and a read timeout (``timeout`` seconds each,
+    lab.yaml glance.timeout; a clouds.yaml ``api_timeout`` wins): a Keystone
+    or Glance that accepts a connection and never answers ends in one line."""
     import openstack.config
     import openstack.connection
     osexc = _sdk()
@@ -281,19 +344,34 @@ def connect(cloud: str | None = None, *, cacert: str | None = None,
     where = (f"clouds.yaml cloud {cloud!r}" if cloud else
              f"clouds.yaml cloud {os.environ['OS_CLOUD']!r} (OS_CLOUD)" if os.environ.get("OS_CLOUD")
              else "the OS_* environment variables")
+    how = ("pass --cloud NAME with a clouds.yaml entry, set OS_CLOUD, or source an openrc "
+           "(OS_AUTH_URL, ...)")
+    files = _clouds_files()
+    for f in files:
+        _check_clouds_yaml(f)
+    if not cloud and not os.environ.get("OS_CLOUD") and not os.environ.get("OS_AUTH_URL"):
+        raise LabError(f"glance: no cloud configured; {how}")
     try:
         config = openstack.config.OpenStackConfig(load_yaml_config=True, load_envvars=True)
         region = config.get_one(cloud=cloud, **kwargs)
     except osexc.ConfigException as exc:
-        raise LabError(f"glance: {where}: {first_line(exc)}; pass --cloud NAME with a clouds.yaml "
-                       "entry, set OS_CLOUD, or source an openrc (OS_AUTH_URL, ...)") from None
+        raise LabError(f"glance: {where}: {first_line(exc)}; {how}") from None
+    except (ka.MissingRequiredOptions, ka.AuthPluginException, ka.NoMatchingPlugin) as exc:
+        missing = " ".join(o.dest for o in getattr(exc, "options", []) or [])
+        raise LabError(f"glance: {where}: incomplete credentials"
+                       f"{f' (no {missing})' if missing else ''}; {how}") from None
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:  # the SDK on odd files
+        raise LabError(f"glance: {', '.join(map(str, files)) or where}: the OpenStack SDK cannot "
+                       f"read it ({type(exc).__name__}: {first_line(exc)}); fix the file") from None
+    if not region.config.get("api_timeout"):
+        region.config["api_timeout"] = float(timeout or DEFAULT_TIMEOUT)
     auth = dict(region.config.get("auth") or {})
     secrets = tuple(str(auth[k]) for k in ("password", "application_credential_secret", "token")
                     if auth.get(k))
     auth_url = str(auth.get("auth_url") or "")
     if not auth_url:
-        raise LabError(f"glance: {where}: no auth_url; pass --cloud NAME with a clouds.yaml entry, "
-                       "set OS_CLOUD, or source an openrc (OS_AUTH_URL, ...)")
+        raise LabError(f"glance: {where}: no auth_url; {how}")
+    _check_auth(auth, str(region.config.get("auth_type") or ""), where)
     who = (f"application credential {auth.get('application_credential_id') or auth.get('application_credential_name')}"
            if region.config.get("auth_type") == "v3applicationcredential"
            else f"user {auth.get('username') or auth.get('user_id') or '?'}")
@@ -312,7 +390,11 @@ def connect(cloud: str | None = None, *, cacert: str | None = None,
     except ka.SSLError:
         raise fail(f"glance: TLS verification of {auth_url} failed: pass --os-cacert FILE "
                    f"(or cacert in {where}), or --insecure for a lab") from None
-    except (ka.ConnectFailure, ka.ConnectTimeout) as exc:
+    except (ka.ConnectTimeout, ka.RequestTimeout):
+        raise fail(f"glance: Keystone at {auth_url} did not answer within "
+                   f"{float(region.config['api_timeout']):.0f}s: check auth_url in {where} and that "
+                   "Keystone runs (glance.timeout in lab.yaml sets the wait)") from None
+    except ka.ConnectFailure as exc:
         raise fail(f"glance: cannot reach Keystone at {auth_url} ({reason(exc)}): check "
                    f"auth_url in {where} and that Keystone runs") from None
     except ka.EndpointNotFound:

@@ -95,7 +95,8 @@ def upload_image(lab: Lab, ws: Workspace, *, image: str, name: str | None = None
         attrs["min_disk"] = int(min_disk)
     if min_ram is not None:
         attrs["min_ram"] = int(min_ram)
-    cl = connect(cloud or lab.glance.cloud, cacert=cacert, insecure=insecure)
+    cl = connect(cloud or lab.glance.cloud, cacert=cacert, insecure=insecure,
+                 timeout=lab.glance.timeout)
     try:
         with sigterm_as_interrupt(), BuildLock(ws):
             cleaned = cleanup_stuck(cl)

@@ -1,0 +1,149 @@
+"""cloud-init's own schema, to check user-data and vendor-data before a seed
+is written.
+
+The schema ships in Debian's ``cloud-init`` package.  It is taken from the
+package of the release the lab's image runs, downloaded (``apt-get
+download``) and unpacked (``dpkg-deb -x``) under ``cache/cloud-init/``;
+cloud-init is never installed on the build host (its services would run
+there).  The host's own release uses the host's apt lists; another release
+uses a private apt configuration under the cache pointing at the mirror.
+
+Validation follows cloud-init's ``validate_cloudconfig_schema``: JSON Schema
+draft 4, strings may be bytes (``!!binary``), ``deprecated`` keys are
+allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from builders.core import extcmd
+from builders.core.errors import LabError
+from builders.core.fsutil import atomic_write
+
+SCHEMAS = "usr/lib/python3/dist-packages/cloudinit/config/schemas"
+CLOUD_CONFIG = "schema-cloud-config-v1.json"
+KEYRINGS = {"debian": "/usr/share/keyrings/debian-archive-keyring.gpg",
+            "ubuntu": "/usr/share/keyrings/ubuntu-archive-keyring.gpg"}
+
+
+def host_release() -> tuple[str, str]:
+    """(distro id, codename) of the build host, from /etc/os-release."""
+    fields = {}
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            key, _, value = line.partition("=")
+            fields[key] = value.strip().strip('"')
+    except OSError:
+        pass
+    return fields.get("ID", ""), fields.get("VERSION_CODENAME", "")
+
+
+def schema_dir(cache: Path, distro: str, codename: str) -> Path:
+    return cache / "cloud-init" / f"{distro}-{codename}"
+
+
+def load_schema(cache: Path, distro: str, codename: str, mirror: str | None = None
+                ) -> tuple[dict, str]:
+    """(cloud-config schema, cloud-init version) for ``distro`` ``codename``;
+    fetched into ``cache`` the first time."""
+    d = schema_dir(cache, distro, codename)
+    if not (d / CLOUD_CONFIG).is_file() or not (d / "VERSION").is_file():
+        _fetch(d, distro, codename, mirror)
+    try:
+        return json.loads((d / CLOUD_CONFIG).read_text()), (d / "VERSION").read_text().strip()
+    except (OSError, ValueError) as exc:
+        raise LabError(f"{d / CLOUD_CONFIG}: unreadable ({exc}); remove {d} and rerun") from None
+
+
+def _fetch(d: Path, distro: str, codename: str, mirror: str | None) -> None:
+    d.parent.mkdir(parents=True, exist_ok=True)
+    what = f"cloud-init schema ({distro} {codename})"
+    with tempfile.TemporaryDirectory(prefix=".cloud-init.", suffix=".part", dir=d.parent) as tmp:
+        t = Path(tmp)
+        os.chmod(t, 0o755)           # apt's _apt user writes the download here
+        apt = ["apt-get", "-q"]
+        if (distro, codename) != host_release():
+            apt += _private_apt(t, distro, codename, mirror)
+            extcmd.run([*apt, "update"], cwd=t, what=what, timeout=600)
+        extcmd.run([*apt, "download", "cloud-init"], cwd=t, what=what, timeout=600)
+        debs = sorted(t.glob("cloud-init_*.deb"))
+        if not debs:
+            raise LabError(f"{what}: `apt-get download cloud-init` left no package")
+        version = extcmd.run(["dpkg-deb", "-f", debs[0], "Version"], what=what).stdout.decode().strip()
+        extcmd.run(["dpkg-deb", "-x", debs[0], t / "root"], what=what)
+        found = t / "root" / SCHEMAS
+        if not (found / CLOUD_CONFIG).is_file():
+            raise LabError(f"{what}: cloud-init {version} ships no {CLOUD_CONFIG}; "
+                           "its user-data cannot be checked")
+        d.mkdir(exist_ok=True)
+        for f in found.glob("*.json"):
+            atomic_write(d / f.name, f.read_bytes())
+        atomic_write(d / "VERSION", version + "\n")
+
+
+def _private_apt(t: Path, distro: str, codename: str, mirror: str | None) -> list[str]:
+    """apt-get options for a private apt state reading only ``mirror``."""
+    keyring = KEYRINGS.get(distro)
+    if keyring is None or not Path(keyring).is_file():
+        raise LabError(f"cloud-init schema: no archive keyring for {distro} ({keyring}); "
+                       f"install {distro}-archive-keyring to check {codename}'s user-data")
+    mirror = (mirror or ("http://deb.debian.org/debian" if distro == "debian"
+                         else "http://archive.ubuntu.com/ubuntu")).rstrip("/")
+    (t / "lists" / "partial").mkdir(parents=True)
+    (t / "cache" / "archives" / "partial").mkdir(parents=True)
+    (t / "sources.list").write_text(f"deb [signed-by={keyring}] {mirror} {codename} main\n")
+    (t / "status").write_text("")
+    return ["-o", f"Dir::Etc::SourceList={t / 'sources.list'}", "-o", "Dir::Etc::SourceParts=-",
+            "-o", f"Dir::State::Lists={t / 'lists'}", "-o", f"Dir::Cache={t / 'cache'}",
+            "-o", f"Dir::State::status={t / 'status'}", "-o", "Debug::NoLocking=1"]
+
+
+def validate(doc: Any, schema: dict, name: str, version: str) -> None:
+    """Raise LabError naming the first place cloud-init's schema rejects ``doc``."""
+    from jsonschema import Draft4Validator, FormatChecker
+    from jsonschema.exceptions import best_match
+    from jsonschema.validators import extend
+
+    def is_string(checker, instance):
+        return isinstance(instance, (str, bytes))
+
+    validator_cls = extend(Draft4Validator,
+                           type_checker=Draft4Validator.TYPE_CHECKER.redefine("string", is_string))
+    validator = validator_cls(schema, format_checker=FormatChecker())
+    err = best_match(validator.iter_errors(doc))
+    if err is None:
+        return
+    where = ".".join(str(p) for p in err.absolute_path) or "top level"
+    message = err.message if len(err.message) <= 200 else err.message[:197] + "..."
+    raise LabError(f"{name}: {where}: {message} (cloud-init {version}'s schema rejects it; "
+                   "cloud-init would skip or fail this setting)")
+
+
+def clear(cache: Path) -> None:
+    """Forget every fetched schema (tests)."""
+    shutil.rmtree(cache / "cloud-init", ignore_errors=True)
+
+
+def check_cloud_config(data: bytes, where: str, cache: Path, distro: str, codename: str,
+                       mirror: str | None = None) -> None:
+    """Check a user-data / vendor-data file that is a plain ``#cloud-config``
+    against cloud-init's schema for ``distro`` ``codename`` (scripts,
+    archives, MIME and jinja templates are left to cloud-init)."""
+    import yaml
+    text = data.decode("utf-8", "replace")
+    if not text.startswith("#cloud-config") or text.startswith("#cloud-config-"):
+        return
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return                  # reported with its line by the seed builder's own check
+    if not isinstance(doc, dict):
+        return
+    schema, version = load_schema(cache, distro, codename, mirror)
+    validate(doc, schema, where, version)
