@@ -25,7 +25,7 @@ Every step is Octavia's code, used as its controller uses it:
 * ``plug_vip``: ``net_info`` built by the REST driver's ``_build_net_info``
   from a port, amphora and subnet as Neutron describes them, sent with
   ``plug_vip`` (a 409 "already plugged" is accepted, as the driver does).
-* ``load_balancer``: Octavia data models (LoadBalancer + Vip, Listener,
+* ``load_balancer`` (``render`` without the agent): Octavia data models (LoadBalancer + Vip, Listener,
   Pool with ROUND_ROBIN, two Members, an HTTP HealthMonitor) rendered by the
   combined-listeners ``JinjaTemplater`` with the agent's HAProxy version and
   details, then ``upload_config`` and ``reload_listener`` (the agent starts
@@ -162,6 +162,16 @@ class Driver:
         return {"status": status, "net_info": net_info}
 
     def op_load_balancer(self, req: dict) -> dict:
+        # the driver's update_amphora_listeners, TCP/HTTP branch
+        info = self.client.get_info(self.amp)
+        details = self.client.get_details(self.amp)
+        out = self.op_render(dict(req, haproxy_version=info["haproxy_version"], details=details))
+        self.client.upload_config(self.amp, out["load_balancer"], out["haproxy_cfg"])
+        self.client.reload_listener(self.amp, out["load_balancer"])
+        return out
+
+    def op_render(self, req: dict) -> dict:
+        """Data models -> haproxy.cfg with the combined-listeners JinjaTemplater."""
         from octavia.common import constants as c
         from octavia.common import data_models as dm
         from octavia.common.jinja.haproxy.combined_listeners import jinja_cfg
@@ -203,18 +213,14 @@ class Driver:
         pool.listeners = [listener]
         lb.listeners = [listener]
         lb.pools = [pool]
-        # the driver's update_amphora_listeners, TCP/HTTP branch
-        info = self.client.get_info(self.amp)
-        versions = info["haproxy_version"].split(".")[:2]
-        details = self.client.get_details(self.amp)
+        versions = req["haproxy_version"].split(".")[:2]
+        details = req.get("details") or {}
         ha = self.CONF.haproxy_amphora
         templater = jinja_cfg.JinjaTemplater(
             base_amp_path=ha.base_path, base_crt_dir=ha.base_cert_dir,
             haproxy_template=ha.haproxy_template, connection_logging=ha.connection_logging)
         config = templater.build_config(host_amphora=amp, listeners=lb.listeners, tls_certs={},
                                         haproxy_versions=versions, amp_details=details)
-        self.client.upload_config(self.amp, lb.id, config)
-        self.client.reload_listener(self.amp, lb.id)
         self.lb = lb
         return {"load_balancer": lb_id, "listener": lst_id, "pool": pool_id,
                 "health_monitor": hm_id, "members": members, "haproxy_cfg": config,
