@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import queue
-import socket
 import subprocess
 import threading
 import time
@@ -265,7 +264,8 @@ class Report:
     heartbeats: int = 0
     rejected: int = 0
     wrong_key: str = ""
-    first_beat_s: float = 0.0
+    first_beat: float = 0.0              # time.time() the first verified heartbeat arrived
+    started: float = 0.0                 # time.time() QEMU started
     agent_s: float = 0.0                 # QEMU start -> the agent answered Octavia's client
     accel: str = ""
     foreign_client: str = ""
@@ -287,9 +287,9 @@ class Report:
             f"  heartbeat (both up): {self.beat_up}",
             f"  member-2 stopped: heartbeat {self.beat_down} after {self.member_down_s:.1f}s; "
             f"then {self.counts(self.degraded)} ({len(self.degraded)} requests)",
-            f"  heartbeats: {self.heartbeats} verified with the lab's key (first "
-            f"{self.first_beat_s:.1f}s after the agent answered), {self.rejected} rejected; "
-            f"with another key: {self.wrong_key}",
+            f"  heartbeats: {self.heartbeats} verified with the lab's key (the first "
+            f"{self.first_beat - self.started:.0f}s after QEMU started), {self.rejected} rejected; "
+            f"checked with another key: {self.wrong_key}",
             f"  a client certificate from another CA: refused ({self.foreign_client})",
         ]
 
@@ -305,14 +305,14 @@ def alternating(answers: list[str]) -> bool:
 
 
 def wait_first_heartbeat(drv: OctaviaDriver, amphora_id: str, hb_port: int, key_file: str,
-                         limit: float = STEP_TIMEOUT) -> tuple[int, float]:
-    """The first verified heartbeat from this amphora; (rejected so far, seconds)."""
+                         limit: float = STEP_TIMEOUT) -> tuple[list[dict], int]:
+    """Verified heartbeats from this amphora, once there is one; (them, rejected so far)."""
     t0 = time.monotonic()
     while True:
         got = drv.call("heartbeats", wait=3, timeout=30)
         mine = [b for b in got["beats"] if b.get("id") == amphora_id]
         if mine:
-            return got["rejected"], time.monotonic() - t0
+            return mine, got["rejected"]
         if got["rejected"] >= 2:
             raise LabError(
                 f"amphora-check: {got['rejected']} heartbeats arrived at 127.0.0.1:{hb_port} but do "
@@ -331,9 +331,9 @@ def prove(drv: OctaviaDriver, *, amphora_id: str, vip_port: int, hb_port: int, k
     info = drv.call("info")
     report.haproxy_version = info["info"].get("haproxy_version", "?")
     # heartbeats come before any load balancer: they prove the key and the path to us
-    report.rejected, report.first_beat_s = wait_first_heartbeat(drv, amphora_id, hb_port,
-                                                                key_file, limit)
-    report.heartbeats = 1
+    beats, report.rejected = wait_first_heartbeat(drv, amphora_id, hb_port, key_file, limit)
+    report.heartbeats = len(beats)
+    report.first_beat = min(b.get("recv_time", time.time()) for b in beats)
     plug = drv.call("plug_vip", vip=VIP, subnet_cidr=VIP_NET, gateway=VIP_GATEWAY,
                     mac_address=VIP_MAC, vrrp_ip=VIP_VRRP_IP)
     members = [{"name": b.name, "address": VIP_GATEWAY, "port": b.port} for b in backends]
@@ -345,7 +345,7 @@ def prove(drv: OctaviaDriver, *, amphora_id: str, vip_port: int, hb_port: int, k
     report.configured = [
         f"VIP {VIP} on the NIC with MAC {VIP_MAC} (plug_vip: {plug['status']}; vrrp_ip "
         f"{VIP_VRRP_IP}, gateway {VIP_GATEWAY}), forwarded from 127.0.0.1:{vip_port}",
-        f"listener HTTP :80 -> pool ROUND_ROBIN, members "
+        "listener HTTP :80 -> pool ROUND_ROBIN, members "
         + ", ".join(f"{m['name']} {m['address']}:{m['port']}" for m in lb["members"]),
         f"health monitor HTTP GET {HM['url_path']} every {HM['delay']}s, timeout {HM['timeout']}s, "
         f"fall {HM['fall']}, rise {HM['rise']}; heartbeats every {HEARTBEAT_INTERVAL}s to "
