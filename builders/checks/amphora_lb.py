@@ -33,11 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from builders.core.errors import LabError
-from builders.core.workspace import PROJECT_DIR
+from builders.core import resources
 
 log = logging.getLogger("labforge")
 
-OCTAVIA_VENV = PROJECT_DIR / ".venv-octavia"
+# the checkout's virtualenv with Octavia (scripts/setup.d/octavia.sh); an
+# installed copy names an interpreter with LABFORGE_OCTAVIA_PYTHON
+OCTAVIA_VENV = (resources.checkout_dir() or Path("/nonexistent")) / ".venv-octavia"
 DRIVER = Path(__file__).resolve().parent / "octavia_driver.py"
 
 # the VIP network (QEMU user networking on the amphora's second NIC)
@@ -63,11 +65,17 @@ def vip_nic_options(vip_port: int) -> tuple[str, ...]:
 # the driver process
 # --------------------------------------------------------------------------
 def driver_python() -> Path:
-    py = OCTAVIA_VENV / "bin" / "python"
+    """The interpreter that has Octavia: LABFORGE_OCTAVIA_PYTHON, else the
+    checkout's .venv-octavia."""
+    env = os.environ.get("LABFORGE_OCTAVIA_PYTHON", "").strip()
+    py = Path(env) if env else OCTAVIA_VENV / "bin" / "python"
     if not py.is_file():
-        raise LabError(f"amphora-check: {OCTAVIA_VENV.name} (Octavia's controller code) is missing; "
-                       "run `bash scripts/setup.sh` (or scripts/setup.d/octavia.sh), or use "
-                       "`invoke amphora-check --quick` for the agent check alone")
+        where = f"LABFORGE_OCTAVIA_PYTHON={env}: no such file" if env else \
+            f"{OCTAVIA_VENV.name} (Octavia's controller code) is missing"
+        raise LabError(f"amphora-check: {where}; in a checkout run `bash scripts/setup.sh` "
+                       "(scripts/setup.d/octavia.sh), else point LABFORGE_OCTAVIA_PYTHON at a "
+                       "Python with octavia and pyroute2; or use `invoke amphora-check --quick` "
+                       "for the agent check alone")
     return py
 
 
