@@ -21,7 +21,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from builders.core import extcmd
-from builders.checks.bootcheck import detect_accel
+from builders.tools.qemu_vm import detect_accel
 from builders.core.errors import LabError
 from builders.core.contract import Builder, Built, Context, Output, Stage, run
 from builders.core.lab import Host, Lab

@@ -229,6 +229,15 @@ class Lab:
                 return n
         raise LabError(f"{self.source.name}: no network named {name!r}")
 
+    def host_network(self, host: Host) -> Network:
+        """The network a host is on: its ``network``, else the lab's first one."""
+        if host.network:
+            return self.network(host.network)
+        if not self.networks:
+            raise LabError(f"{self.source.name}: networks: the lab has no network for "
+                           f"hosts.{host.name}")
+        return self.networks[0]
+
     def brokers(self) -> tuple[Host, ...]:
         if self.kafka.brokers:
             return tuple(self.host(n) for n in self.kafka.brokers)
@@ -492,8 +501,10 @@ def _check(lab: Lab, errors: list[str]) -> None:
         if not _DNS_LABEL.match(h.name):
             errors.append(f"{w}: {h.name!r} is not a valid hostname (a DNS label: a-z, 0-9, "
                           "'-', not at either end, at most 63 characters)")
-        net_name = h.network or (lab.networks[0].name if lab.networks else "")
-        net = nets.get(net_name)
+        try:
+            net = lab.host_network(h)
+        except LabError:
+            net = None                  # reported below (unknown name) or above (no networks)
         if h.network and net is None:
             errors.append(f"{w}.network: no network named {h.network!r} (networks: "
                           f"{', '.join(nets) or 'none'})")

@@ -58,7 +58,7 @@ def bridge_name(net: Network) -> str:
 
 def host_network(lab: Lab, host: Host) -> Network:
     """The lab network a host is on: hosts.X.network, else the first network."""
-    return lab.network(host.network) if host.network else lab.networks[0]
+    return lab.host_network(host)
 
 
 def gateway(lab: Lab, net: Network) -> IPv4Address:

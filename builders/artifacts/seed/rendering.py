@@ -130,7 +130,7 @@ def _marker_cmd(marker: str) -> list[str]:
 
 
 def network_config(lab: Lab, h: Host) -> dict:
-    net = lab.network(h.network) if h.network else lab.networks[0]
+    net = lab.host_network(h)
     lab_nic: dict[str, Any] = {}
     if h.mac:
         # matched by MAC and renamed: cloud-init writes the rename (udev rule /
