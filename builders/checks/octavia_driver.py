@@ -284,6 +284,8 @@ def _short(text: str) -> str:
         if marker in text:
             text = text[text.index(marker):]
             break
+    while text.endswith(")") and text.count(")") > text.count("("):
+        text = text[:-1]                 # the closing parens of the wrappers cut off above
     return text[:300]
 
 
