@@ -48,20 +48,7 @@ def run_step(step: Step, lab: Lab, ws: Workspace, force: bool) -> list[Outcome]:
     return contract.run(step, lab, ws, force=force)
 
 
-def _amphora_skip(lab: Lab, ws: Workspace) -> str | None:
-    """The amphora step's own reason not to run (see Amphora.skip_reason)."""
-    return AMPHORA.skip_reason(lab, ws)
-
-
-STEPS: tuple[Step, ...] = (
-    CERTS,
-    SEEDS,
-    BASE_IMAGE,
-    OVERLAYS,
-    AMPHORA,
-    VAGRANT,
-    GLANCE,
-)
+STEPS: tuple[Step, ...] = (CERTS, SEEDS, BASE_IMAGE, OVERLAYS, AMPHORA, VAGRANT, GLANCE)
 BY_NAME = {s.name: s for s in STEPS}
 KINDS = tuple(s.name for s in STEPS)
 

@@ -45,7 +45,7 @@ def _xml(root: ET.Element) -> str:
 
 
 def domain_xml(lab: Lab, host: Host, overlay: Path, seed: Path | None, accel: str) -> str:
-    net = libvirt.host_network(lab, host)
+    net = lab.host_network(host)
     root = ET.Element("domain", type="kvm" if accel == "kvm" else "qemu")
     _sub(root, "name", f"{lab.name}-{host.name}")
     _sub(root, "memory", str(host.memory), unit="MiB")
@@ -114,7 +114,7 @@ class LibvirtXml(Builder):
         accel = accel or detect_accel(ws)     # domain type kvm or qemu
         out_dir = ws.artifacts / "libvirt"
         outs: list[Output] = []
-        used_nets = {libvirt.host_network(lab, h).name for h in chosen}
+        used_nets = {lab.host_network(h).name for h in chosen}
         for net in lab.networks:
             if net.name in used_nets:
                 text = libvirt.network_xml(lab, net)

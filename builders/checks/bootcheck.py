@@ -30,6 +30,7 @@ from builders.core.errors import LabError
 from builders.core.lab import Host, Lab
 from builders.core.outcome import Outcome
 from builders.core.workspace import Workspace
+from builders.artifacts import seed
 from builders.tools import qemu_vm
 from builders.tools.qemu_vm import Drive, Nic, VmSpec
 
@@ -37,7 +38,6 @@ FINAL = re.compile(r"Cloud-init v\. \S+ finished at .*?Up ([\d.]+) seconds")
 
 
 def _seed(lab: Lab, ws: Workspace, host: Host) -> tuple[Path, str]:
-    from builders.artifacts import seed
     path = seed.seed_path(lab, ws, host)
     if not path.is_file():
         raise LabError(f"{path}: no seed for {host.name}; run `invoke seed-iso` first")

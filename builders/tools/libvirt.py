@@ -56,11 +56,6 @@ def bridge_name(net: Network) -> str:
     return f"{BRIDGE_PREFIX}{net.name[:keep]}-{tag}"
 
 
-def host_network(lab: Lab, host: Host) -> Network:
-    """The lab network a host is on: hosts.X.network, else the first network."""
-    return lab.host_network(host)
-
-
 def gateway(lab: Lab, net: Network) -> IPv4Address:
     """The host side address of the network's bridge."""
     if net.gateway is not None:
@@ -79,7 +74,7 @@ def dhcp_range(lab: Lab, net: Network) -> tuple[IPv4Address, IPv4Address]:
     start = cidr.network_address + cidr.num_addresses // 2
     end = cidr.broadcast_address - 1
     for h in lab.hosts:
-        if host_network(lab, h).name == net.name and start <= h.ip <= end:
+        if lab.host_network(h).name == net.name and start <= h.ip <= end:
             raise LabError(f"{lab.source.name}: hosts.{h.name}.ip: {h.ip} is in the DHCP range "
                            f"{start}-{end} of network {net.name}; use an address below {start} "
                            "or dhcp: false")

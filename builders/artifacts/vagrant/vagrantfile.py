@@ -14,7 +14,6 @@ from builders.artifacts import seed
 from builders.artifacts.vagrant.catalog import catalog_path
 from builders.core.lab import Host, Lab
 from builders.core.workspace import Workspace
-from builders.tools.libvirt import host_network
 
 VAGRANTFILE_KIND = "vagrantfile"
 
@@ -103,7 +102,7 @@ def render_vagrantfile(lab: Lab, ws: Workspace, *, with_catalog: bool = False) -
         "  end",
     ]
     for h in lab.hosts:
-        net = host_network(lab, h)
+        net = lab.host_network(h)
         seed = seed_iso_path(lab, ws, h).resolve()
         opts = [f"ip: {_rb(str(h.ip))}", f"netmask: {_rb(str(net.cidr.netmask))}",
                 f"libvirt__network_name: {_rb(net.name)}",
