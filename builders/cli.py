@@ -264,14 +264,15 @@ def build_amphora(c, lab=None, force=False, base_os=None, release=None, arch=Non
     "image": "amphora image to boot (default: artifacts/images/amphora-x64-haproxy.qcow2)",
     "timeout": "seconds to wait for the agent to answer (default: 1200, TCG is slow)",
     "accel": "kvm or tcg (default: KVM when it works, else TCG)",
+    "quick": "only the agent's API version over mutual TLS (no load balancer, no .venv-octavia)",
 })
-def amphora_check(c, lab=None, image=None, timeout=None, accel=None):
-    """Boot the amphora under QEMU with a Nova-style config drive and prove its agent (mutual TLS)."""
+def amphora_check(c, lab=None, image=None, timeout=None, accel=None, quick=False):
+    """Boot the amphora as Nova would and prove it as a load balancer with Octavia's controller code."""
     from builders.checks import amphora_check as ac
     timeout_s = _seconds(timeout, "--timeout")
     _print(ac.check_amphora(*_lab_ws(lab), image=image,
                             timeout=1200.0 if timeout_s is None else timeout_s,
-                            accel=accel))
+                            accel=accel, quick=quick))
 
 
 # ---- vagrant ---------------------------------------------------------------

@@ -66,6 +66,21 @@ def report(capsys):
     return show
 
 
+@pytest.fixture(scope="session")
+def amphora_build(tmp_path_factory):
+    """`invoke build-amphora` once per session, cold (a fresh workspace and
+    cache), shared by the slow tests that boot it: an image is never built
+    twice in one run.  ``seconds``: the build's wall time."""
+    import time
+    from types import SimpleNamespace
+    from builders.artifacts import amphora
+    ws = Workspace(tmp_path_factory.mktemp("amphora") / "ws")
+    lab = labmod.load(ROOT / "lab.yaml")
+    t0 = time.monotonic()
+    outcomes = amphora.build_amphora(lab, ws)
+    return SimpleNamespace(lab=lab, ws=ws, outcomes=outcomes, seconds=time.monotonic() - t0)
+
+
 @pytest.fixture
 def mirror(tmp_path):
     """A local HTTP image mirror on 127.0.0.1 (Range support, can drop a transfer once)."""

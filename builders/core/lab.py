@@ -156,6 +156,11 @@ class Octavia:
     certs_dir: str | None = None           # where the controller reads the cert files
                                            # (octavia-certificates.conf); default: certs/octavia
     cert_validity_days: int = 30           # amphora certificates ([certificates] cert_validity_time)
+    # cloud IDs labforge cannot know, for the [controller_worker] part of
+    # octavia-certificates.conf; unset: a marked placeholder there
+    amp_boot_network_list: tuple[str, ...] = ()   # lb-mgmt-net network ID(s)
+    amp_secgroup_list: tuple[str, ...] = ()       # lb-mgmt-sec-grp security group ID(s)
+    amp_flavor_id: str | None = None              # the amphora's Nova flavor ID
     amphora: Amphora = Amphora()
 
 
@@ -700,6 +705,12 @@ def _check(lab: Lab, errors: list[str]) -> None:
     elif key_name in OCTAVIA_FILES or f"{key_name}.pub" in OCTAVIA_FILES:
         errors.append(f"octavia.amp_ssh_key_name: {key_name!r} is the name of another file in "
                       "certs/octavia/; choose another name (default octavia_ssh_key)")
+    for key in ("amp_boot_network_list", "amp_secgroup_list", "amp_flavor_id"):
+        value = getattr(lab.octavia, key)
+        for i, v in enumerate(value if isinstance(value, tuple) else () if value is None else (value,)):
+            if not re.match(r"^[A-Za-z0-9_.:-]{1,255}$", v):
+                where = f"octavia.{key}[{i}]" if isinstance(value, tuple) else f"octavia.{key}"
+                errors.append(f"{where}: {v!r} is not a cloud ID (letters, digits, '-', '_', '.', ':')")
     if not 1 <= lab.octavia.cert_validity_days <= lab.pki.ca_days:
         errors.append(f"octavia.cert_validity_days: {lab.octavia.cert_validity_days} must be "
                       f"between 1 and pki.ca_days ({lab.pki.ca_days})")

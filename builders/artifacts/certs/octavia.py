@@ -10,7 +10,8 @@
     server_certs_key_passphrase  32 chars, ^[A-Za-z0-9_=-]{32}$ (encrypts amphora keys in Octavia's DB)
     heartbeat_key                HMAC key of amphora heartbeats ([health_manager] heartbeat_key)
     <amp_ssh_key_name>[.pub]     the amphora SSH key pair ([controller_worker] amp_ssh_key_name)
-    octavia-certificates.conf    the options above, ready for /etc/octavia/octavia.conf.d/
+    octavia-certificates.conf    the options above plus [controller_worker] and [health_manager]
+                                 settings from the lab, ready for /etc/octavia/octavia.conf.d/
 
 Both CAs are self-signed roots without intermediates (see docs/certs.md).
 """
@@ -220,10 +221,20 @@ def certs_dir(lab: Lab, ws: Workspace) -> str:
 
 
 def conf(lab: Lab, ws: Workspace, ca_pass: str, certs_pass: str, heartbeat: str) -> str:
+    """The Octavia configuration snippet a user pastes: certificates, the
+    controller's amphora settings and the health manager, from the lab."""
     cd = certs_dir(lab, ws)
     o = lab.octavia
+    hm_ip, _, hm_port = o.health_managers[0].rpartition(":")
+
+    def cloud_id(key: str, value, what: str) -> list[str]:
+        if value:
+            return [f"{key} = {', '.join(value) if isinstance(value, tuple) else value}"]
+        return [f"# PLACEHOLDER: {what}; set octavia.{key} in lab.yaml, or here:",
+                f"# {key} = <{what}>"]
+
     return "\n".join([
-        f"# labforge: Octavia certificate settings of lab {lab.name}.",
+        f"# labforge: Octavia settings of lab {lab.name}.",
         "# Drop into /etc/octavia/octavia.conf.d/ or merge into octavia.conf.",
         "# Holds passphrases and the heartbeat key: keep it private (0600).",
         "[certificates]",
@@ -239,12 +250,20 @@ def conf(lab: Lab, ws: Workspace, ca_pass: str, certs_pass: str, heartbeat: str)
         f"client_ca = {cd}/{F['client_ca']}",
         f"amp_ssh_key_name = {o.amp_ssh_key_name}",
         f"amp_image_tag = {o.amp_image_tag}",
+        *cloud_id("amp_boot_network_list", o.amp_boot_network_list,
+                  "ID of the amphora management network (lb-mgmt-net)"),
+        *cloud_id("amp_secgroup_list", o.amp_secgroup_list,
+                  "ID of the amphora security group (lb-mgmt-sec-grp)"),
+        *cloud_id("amp_flavor_id", o.amp_flavor_id, "ID of the amphora flavor"),
         "",
         "[haproxy_amphora]",
         f"client_cert = {cd}/{F['client']}",
         f"server_ca = {cd}/{F['server_chain']}",
         "",
         "[health_manager]",
+        "# this controller's health manager: the first of octavia.health_managers",
+        f"bind_ip = {hm_ip.strip('[]')}",
+        f"bind_port = {hm_port}",
         f"heartbeat_key = {heartbeat}",
         f"controller_ip_port_list = {', '.join(o.health_managers)}",
         "",
