@@ -196,6 +196,37 @@ def libvirt_xml(c, lab=None, host=None, force=False, verbose=False):
     _print(build_libvirt_xml(_load(lab), Workspace.default(), hosts=host or None, force=force))
 
 
+@labtask(help={"lab": LAB_HELP,
+               "ssh_config": "reach the nodes as this ssh_config says (`vagrant ssh-config > "
+                             "FILE`; default: each host's first NIC address with the lab key)",
+               "wait": "retry failing checks for up to this many seconds (a lab just up may "
+                       "still be electing its leader; default 0)",
+               "json": "print one JSON document on stdout (the table goes to stderr)"})
+def lab_check(c, lab=None, ssh_config=None, wait=0, json=False):
+    """Check a lab that is up: names, the ZooKeeper ensemble over TLS, client certificates."""
+    from builders.checks import labcheck
+    lb, ws = _load(lab), Workspace.default()
+    outcomes = labcheck.lab_check(lb, ws, ssh_config=ssh_config, wait=_float(wait, "--wait"))
+    print(labcheck.table(outcomes), file=sys.stderr if json else sys.stdout)
+    if json:
+        import json as _json
+        print(_json.dumps(labcheck.to_json(lb, ws, outcomes), indent=2))
+    failed = [o.step for o in outcomes if o.status != "passed"]
+    if failed:
+        raise LabError(f"lab-check: {len(failed)} of {len(outcomes)} checks failed "
+                       f"({', '.join(failed)}); see the table")
+
+
+def _float(value, option: str) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise LabError(f"{option}: {value!r} is not a number of seconds") from None
+    if out < 0:
+        raise LabError(f"{option}: {value} is negative; give 0 or more seconds")
+    return out
+
+
 # ---- amphora ---------------------------------------------------------------
 @labtask(help={"lab": LAB_HELP, "force": "rebuild the base image even when it is current"})
 def builder_base(c, lab=None, force=False):

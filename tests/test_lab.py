@@ -59,7 +59,7 @@ def test_ip_outside_network_names_field_and_network():
     (lambda d: d["networks"]["private"].update(cidr="10.100.0.1/24"), "networks.private.cidr:"),
     (lambda d: d["hosts"].update(Broker_4={"ip": "10.100.0.14"}), "hosts.Broker_4: 'Broker_4' is not a valid hostname"),
     (lambda d: d["hosts"]["broker2"].update(ip="10.100.0.11"), "hosts.broker2.ip: 10.100.0.11 is already used by host broker1"),
-    (lambda d: d["hosts"]["broker1"].update(network="public"), "hosts.broker1.network: no network named 'public'"),
+    (lambda d: d["hosts"]["broker1"].update(network="dmz"), "hosts.broker1.network: no network named 'dmz'"),
     (lambda d: d["hosts"]["broker1"].update(mac="52:54:00"), "hosts.broker1.mac:"),
     (lambda d: d["pki"].update(rsa_bits=1024), "pki.rsa_bits: 1024"),
     (lambda d: d["pki"].update(key_type="dsa"), "pki.key_type: 'dsa' is not one of rsa, ecdsa"),
@@ -142,7 +142,8 @@ def test_missing_lab_file_says_what_to_do(tmp_path):
 def test_cli_reports_bad_lab_without_traceback(tmp_path, cli):
     text = (ROOT / "lab.yaml").read_text().replace("10.100.0.12", "10.200.0.12")
     proc = cli("check-lab", "--lab", str(write_lab(tmp_path, text)))
-    assert_one_line_error(proc, "hosts.broker2.ip: 10.200.0.12 is not in network private (10.100.0.0/24)")
+    assert_one_line_error(proc, "hosts.broker2.nics[1].ip: 10.200.0.12 is not in network private "
+                                "(10.100.0.0/24)")
 
 
 def test_cli_check_lab_ok(cli):

@@ -47,6 +47,7 @@ from typing import Any, Iterable, Iterator
 
 import yaml
 
+from builders.artifacts import kafka_node
 from builders.core.errors import LabError
 from builders.core.fsutil import atomic_write, fsync_dir, sha256_file
 from builders.core.lab import Host, Lab, parse_yaml
@@ -149,7 +150,7 @@ def is_secret(lab: Lab, ws: Workspace, host: Host) -> bool:
     a ``certs:`` write_files source, or any write_files source or user-data /
     vendor-data / network-config file whose path (relative to the lab file,
     symlinks followed) lies under certs/."""
-    for wf in host.write_files:
+    for wf in (*kafka_node.node_config(lab, host)[0], *host.write_files):
         if wf.source is None:
             continue
         if wf.source.startswith(CERTS_PREFIX) or _under(lab.path(wf.source), ws.certs):
@@ -297,7 +298,41 @@ def _dump(data: Any, dumper: type = _DUMPER) -> str:
                      width=1 << 20, allow_unicode=True)
 
 
+def _nic_name(lab: Lab, i: int, nic) -> str:
+    """A NIC's name in the guest: hosts.X.nics[i].name, else its network's
+    name when that is a valid interface name, else lab<i>."""
+    if nic.name:
+        return nic.name
+    return nic.network if len(nic.network) <= 15 else f"lab{i}"
+
+
+def _nics_config(lab: Lab, h: Host) -> dict:
+    """network-config of a host with several NICs: each matched by MAC (the
+    guest names NICs ens5, ens6, ... in PCI order, which a seed cannot know)
+    and renamed; DHCP on a network with DHCP (its address is the network's
+    reservation for the MAC: Vagrant finds the VM by that lease), static
+    elsewhere."""
+    ethernets: dict[str, Any] = {}
+    for i, nic in enumerate(h.nics):
+        net = lab.network(nic.network)
+        cfg: dict[str, Any] = {"match": {"macaddress": nic.mac.lower()},
+                               "set-name": _nic_name(lab, i, nic)}
+        if net.dhcp:
+            cfg["dhcp4"] = True
+        else:
+            cfg["dhcp4"] = False
+            cfg["addresses"] = [f"{nic.ip}/{net.cidr.prefixlen}"]
+            if net.forward == "nat" and net.gateway is not None:
+                cfg["routes"] = [{"to": "0.0.0.0/0", "via": str(net.gateway), "metric": 200}]
+                cfg["nameservers"] = {"addresses": [str(net.gateway)],
+                                      **({"search": [lab.domain]} if lab.domain else {})}
+        ethernets[_nic_name(lab, i, nic)] = cfg
+    return {"version": 2, "ethernets": ethernets}
+
+
 def _network_config(lab: Lab, h: Host) -> dict:
+    if len(h.nics) > 1:
+        return _nics_config(lab, h)
     net = lab.network(h.network) if h.network else lab.networks[0]
     lab_nic: dict[str, Any] = {}
     if h.mac:
@@ -328,7 +363,9 @@ def _user_data(lab: Lab, ws: Workspace, h: Host) -> dict:
     fqdn = lab.fqdn(h)
     if fqdn != h.name:
         cfg["fqdn"] = fqdn
-    cfg["manage_etc_hosts"] = True
+    # the node configuration writes /etc/hosts with every lab host (and the
+    # node's own name at its lab address, never 127.0.1.1)
+    cfg["manage_etc_hosts"] = not any(wf.path == "/etc/hosts" for wf in h.write_files)
     user: dict[str, Any] = {"name": lab.user.name, "lock_passwd": True, "shell": "/bin/bash"}
     if lab.user.sudo:
         user["sudo"] = "ALL=(ALL) NOPASSWD:ALL"
@@ -346,7 +383,7 @@ def _user_data(lab: Lab, ws: Workspace, h: Host) -> dict:
 
 def render(lab: Lab, ws: Workspace, host: Host | str) -> Seed:
     """Render and validate one host's seed files; raise LabError on bad input."""
-    h = _host(lab, host)
+    h = kafka_node.with_node_config(lab, _host(lab, host))
     warnings: list[str] = []
     supplied: dict[str, bytes] = {}
     for name, attr in (("user-data", "user_data"), ("network-config", "network_config"),
