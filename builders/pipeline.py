@@ -1,9 +1,11 @@
 """`invoke all`: every build step of a lab, in dependency order.
 
-Each step is a builder entry point; the pipeline only sequences them,
-decides what to skip (and says why), times them, and reports.  Steps whose
-inputs did not change are "up to date" by the builders' own manifest
-checks, so a second run does nothing.  A failed step (whatever it raised)
+Each step is a builder or publisher object (builders.core.contract),
+imported here directly; the pipeline only sequences them, decides what to
+skip (and says why), times them, and reports.  Builders run through the
+contract's one runner, so outputs whose inputs did not change are "up to
+date" and a second run does nothing.  What a left-out step has ready comes
+from that builder's declared outputs (``Builder.ready``).  A failed step (whatever it raised)
 marks the steps that depend on it as skipped; independent steps still run.
 A step the user left out (``--skip``, or not in ``--only``) does not stop
 the steps that need it: they use its outputs from an earlier run when those
@@ -12,7 +14,6 @@ are present and intact, and are skipped, saying so, when they are not.
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 import time
@@ -21,6 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from builders.artifacts.overlays import OVERLAYS
+from builders.core import contract
+from builders.publishers.glance import GLANCE
+from builders.core.contract import Builder, Publisher
 from builders.core.errors import LabError
 from builders.core.lab import Lab
 from builders.core.manifest import Manifest
@@ -28,24 +33,37 @@ from builders.core.outcome import Outcome
 from builders.core.workspace import BuildLock, Workspace
 
 
-@dataclass(frozen=True)
-class Step:
-    name: str                                   # the KIND users name in --only/--skip
-    target: str                                 # "module:function" run as fn(lab, ws, force=...)
-    needs: tuple[str, ...] = ()                 # steps whose outputs this one consumes
-    skip_if: Callable[[Lab, Workspace], str | None] | None = None  # reason to skip, or None
-    help: str = ""
-    takes_force: bool = True                    # publishers have nothing to force
-    # outputs of an earlier run that later steps can use when this one is left
-    # out: None when they are present and intact, else what is missing
-    ready: Callable[[Lab, Workspace], str | None] | None = None
-    publishes: bool = False                     # consumes artifacts, produces none
+Step = Builder | Publisher      # a pipeline step: it has name, help, needs, skip_reason
 
-    def run(self, lab: Lab, ws: Workspace, force: bool) -> list[Outcome]:
-        module, func = self.target.split(":")
-        fn = getattr(importlib.import_module(f"builders.{module}"), func)
-        result = fn(lab, ws, force=force) if self.takes_force else fn(lab, ws)
+
+class _Legacy(Builder):
+    """A builder not yet expressed as a contract object: its entry point is
+    called as a whole.  Its declared outputs are still named once, here."""
+
+    def __init__(self, name: str, fn: Callable, help: str, needs: tuple[str, ...] = (),
+                 ready: Callable[[Lab, Workspace], str | None] | None = None,
+                 skip: Callable[[Lab, Workspace], str | None] | None = None):
+        self.name, self.kind, self.help, self.needs = name, name, help, needs
+        self._fn, self._ready, self._skip = fn, ready, skip
+
+    def skip_reason(self, lab: Lab, ws: Workspace) -> str | None:
+        return self._skip(lab, ws) if self._skip else None
+
+    def ready(self, lab: Lab, ws: Workspace) -> str | None:
+        return self._ready(lab, ws) if self._ready else None
+
+    def run_step(self, lab: Lab, ws: Workspace, force: bool) -> list[Outcome]:
+        result = self._fn(lab, ws, force=force)
         return list(result) if isinstance(result, (list, tuple)) else [result]
+
+
+def run_step(step: Step, lab: Lab, ws: Workspace, force: bool) -> list[Outcome]:
+    """One step's outcomes: a builder through the contract's runner, a publisher as it publishes."""
+    if isinstance(step, _Legacy):
+        return step.run_step(lab, ws, force)
+    if isinstance(step, Publisher):
+        return list(step.publish(lab, ws))
+    return contract.run(step, lab, ws, force=force)
 
 
 def _amphora_skip(lab: Lab, ws: Workspace) -> str | None:
@@ -59,12 +77,6 @@ def _amphora_skip(lab: Lab, ws: Workspace) -> str | None:
     except LabError as exc:
         return f"no Docker engine: {exc}"
     return None
-
-
-def _glance_skip(lab: Lab, ws: Workspace) -> str | None:
-    if lab.glance.cloud or os.environ.get("OS_CLOUD") or os.environ.get("OS_AUTH_URL"):
-        return None
-    return "no cloud configured (set glance.cloud in lab.yaml, OS_CLOUD or OS_AUTH_URL)"
 
 
 def _intact(ws: Workspace, name: str, kind: str, what: str) -> str | None:
@@ -90,27 +102,36 @@ def _seeds_ready(lab: Lab, ws: Workspace) -> str | None:
 
 
 def _base_ready(lab: Lab, ws: Workspace) -> str | None:
-    name = f"{lab.base_image.distro}-{lab.base_image.release}"
-    return _intact(ws, name, "base-image", "base image")
+    from builders.artifacts.baseimage import image_path
+    return _intact(ws, image_path(lab, ws).stem, "base-image", "base image")
 
 
 def _amphora_ready(lab: Lab, ws: Workspace) -> str | None:
-    return _intact(ws, lab.octavia.image_name, "amphora", "amphora image")
+    from builders.artifacts.amphora import IMAGE_NAME
+    return _intact(ws, IMAGE_NAME, "amphora", "amphora image")
+
+
+def _legacy(module: str, func: str):
+    def call(lab, ws, **kw):
+        import importlib
+        return getattr(importlib.import_module(f"builders.{module}"), func)(lab, ws, **kw)
+    return call
 
 
 STEPS: tuple[Step, ...] = (
-    Step("certs", "artifacts.certs:build_certs", ready=_certs_ready,
-         help="Kafka and Octavia PKI under certs/"),
-    Step("seed-iso", "artifacts.seediso:build_seed_isos", needs=("certs",), ready=_seeds_ready,
-         help="cloud-init seed ISO per host"),
-    Step("base-image", "artifacts.baseimage:build_base_image", ready=_base_ready, help="base cloud image"),
-    Step("overlays", "artifacts.overlays:build_overlays", needs=("base-image",), help="qcow2 overlay per host"),
-    Step("amphora", "artifacts.amphora:build_amphora", skip_if=_amphora_skip, ready=_amphora_ready,
-         help="Octavia amphora image"),
-    Step("vagrant", "artifacts.vagrant:build_lab_vagrant", needs=("base-image", "seed-iso"),
-         help="Vagrant box of the base image, Vagrantfile, network XML"),
-    Step("glance", "publishers.glance:publish_amphora", needs=("amphora",), skip_if=_glance_skip,
-         takes_force=False, publishes=True, help="publish the amphora to Glance, tagged"),
+    _Legacy("certs", _legacy("artifacts.certs", "build_certs"), "Kafka and Octavia PKI under certs/",
+            ready=_certs_ready),
+    _Legacy("seed-iso", _legacy("artifacts.seediso", "build_seed_isos"),
+            "cloud-init seed ISO per host", needs=("certs",), ready=_seeds_ready),
+    _Legacy("base-image", _legacy("artifacts.baseimage", "build_base_image"), "base cloud image",
+            ready=_base_ready),
+    OVERLAYS,
+    _Legacy("amphora", _legacy("artifacts.amphora", "build_amphora"), "Octavia amphora image",
+            ready=_amphora_ready, skip=_amphora_skip),
+    _Legacy("vagrant", _legacy("artifacts.vagrant", "build_lab_vagrant"),
+            "Vagrant box of the base image, Vagrantfile, network XML",
+            needs=("base-image", "seed-iso")),
+    GLANCE,
 )
 BY_NAME = {s.name: s for s in STEPS}
 KINDS = tuple(s.name for s in STEPS)
@@ -133,10 +154,11 @@ def _status(outcomes: list[Outcome]) -> str:
     return "skipped" if statuses else "up to date"
 
 
-def check_kinds(values: tuple[str, ...], option: str) -> None:
+def check_kinds(values: tuple[str, ...], option: str, steps: tuple[Step, ...] = STEPS) -> None:
+    names = [s.name for s in steps]
     for v in values:
-        if v not in KINDS:
-            raise LabError(f"{option} {v}: unknown step; steps are {', '.join(KINDS)}")
+        if v not in names:
+            raise LabError(f"{option} {v}: unknown step; steps are {', '.join(names)}")
 
 
 def _failure(exc: Exception) -> str:
@@ -150,7 +172,8 @@ def _failure(exc: Exception) -> str:
             "rerun with LABFORGE_DEBUG=1 and report the traceback")
 
 
-def _blocked(lab: Lab, ws: Workspace, step: Step, state: dict[str, str]) -> str | None:
+def _blocked(lab: Lab, ws: Workspace, step: Step, state: dict[str, str],
+             by_name: dict[str, Step]) -> str | None:
     """Why ``step`` cannot run given how the steps it needs ended, or None.
 
     state[n] is "ran" (built or up to date), "failed", "skipped" (could not
@@ -162,27 +185,30 @@ def _blocked(lab: Lab, ws: Workspace, step: Step, state: dict[str, str]) -> str 
         if how == "skipped":
             return f"needs {n}, which was skipped"
         if how in ("--skip", "not in --only"):
-            need = BY_NAME[n]
-            missing = need.ready(lab, ws) if need.ready is not None else None
+            need = by_name[n]
+            missing = need.ready(lab, ws) if isinstance(need, Builder) else None
             if missing:
                 return f"needs {n} ({how}), but {missing}; build it first"
     return None
 
 
 def run_all(lab: Lab, ws: Workspace, *, only: tuple[str, ...] = (), skip: tuple[str, ...] = (),
-            force: bool = False, on_step: Callable[[StepReport], None] | None = None) -> list[StepReport]:
-    """Run the lab's steps; never raises for a step's failure (it is reported).
+            force: bool = False, on_step: Callable[[StepReport], None] | None = None,
+            steps: tuple[Step, ...] = STEPS) -> list[StepReport]:
+    """Run the lab's steps (default: :data:`STEPS`, in order); never raises
+    for a step's failure (it is reported).
 
     A step that fails (a LabError, an OSError, a bug) is reported "failed"
     with one line; the steps that need it are skipped; the others run."""
-    check_kinds(only, "--only")
-    check_kinds(skip, "--skip")
+    check_kinds(only, "--only", steps)
+    check_kinds(skip, "--skip", steps)
+    by_name = {s.name: s for s in steps}
     reports: list[StepReport] = []
     state: dict[str, str] = {}
     with BuildLock(ws):
-        for step in STEPS:
+        for step in steps:
             start = time.monotonic()
-            rep = _run_step(lab, ws, step, state, only, skip, force)
+            rep = _run_step(lab, ws, step, state, only, skip, force, by_name)
             rep.seconds = time.monotonic() - start
             reports.append(rep)
             if on_step:
@@ -191,7 +217,8 @@ def run_all(lab: Lab, ws: Workspace, *, only: tuple[str, ...] = (), skip: tuple[
 
 
 def _run_step(lab: Lab, ws: Workspace, step: Step, state: dict[str, str],
-              only: tuple[str, ...], skip: tuple[str, ...], force: bool) -> StepReport:
+              only: tuple[str, ...], skip: tuple[str, ...], force: bool,
+              by_name: dict[str, Step]) -> StepReport:
     """Run one step (or say why not) and record how it ended in ``state``."""
     if (only and step.name not in only) or step.name in skip:
         state[step.name] = "--skip" if step.name in skip else "not in --only"
@@ -199,12 +226,11 @@ def _run_step(lab: Lab, ws: Workspace, step: Step, state: dict[str, str],
     try:
         # the step's own reason first: "no cloud configured" says more than
         # "needs amphora" to a user who never meant to publish
-        reason = step.skip_if(lab, ws) if step.skip_if is not None else None
-        reason = reason or _blocked(lab, ws, step, state)
+        reason = step.skip_reason(lab, ws) or _blocked(lab, ws, step, state, by_name)
         if reason:
             state[step.name] = "skipped"
             return StepReport(step.name, "skipped", 0.0, reason)
-        outcomes = step.run(lab, ws, force)
+        outcomes = run_step(step, lab, ws, force)
         rep = StepReport(step.name, _status(outcomes), 0.0, "", outcomes)
     except LabError as exc:
         rep = StepReport(step.name, "failed", 0.0, str(exc))
@@ -214,17 +240,19 @@ def _run_step(lab: Lab, ws: Workspace, step: Step, state: dict[str, str],
     return rep
 
 
-def to_json(lab: Lab, ws: Workspace, reports: list[StepReport]) -> dict:
+def to_json(lab: Lab, ws: Workspace, reports: list[StepReport],
+            steps: tuple[Step, ...] = STEPS) -> dict:
     """The machine-readable result (validated by schemas/run.schema.json)."""
     manifest = Manifest(ws.artifacts)
     entries = manifest.entries() if manifest.path.exists() else {}
     # an artifact's status is what the step that produced it did: publishers
     # (glance) name the artifact they consumed and do not change it; within
     # the producing step the strongest status wins (built over up to date)
+    publishers = {s.name for s in steps if isinstance(s, Publisher)}
     rank = {"failed": 3, "built": 2, "up to date": 1, "skipped": 0}
     outcome_status: dict[str, str] = {}
     for r in reports:
-        if BY_NAME[r.name].publishes:
+        if r.name in publishers:
             continue
         for o in r.outcomes:
             for p in o.paths:

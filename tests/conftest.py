@@ -1,19 +1,19 @@
-"""Shared fixtures: an isolated workspace, the default lab, and the CLI."""
+"""Shared fixtures: an isolated workspace, the default lab, and the CLI.
+
+Helper functions (ROOT, sh, make_qcow2, lab variants, snapshots, the
+one-line error assertion) are in helpers.py."""
 
 from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from builders.core import lab as labmod
 from builders.core.workspace import Workspace
-
-ROOT = Path(__file__).resolve().parent.parent
-INVOKE = [sys.executable, "-m", "invoke", "-r", str(ROOT)]
+from helpers import INVOKE, ROOT
 
 
 @pytest.fixture
@@ -61,18 +61,3 @@ def mirror(tmp_path):
     srv = Mirror(root)
     yield srv
     srv.close()
-
-
-def write_lab(tmp_path: Path, text: str, name: str = "lab.yaml") -> Path:
-    p = tmp_path / name
-    p.write_text(text)
-    return p
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    """The contract for bad input: exit 1, an `error:` line naming the problem, no traceback."""
-    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert proc.stderr.startswith("error: "), proc.stderr
-    for n in needles:
-        assert n in proc.stderr, (n, proc.stderr)

@@ -1,19 +1,15 @@
-"""Helpers for the image tests: a local HTTP image mirror and lab files."""
+"""Helpers for the image tests: a local HTTP image mirror, a published
+Debian cloud image directory, and checks of built images."""
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import http.server
 import subprocess
 import threading
 from pathlib import Path
 
-import yaml
-
-from builders.core import lab as labmod
-
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import make_qcow2
 
 
 class MirrorHandler(http.server.BaseHTTPRequestHandler):
@@ -93,16 +89,6 @@ class Mirror(http.server.ThreadingHTTPServer):
         self.server_close()
 
 
-def make_qcow2(path: Path, size: str = "64M", data_mib: int = 0) -> Path:
-    """A small qcow2 (``data_mib`` MiB of random data written into it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), size], check=True)
-    if data_mib:
-        subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a 0 {data_mib}M", str(path)],
-                       check=True, capture_output=True)
-    return path
-
-
 def publish_debian(root: Path, version: str = "12", data_mib: int = 3,
                    wrong_sum: bool = False, size: str = "1G") -> tuple[Path, str]:
     """Lay out a Debian cloud image directory like cloud.debian.org's
@@ -114,45 +100,6 @@ def publish_debian(root: Path, version: str = "12", data_mib: int = 3,
     (root / "SHA512SUMS").write_text(f"{'1' * 128}  debian-{version}-generic-amd64.qcow2\n"
                                      f"{listed}  {name}\n")
     return img, digest
-
-
-def lab_file(tmp_path: Path, changes: dict, name: str = "lab.yaml") -> Path:
-    """The default lab with ``changes`` merged in (one level deep per section)."""
-    data = yaml.safe_load((ROOT / "lab.yaml").read_text())
-    data = copy.deepcopy(data)
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
-            merged = dict(data[key])
-            for k, v in value.items():
-                if isinstance(v, dict) and isinstance(merged.get(k), dict):
-                    merged[k] = {**merged[k], **v}
-                else:
-                    merged[k] = v
-            data[key] = merged
-        else:
-            data[key] = value
-    p = tmp_path / name
-    p.write_text(yaml.safe_dump(data, sort_keys=False))
-    return p
-
-
-def load_lab(tmp_path: Path, changes: dict, name: str = "lab.yaml") -> labmod.Lab:
-    return labmod.load(lab_file(tmp_path, changes, name))
-
-
-def assert_error_line(proc, *needles: str) -> str:
-    """Exit 1, no traceback, exactly one `error:` line holding ``needles``.
-
-    For failures that happen after work began: progress lines may come
-    before the error line and the tool's last lines after it.
-    """
-    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
-    assert len(errors) == 1, proc.stderr
-    for n in needles:
-        assert n in errors[0], (n, proc.stderr)
-    return errors[0]
 
 
 def assert_compressed_and_clean(image: Path) -> dict:

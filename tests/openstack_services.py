@@ -39,7 +39,8 @@ import pytest
 import requests
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT
+
 VENV = ROOT / ".venv-openstack"
 REGION = "RegionOne"
 

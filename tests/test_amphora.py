@@ -17,7 +17,7 @@ from builders.core.errors import LabError
 from builders.core.manifest import Manifest
 from builders.core.fsutil import sha256_file
 from imagetools import assert_compressed_and_clean, installed_packages
-from tests.conftest import assert_one_line_error
+from helpers import assert_one_line_error, lab_file
 
 
 # --------------------------------------------------------------------------
@@ -182,9 +182,7 @@ def test_octavia_release_that_does_not_exist(default_lab):
 
 @pytest.mark.integration
 def test_cli_octavia_release_that_does_not_exist(cli, ws, tmp_path):
-    lab = tmp_path / "lab.yaml"
-    text = (Path(__file__).resolve().parent.parent / "lab.yaml").read_text()
-    lab.write_text(text.replace("    size: 2\n", "    size: 2\n    octavia_version: \"1.99.0\"\n"))
+    lab = lab_file(tmp_path, **{"octavia.amphora.octavia_version": "1.99.0"})
     proc = cli("build-amphora", "--lab", str(lab))
     assert_one_line_error(proc, "octavia 1.99.0", "no such Octavia release")
     assert not (ws.cache / "dockerd.log").exists()      # checked before any engine is started
@@ -305,11 +303,9 @@ def test_failed_build_names_the_script_and_keeps_the_cache(cli, ws):
     marker = ws.cache / "amphora" / "dib" / "kept"
     marker.write_text("x")
     proc = cli("build-amphora", "--release", "nosuchrelease")
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
-    assert len(errors) == 1, proc.stderr          # progress lines come before it
-    assert "element script root.d/08-debootstrap failed" in errors[0] and "amphora.log" in errors[0]
-    assert "nosuchrelease" in proc.stderr.split(errors[0], 1)[1]   # the tool's last lines follow
+    line = assert_one_line_error(proc, "element script root.d/08-debootstrap failed", "amphora.log",
+                                 where="any")            # progress lines come before it
+    assert "nosuchrelease" in proc.stderr.split(line, 1)[1]   # the tool's last lines follow
     images = ws.artifacts / "images"
     assert not list(images.glob("amphora-x64-haproxy.*"))
     assert not list(images.glob(".*.part"))
@@ -319,16 +315,10 @@ def test_failed_build_names_the_script_and_keeps_the_cache(cli, ws):
 @pytest.mark.integration
 def test_cli_builder_from_that_cannot_be_pulled(cli, ws, tmp_path):
     """build.builder_from names an image the engine lacks and no registry serves."""
-    import yaml
-    data = yaml.safe_load((Path(__file__).resolve().parent.parent / "lab.yaml").read_text())
-    data.setdefault("build", {})["builder_from"] = "registry.invalid/debian:bookworm"
-    lab = tmp_path / "lab.yaml"
-    lab.write_text(yaml.safe_dump(data, sort_keys=False))
+    lab = lab_file(tmp_path, **{"build.builder_from": "registry.invalid/debian:bookworm"})
     proc = cli("build-amphora", "--lab", str(lab))
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert len(errors) == 1 and "build.builder_from: cannot pull registry.invalid/debian:bookworm" \
-        in errors[0], proc.stderr
+    assert_one_line_error(proc, "build.builder_from: cannot pull registry.invalid/debian:bookworm",
+                          where="any")
     images = ws.artifacts / "images"
     assert not images.exists() or not any(images.iterdir())
 

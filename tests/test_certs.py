@@ -24,7 +24,7 @@ from builders.artifacts.certs import (build_certs, check_certs, issue_amphora_ce
 from builders.core.errors import LabError
 from builders.core.workspace import Workspace
 
-from certs_helpers import changed, default_dict, lab_from, snapshot, variant
+from helpers import changed, lab_from, tree_snapshot
 
 KAFKA_IDS = ("broker1", "broker2", "broker3", "kafka-client")
 
@@ -74,10 +74,10 @@ def test_state_json_holds_no_secret(built: Workspace):
 
 
 def test_second_run_changes_nothing(built: Workspace, default_lab):
-    before = snapshot(built.certs)
+    before = tree_snapshot(built.certs, mtimes=True)
     outcomes = build_certs(default_lab, built)
     assert [o.status for o in outcomes] == ["up to date"] * 3
-    assert changed(before, snapshot(built.certs)) == set()
+    assert changed(before, tree_snapshot(built.certs, mtimes=True)) == set()
 
 
 def test_certificates_say_what_the_lab_says(built: Workspace, default_lab):
@@ -120,14 +120,12 @@ def test_properties_reference_the_stores(built: Workspace):
 
 
 def test_adding_a_broker_issues_only_that_broker(built: Workspace, tmp_path):
-    before = snapshot(built.certs)
-    data = default_dict()
-    data["hosts"]["broker4"] = {"ip": "10.100.0.14"}
-    lab4 = lab_from(data, tmp_path / "lab4")
+    before = tree_snapshot(built.certs, mtimes=True)
+    lab4 = lab_from(tmp_path / "lab4", **{"hosts.broker4": {"ip": "10.100.0.14"}})
     out = {o.step: o for o in build_certs(lab4, built)}
     assert "issued broker4" in out["certs kafka"].detail
     assert "CA" not in out["certs kafka"].detail
-    diff = changed(before, snapshot(built.certs))
+    diff = changed(before, tree_snapshot(built.certs, mtimes=True))
     assert diff == {"kafka/broker4.crt", "kafka/broker4.key", "kafka/broker4-chain.pem",
                     "kafka/broker4.keystore.p12", "kafka/broker4.keystore.jks",
                     "kafka/server-broker4.properties", "state.json"}
@@ -135,17 +133,17 @@ def test_adding_a_broker_issues_only_that_broker(built: Workspace, tmp_path):
     b4 = x509.load_pem_x509_certificate((built.certs / "kafka" / "broker4.crt").read_bytes())
     b4.verify_directly_issued_by(ca)
     # and removing it again removes exactly its material, reported as a change
-    out = {o.step: o for o in build_certs(lab_from(default_dict(), tmp_path / "lab3"), built)}
-    assert changed(before, snapshot(built.certs)) == {"state.json"}
+    out = {o.step: o for o in build_certs(lab_from(tmp_path / "lab3"), built)}
+    assert changed(before, tree_snapshot(built.certs, mtimes=True)) == {"state.json"}
     assert (out["certs kafka"].status, out["certs kafka"].detail) == ("built", "removed broker4")
     assert out["certs octavia"].status == "up to date"
 
 
 def test_changing_one_ip_reissues_exactly_that_broker(built: Workspace, tmp_path):
-    before = snapshot(built.certs)
-    lab = variant(tmp_path / "ip", **{"hosts.broker2.ip": "10.100.0.22"})
+    before = tree_snapshot(built.certs, mtimes=True)
+    lab = lab_from(tmp_path / "ip", **{"hosts.broker2.ip": "10.100.0.22"})
     build_certs(lab, built)
-    diff = changed(before, snapshot(built.certs))
+    diff = changed(before, tree_snapshot(built.certs, mtimes=True))
     assert diff == {"kafka/broker2.crt", "kafka/broker2.key", "kafka/broker2-chain.pem",
                     "kafka/broker2.keystore.p12", "kafka/broker2.keystore.jks", "state.json"}
     b2 = x509.load_pem_x509_certificate((built.certs / "kafka" / "broker2.crt").read_bytes())
@@ -153,11 +151,11 @@ def test_changing_one_ip_reissues_exactly_that_broker(built: Workspace, tmp_path
 
 
 def test_rotate_replaces_one_set_only(built: Workspace, default_lab):
-    before = snapshot(built.certs)
+    before = tree_snapshot(built.certs, mtimes=True)
     out = {o.step: o for o in build_certs(default_lab, built, rotate=("kafka",))}
     assert "new CA (rotated)" in out["certs kafka"].detail
     assert out["certs octavia"].status == "up to date"
-    diff = changed(before, snapshot(built.certs))
+    diff = changed(before, tree_snapshot(built.certs, mtimes=True))
     assert "kafka/ca.crt" in diff and "kafka/ca.key" in diff and "kafka/truststore.jks" in diff
     assert all(f"kafka/{n}.crt" in diff for n in KAFKA_IDS)
     assert not any(d.startswith(("octavia/", "ssh/")) for d in diff)
@@ -167,9 +165,9 @@ def test_rotate_replaces_one_set_only(built: Workspace, default_lab):
 
 
 def test_force_reissues_leaves_under_the_same_ca(built: Workspace, default_lab):
-    before = snapshot(built.certs)
+    before = tree_snapshot(built.certs, mtimes=True)
     build_certs(default_lab, built, force=True)
-    diff = changed(before, snapshot(built.certs))
+    diff = changed(before, tree_snapshot(built.certs, mtimes=True))
     assert "kafka/ca.crt" not in diff and "kafka/ca.key" not in diff
     assert "octavia/server_ca.cert.pem" not in diff
     assert {f"kafka/{n}.crt" for n in KAFKA_IDS} <= diff
@@ -179,10 +177,10 @@ def test_force_reissues_leaves_under_the_same_ca(built: Workspace, default_lab):
 @pytest.mark.parametrize("lost", ["ca.key", "ca.crt"])
 def test_a_ca_is_never_replaced_silently(built: Workspace, default_lab, lost):
     (built.certs / "kafka" / lost).unlink()
-    before = snapshot(built.certs)
+    before = tree_snapshot(built.certs, mtimes=True)
     with pytest.raises(LabError, match=rf"{lost}: missing while certificates.*--rotate kafka"):
         build_certs(default_lab, built)
-    assert changed(before, snapshot(built.certs)) == set()
+    assert changed(before, tree_snapshot(built.certs, mtimes=True)) == set()
     build_certs(default_lab, built, rotate=("kafka",))
     assert (built.certs / "kafka" / lost).exists()
 
@@ -196,13 +194,13 @@ def test_octavia_ca_never_replaced_silently(built: Workspace, default_lab):
 def test_deleted_keystore_is_rebuilt_from_the_same_key(built: Workspace, default_lab):
     k = built.certs / "kafka"
     (k / "broker3.keystore.jks").unlink()
-    before = snapshot(built.certs)
+    before = tree_snapshot(built.certs, mtimes=True)
     build_certs(default_lab, built)
-    assert changed(before, snapshot(built.certs)) == {"kafka/broker3.keystore.jks"}
+    assert changed(before, tree_snapshot(built.certs, mtimes=True)) == {"kafka/broker3.keystore.jks"}
 
 
 def test_ecdsa_option(ws, tmp_path):
-    lab = variant(tmp_path / "ec", **{"pki.key_type": "ecdsa"})
+    lab = lab_from(tmp_path / "ec", **{"pki.key_type": "ecdsa"})
     build_certs(lab, ws)
     c = x509.load_pem_x509_certificate((ws.certs / "kafka" / "broker1.crt").read_bytes())
     assert c.public_key().curve.name == "secp256r1"
@@ -294,7 +292,7 @@ def test_check_certs_ok_then_warns(built: Workspace, default_lab, tmp_path):
     b1 = next(r for r in rows if r.path.name == "broker1.crt")
     assert "IP:10.100.0.11" in b1.sans and 820 < b1.days_left <= 825
     # leaves valid 20 days: certs-check with the default 30 warns
-    short = variant(tmp_path / "short", **{"pki.leaf_days": 20})
+    short = lab_from(tmp_path / "short", **{"pki.leaf_days": 20})
     build_certs(short, built, force=True)
     rows = check_certs(short, built, warn_days=30)
     assert {r.path.name for r in rows if not r.ok} == {
@@ -338,9 +336,9 @@ def test_lost_state_keeps_the_ca_and_reissues_leaves(built: Workspace, default_l
     ca = x509.load_pem_x509_certificate(ca_before)
     for n in KAFKA_IDS:
         x509.load_pem_x509_certificate((k / f"{n}.crt").read_bytes()).verify_directly_issued_by(ca)
-    before = snapshot(built.certs)
+    before = tree_snapshot(built.certs, mtimes=True)
     build_certs(default_lab, built)
-    assert changed(before, snapshot(built.certs)) == set()
+    assert changed(before, tree_snapshot(built.certs, mtimes=True)) == set()
 
 
 # ---- expiry: leaves are renewed, CAs need --rotate ---------------------------
@@ -379,14 +377,14 @@ def test_expiring_leaves_are_renewed_under_the_same_ca(ws, default_lab, monkeypa
                                           "kafka-client.crt", "client.cert-and-key.pem"}
     assert certs.fix_hint(bad) == "run `invoke certs` to renew the expiring leaves"
     cas = {n: (k / n).read_bytes() for n in ("ca.crt", "ca.key")}
-    before = snapshot(ws.certs)
+    before = tree_snapshot(ws.certs, mtimes=True)
     out = {o_.step: o_ for o_ in build_certs(default_lab, ws)}
     assert out["certs kafka"].status == "built"
     assert "renewed broker1 (24 days left), broker2 (24 days left)" in out["certs kafka"].detail
     assert "under the existing CA" in out["certs kafka"].detail
     assert "renewed controller client certificate" in out["certs octavia"].detail
     assert {n: (k / n).read_bytes() for n in cas} == cas
-    diff = changed(before, snapshot(ws.certs))
+    diff = changed(before, tree_snapshot(ws.certs, mtimes=True))
     assert "kafka/ca.crt" not in diff and "octavia/server_ca.cert.pem" not in diff
     assert {f"kafka/{n}.{ext}" for n in KAFKA_IDS for ext in ("crt", "key", "keystore.jks")} <= diff
     ca = x509.load_pem_x509_certificate(cas["ca.crt"])
@@ -396,14 +394,14 @@ def test_expiring_leaves_are_renewed_under_the_same_ca(ws, default_lab, monkeypa
         assert (c.not_valid_after_utc - c.not_valid_before_utc).days == 825
     assert all(r.ok for r in check_certs(default_lab, ws))
     # renewed once: the next run changes nothing
-    before = snapshot(ws.certs)
+    before = tree_snapshot(ws.certs, mtimes=True)
     assert [o_.status for o_ in build_certs(default_lab, ws)] == ["up to date"] * 3
-    assert changed(before, snapshot(ws.certs)) == set()
+    assert changed(before, tree_snapshot(ws.certs, mtimes=True)) == set()
 
 
 def test_an_expiring_ca_needs_rotate(ws, tmp_path, monkeypatch):
-    lab = variant(tmp_path / "short-ca", **{"pki.ca_days": 20, "pki.leaf_days": 20,
-                                              "octavia.cert_validity_days": 20})
+    lab = lab_from(tmp_path / "short-ca", **{"pki.ca_days": 20, "pki.leaf_days": 20,
+                                               "octavia.cert_validity_days": 20})
     with monkeypatch.context() as m:
         _back_date(m, 16)                                  # CA and leaves: 4 days left
         build_certs(lab, ws)
@@ -414,12 +412,12 @@ def test_an_expiring_ca_needs_rotate(ws, tmp_path, monkeypatch):
     assert "run `invoke certs --rotate octavia`" in hint
     assert "renew" not in hint          # `invoke certs` alone cannot help here
     # `invoke certs` says so and re-issues nothing: the leaves end with their CA
-    before = snapshot(ws.certs)
+    before = tree_snapshot(ws.certs, mtimes=True)
     out = {o.step: o for o in build_certs(lab, ws)}
     assert out["certs kafka"].status == "up to date"
     assert "the CA has 3 days left: run `invoke certs --rotate kafka`" in out["certs kafka"].detail
     assert "--rotate octavia" in out["certs octavia"].detail
-    assert changed(before, snapshot(ws.certs)) == set()
+    assert changed(before, tree_snapshot(ws.certs, mtimes=True)) == set()
     build_certs(lab, ws, rotate=("kafka", "octavia"))
     assert all(r.ok for r in check_certs(lab, ws, warn_days=10))
 
@@ -441,11 +439,11 @@ def test_an_interrupted_rotation_is_refused_in_one_line(built: Workspace, defaul
         with pytest.raises(KeyboardInterrupt):
             build_certs(default_lab, built, rotate=("kafka",))
     assert (k / "ca.key").read_bytes() != old_key and (k / "ca.crt").read_bytes() == old_crt
-    before = snapshot(built.certs)
+    before = tree_snapshot(built.certs, mtimes=True)
     with pytest.raises(LabError, match=r"ca.key: this key does not belong to ca.crt "
                                        r"\(an interrupted rotation\?\).*--rotate kafka"):
         build_certs(default_lab, built)
-    assert changed(before, snapshot(built.certs)) == set()
+    assert changed(before, tree_snapshot(built.certs, mtimes=True)) == set()
     build_certs(default_lab, built, rotate=("kafka",))
     ca = x509.load_pem_x509_certificate((k / "ca.crt").read_bytes())
     assert pki.same_public_key(serialization.load_pem_private_key((k / "ca.key").read_bytes(),

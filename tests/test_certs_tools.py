@@ -15,20 +15,12 @@ import pytest
 from builders.artifacts.certs import build_certs
 from builders.core.workspace import Workspace
 
-from certs_helpers import changed, default_dict, lab_from, snapshot
-from conftest import assert_one_line_error
+from helpers import assert_one_line_error, changed, lab_file, sh, tree_snapshot
 
 pytestmark = pytest.mark.integration
 
 DATA = Path(__file__).resolve().parent / "data"
 KAFKA_IDS = ("broker1", "broker2", "broker3", "kafka-client")
-
-
-def sh(*argv: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=120, **kw)
-    if check:
-        assert proc.returncode == 0, (argv, proc.stdout, proc.stderr)
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -244,10 +236,10 @@ def test_ssh_keygen_reads_the_keys(lab_ws, rel):
 def test_cli_certs_and_check(cli, ws):
     first = cli("certs", check=True)
     assert "certs kafka: built" in first.stdout
-    before = snapshot(ws.certs)
+    before = tree_snapshot(ws.certs, mtimes=True)
     again = cli("certs", check=True)
     assert again.stdout.count("up to date") == 3, again.stdout
-    assert changed(before, snapshot(ws.certs)) == set()
+    assert changed(before, tree_snapshot(ws.certs, mtimes=True)) == set()
     ok = cli("certs-check", check=True)
     assert "kafka/broker1.crt: CN=broker1.lab.internal" in ok.stdout
     assert "IP:10.100.0.11" in ok.stdout and "days left: ok" in ok.stdout
@@ -289,25 +281,22 @@ def test_cli_renews_an_expiring_leaf(cli, ws, monkeypatch):
 def test_cli_wrong_store_password_file(cli, ws, tmp_path):
     pwf = tmp_path / "store-pw.txt"
     pwf.write_text("first-password-123\n")
-    data = default_dict()
-    data["kafka"]["password_file"] = str(pwf)
-    lab = tmp_path / "lab" / "lab.yaml"
-    lab_from(data, lab.parent)
+    lab = lab_file(tmp_path / "lab", **{"kafka.password_file": str(pwf)})
     cli("certs", "--lab", str(lab), check=True)
     assert (ws.certs / "kafka" / "store.password").read_text() == "first-password-123\n"
-    before = snapshot(ws.certs)
+    before = tree_snapshot(ws.certs, mtimes=True)
     pwf.write_text("another-password-456\n")
     proc = cli("certs", "--lab", str(lab))
     assert_one_line_error(proc, "keystore", "does not open this keystore", "--force")
     assert "another-password" not in proc.stderr + proc.stdout
-    assert changed(before, snapshot(ws.certs)) == set()
+    assert changed(before, tree_snapshot(ws.certs, mtimes=True)) == set()
     # unreadable: the password file is a directory; missing
     pwf.unlink()
     pwf.mkdir()
     assert_one_line_error(cli("certs", "--lab", str(lab)), "kafka.password_file", "cannot read")
     pwf.rmdir()
     assert_one_line_error(cli("certs", "--lab", str(lab)), "kafka.password_file", "does not exist")
-    assert changed(before, snapshot(ws.certs)) == set()
+    assert changed(before, tree_snapshot(ws.certs, mtimes=True)) == set()
     # deliberately switching the password: --force re-issues the stores with it
     pwf.write_text("another-password-456\n")
     cli("certs", "--lab", str(lab), "--force", check=True)
@@ -323,27 +312,22 @@ def test_cli_unreadable_ca_key(cli, ws, damage):
     else:
         key.unlink()
         key.mkdir()
-    before = snapshot(ws.certs)
+    before = tree_snapshot(ws.certs, mtimes=True)
     proc = cli("certs")
     assert_one_line_error(proc, "ca.key", "--rotate kafka")
-    assert changed(before, snapshot(ws.certs)) == set()
+    assert changed(before, tree_snapshot(ws.certs, mtimes=True)) == set()
 
 
 def test_cli_bad_ip_in_lab(cli, ws, tmp_path):
-    import yaml
     cli("certs", check=True)
-    before = snapshot(ws.certs)
+    before = tree_snapshot(ws.certs, mtimes=True)
     for ip, needle in (("10.200.0.12", "lab.yaml: hosts.broker2.ip: 10.200.0.12 is not in "
                                        "network private (10.100.0.0/24)"),
                        ("10.100.0.300", "lab.yaml: hosts.broker2.ip: '10.100.0.300' is not an "
                                         "IPv4 address")):
-        data = default_dict()
-        data["hosts"]["broker2"]["ip"] = ip
-        lab = tmp_path / ip / "lab.yaml"
-        lab.parent.mkdir()
-        lab.write_text(yaml.safe_dump(data))
+        lab = lab_file(tmp_path / ip, **{"hosts.broker2.ip": ip})
         assert_one_line_error(cli("certs", "--lab", str(lab)), needle)
-    assert changed(before, snapshot(ws.certs)) == set()
+    assert changed(before, tree_snapshot(ws.certs, mtimes=True)) == set()
 
 
 def test_cli_rotate_unknown_set(cli):

@@ -5,82 +5,55 @@ manifest; a run killed with SIGKILL at any point is completed by a rerun.
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-from typing import Callable
 
 import pytest
 import yaml
 
-from conftest import ROOT, assert_one_line_error
+from helpers import (ROOT, assert_one_line_error, lab_file, lab_text, make_qcow2, tree_snapshot,
+                     write_lab)
+from imagetools import publish_debian
 
 DEFAULT = (ROOT / "lab.yaml").read_text()
 
 
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file under root with its sha256 and mode (what 'unchanged' means)."""
-    out = {}
-    if root.exists():
-        for p in sorted(root.rglob("*")):
-            if p.is_file() and p.name not in (".lock", ".manifest.lock"):
-                out[str(p.relative_to(root))] = (hashlib.sha256(p.read_bytes()).hexdigest()
-                                                 + oct(p.stat().st_mode & 0o777))
-    return out
-
-
-def lab_with(change: Callable[[dict], None]) -> str:
-    data = yaml.safe_load(DEFAULT)
-    change(data)
-    return yaml.safe_dump(data, sort_keys=False)
-
-
-def _set(path: str, value):
-    def change(d):
-        *parents, last = path.split(".")
-        for p in parents:
-            d = d.setdefault(p, {})
-        d[last] = value
-    return change
-
-
 # (id, lab.yaml text, needle in the error line)
 LAB_CASES = [
-    ("ip-outside-network", lab_with(_set("hosts.broker2.ip", "10.200.0.12")),
+    ("ip-outside-network", lab_text(**{"hosts.broker2.ip": "10.200.0.12"}),
      "hosts.broker2.ip: 10.200.0.12 is not in network private (10.100.0.0/24)"),
-    ("ip-not-an-address", lab_with(_set("hosts.broker1.ip", "10.100.0.999")), "hosts.broker1.ip:"),
-    ("ip-duplicate", lab_with(_set("hosts.broker3.ip", "10.100.0.11")), "already used by host broker1"),
-    ("ip-is-gateway", lab_with(_set("hosts.broker1.ip", "10.100.0.1")), "is the gateway"),
-    ("ip-is-broadcast", lab_with(_set("hosts.broker1.ip", "10.100.0.255")), "broadcast"),
-    ("cidr-host-bits", lab_with(_set("networks.private.cidr", "10.100.0.5/24")), "networks.private.cidr"),
-    ("cidr-garbage", lab_with(_set("networks.private.cidr", "ten-net")), "networks.private.cidr"),
-    ("gateway-outside", lab_with(_set("networks.private.gateway", "192.168.1.1")), "networks.private.gateway"),
-    ("hostname-underscore", lab_with(_set("hosts.bro_ker", {"ip": "10.100.0.20"})), "not a valid hostname"),
-    ("hostname-too-long", lab_with(_set("hosts." + "b" * 64, {"ip": "10.100.0.20"})), "not a valid hostname"),
-    ("unknown-top-key", lab_with(_set("hostz", {})), "hostz: unknown key"),
-    ("unknown-host-key", lab_with(_set("hosts.broker1.ram", 4096)), "hosts.broker1.ram: unknown key"),
-    ("wrong-type-cpus", lab_with(_set("hosts.broker1.cpus", "two")), "hosts.broker1.cpus: expected a whole number"),
-    ("wrong-type-bool", lab_with(_set("octavia.enabled", "maybe")), "octavia.enabled: expected true or false"),
-    ("memory-too-small", lab_with(_set("hosts.broker1.memory", 64)), "hosts.broker1.memory"),
-    ("bad-mac", lab_with(_set("hosts.broker1.mac", "zz:54:00:00:00:01")), "hosts.broker1.mac"),
-    ("duplicate-mac", lab_with(_set("hosts.broker2.mac", "52:54:00:64:00:0b")), "already used by host broker1"),
-    ("unknown-network-ref", lab_with(_set("hosts.broker1.network", "public")), "no network named 'public'"),
-    ("unknown-broker-ref", lab_with(_set("kafka.brokers", ["broker1", "kafka9"])), "kafka.brokers[1]"),
-    ("weak-rsa", lab_with(_set("pki.rsa_bits", 1024)), "pki.rsa_bits: 1024"),
-    ("leaf-longer-than-ca", lab_with(_set("pki.leaf_days", 5000)), "pki.leaf_days"),
-    ("bad-key-type", lab_with(_set("pki.key_type", "dsa")), "pki.key_type"),
-    ("bad-health-manager", lab_with(_set("octavia.health_managers", ["10.100.0.5"])), "octavia.health_managers[0]"),
-    ("bad-amphora-os", lab_with(_set("octavia.amphora.base_os", "centos")), "octavia.amphora.base_os"),
-    ("bad-image-type", lab_with(_set("octavia.amphora.image_type", "vmdk")), "octavia.amphora.image_type"),
-    ("bad-box-name", lab_with(_set("vagrant.box", "no-slash")), "vagrant.box"),
-    ("bad-domain", lab_with(_set("domain", "-bad-.example")), "domain:"),
-    ("hosts-not-mapping", lab_with(_set("hosts", ["broker1"])), "hosts: expected a mapping"),
+    ("ip-not-an-address", lab_text(**{"hosts.broker1.ip": "10.100.0.999"}), "hosts.broker1.ip:"),
+    ("ip-duplicate", lab_text(**{"hosts.broker3.ip": "10.100.0.11"}), "already used by host broker1"),
+    ("ip-is-gateway", lab_text(**{"hosts.broker1.ip": "10.100.0.1"}), "is the gateway"),
+    ("ip-is-broadcast", lab_text(**{"hosts.broker1.ip": "10.100.0.255"}), "broadcast"),
+    ("cidr-host-bits", lab_text(**{"networks.private.cidr": "10.100.0.5/24"}), "networks.private.cidr"),
+    ("cidr-garbage", lab_text(**{"networks.private.cidr": "ten-net"}), "networks.private.cidr"),
+    ("gateway-outside", lab_text(**{"networks.private.gateway": "192.168.1.1"}), "networks.private.gateway"),
+    ("hostname-underscore", lab_text(**{"hosts.bro_ker": {"ip": "10.100.0.20"}}), "not a valid hostname"),
+    ("hostname-too-long", lab_text(**{"hosts." + "b" * 64: {"ip": "10.100.0.20"}}), "not a valid hostname"),
+    ("unknown-top-key", lab_text(**{"hostz": {}}), "hostz: unknown key"),
+    ("unknown-host-key", lab_text(**{"hosts.broker1.ram": 4096}), "hosts.broker1.ram: unknown key"),
+    ("wrong-type-cpus", lab_text(**{"hosts.broker1.cpus": "two"}), "hosts.broker1.cpus: expected a whole number"),
+    ("wrong-type-bool", lab_text(**{"octavia.enabled": "maybe"}), "octavia.enabled: expected true or false"),
+    ("memory-too-small", lab_text(**{"hosts.broker1.memory": 64}), "hosts.broker1.memory"),
+    ("bad-mac", lab_text(**{"hosts.broker1.mac": "zz:54:00:00:00:01"}), "hosts.broker1.mac"),
+    ("duplicate-mac", lab_text(**{"hosts.broker2.mac": "52:54:00:64:00:0b"}), "already used by host broker1"),
+    ("unknown-network-ref", lab_text(**{"hosts.broker1.network": "public"}), "no network named 'public'"),
+    ("unknown-broker-ref", lab_text(**{"kafka.brokers": ["broker1", "kafka9"]}), "kafka.brokers[1]"),
+    ("weak-rsa", lab_text(**{"pki.rsa_bits": 1024}), "pki.rsa_bits: 1024"),
+    ("leaf-longer-than-ca", lab_text(**{"pki.leaf_days": 5000}), "pki.leaf_days"),
+    ("bad-key-type", lab_text(**{"pki.key_type": "dsa"}), "pki.key_type"),
+    ("bad-health-manager", lab_text(**{"octavia.health_managers": ["10.100.0.5"]}), "octavia.health_managers[0]"),
+    ("bad-amphora-os", lab_text(**{"octavia.amphora.base_os": "centos"}), "octavia.amphora.base_os"),
+    ("bad-image-type", lab_text(**{"octavia.amphora.image_type": "vmdk"}), "octavia.amphora.image_type"),
+    ("bad-box-name", lab_text(**{"vagrant.box": "no-slash"}), "vagrant.box"),
+    ("bad-domain", lab_text(**{"domain": "-bad-.example"}), "domain:"),
+    ("hosts-not-mapping", lab_text(**{"hosts": ["broker1"]}), "hosts: expected a mapping"),
     ("top-level-list", "- just\n- a list\n", "the top level must be a mapping"),
     ("yaml-syntax", DEFAULT.replace("cidr: 10.100.0.0/24", "cidr: [10.100.0.0/24"), "invalid YAML"),
     ("duplicate-host-key", DEFAULT.replace("  broker3:\n", "  broker2:\n    ip: 10.100.0.14\n  broker3:\n", 1),
      "'broker2' is given twice"),
-    ("write-file-relative", lab_with(_set("hosts.broker1.write_files", [{"path": "etc/x", "content": "x"}])),
+    ("write-file-relative", lab_text(**{"hosts.broker1.write_files": [{"path": "etc/x", "content": "x"}]}),
      "write_files[0].path"),
-    ("write-file-both", lab_with(_set("hosts.broker1.write_files", [{"path": "/etc/x", "content": "x", "source": "f"}])),
+    ("write-file-both", lab_text(**{"hosts.broker1.write_files": [{"path": "/etc/x", "content": "x", "source": "f"}]}),
      "give exactly one of source or content"),
 ]
 
@@ -88,13 +61,12 @@ LAB_CASES = [
 @pytest.mark.parametrize("case_id,text,needle", LAB_CASES, ids=[c[0] for c in LAB_CASES])
 @pytest.mark.parametrize("task", ["check-lab", "all"])
 def test_bad_lab_yaml(tmp_path, ws, cli, case_id, text, needle, task):
-    lab = tmp_path / "lab.yaml"
-    lab.write_text(text)
-    before = snapshot(ws.root)
+    lab = write_lab(tmp_path, text)
+    before = tree_snapshot(ws.root)
     proc = cli(task, "--lab", str(lab))
     assert_one_line_error(proc, needle)
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert snapshot(ws.root) == before
+    assert tree_snapshot(ws.root) == before
 
 
 def test_missing_lab_file(tmp_path, cli):
@@ -109,31 +81,26 @@ def test_unknown_step_name(cli):
 # ---------------------------------------------------------------------------
 # bad inputs across the pipeline: user files, keys, images, checksums, services
 # ---------------------------------------------------------------------------
-from imagetools import lab_file, make_qcow2, publish_debian  # noqa: E402
-
-
-def _lab(tmp_path, **changes):
-    return str(lab_file(tmp_path, changes, name="faults.yaml"))
 
 
 def _host(**fields):
-    return {"hosts": {"broker1": {"ip": "10.100.0.11", "mac": "52:54:00:64:00:0b", **fields},
-                      "broker2": {"ip": "10.100.0.12"}, "broker3": {"ip": "10.100.0.13"}}}
+    """lab_file changes that set ``fields`` on host broker1."""
+    return {"hosts.broker1": fields}
 
 
 def _bad_yaml_user_data(tmp_path, ws, cli):
     f = tmp_path / "user-data"
     f.write_text("#cloud-config\npackages: [a, b\nruncmd: []\n")
-    return ["seed-iso", "--lab", _lab(tmp_path, **_host(user_data=str(f)))]
+    return ["seed-iso", "--lab", lab_file(tmp_path, **_host(user_data=str(f)))]
 
 
 def _missing_ssh_key(tmp_path, ws, cli):
-    return ["seed-iso", "--lab", _lab(tmp_path, **_host(ssh_authorized_keys=[str(tmp_path / "nope.pub")]))]
+    return ["seed-iso", "--lab", lab_file(tmp_path, **_host(ssh_authorized_keys=[str(tmp_path / "nope.pub")]))]
 
 
 def _missing_write_source(tmp_path, ws, cli):
     assert cli("certs").returncode == 0
-    return ["seed-iso", "--lab", _lab(tmp_path, **_host(write_files=[
+    return ["seed-iso", "--lab", lab_file(tmp_path, **_host(write_files=[
         {"path": "/etc/x", "source": str(tmp_path / "absent.txt")}]))]
 
 
@@ -142,14 +109,14 @@ def _seed_without_certs(tmp_path, ws, cli):
 
 
 def _missing_password_file(tmp_path, ws, cli):
-    return ["certs", "--lab", _lab(tmp_path, kafka={"password_file": str(tmp_path / "nope.pw")})]
+    return ["certs", "--lab", lab_file(tmp_path, kafka={"password_file": str(tmp_path / "nope.pw")})]
 
 
 def _wrong_store_password(tmp_path, ws, cli):
     assert cli("certs").returncode == 0
     pw = tmp_path / "store.pw"
     pw.write_text("not-the-password-of-the-stores\n")
-    return ["certs", "--lab", _lab(tmp_path, kafka={"password_file": str(pw)})]
+    return ["certs", "--lab", lab_file(tmp_path, kafka={"password_file": str(pw)})]
 
 
 def _garbage_ca_key(tmp_path, ws, cli):
@@ -184,16 +151,16 @@ def _box_bad_name(tmp_path, ws, cli):
 
 def _wrong_checksum(tmp_path, ws, cli, mirror):
     publish_debian(mirror.root, wrong_sum=True)
-    return ["base-image", "--lab", _lab(tmp_path, base_image={"source": "download", "url": mirror.url})]
+    return ["base-image", "--lab", lab_file(tmp_path, base_image={"source": "download", "url": mirror.url})]
 
 
 def _unreachable_mirror(tmp_path, ws, cli):
-    return ["base-image", "--lab", _lab(tmp_path, base_image={"source": "download",
-                                                               "url": "http://127.0.0.1:9/debian/"})]
+    return ["base-image", "--lab", lab_file(tmp_path, base_image={"source": "download",
+                                                              "url": "http://127.0.0.1:9/debian/"})]
 
 
 def _unknown_release(tmp_path, ws, cli):
-    return ["base-image", "--lab", _lab(tmp_path, base_image={"source": "download", "release": "99"})]
+    return ["base-image", "--lab", lab_file(tmp_path, base_image={"source": "download", "release": "99"})]
 
 
 def _overlays_without_base(tmp_path, ws, cli):
@@ -211,7 +178,7 @@ def _disk_smaller_than_base(tmp_path, ws, cli, mirror):
     # a valid lab (disk: 1 GiB passes lab validation) whose base image is
     # 2 GiB virtual: only the overlay builder can see that the disk is too small
     publish_debian(mirror.root, size="2G")
-    lab = _lab(tmp_path, base_image={"source": "download", "url": mirror.url}, **_host(disk=1))
+    lab = lab_file(tmp_path, base_image={"source": "download", "url": mirror.url}, **_host(disk=1))
     assert cli("check-lab", "--lab", lab).returncode == 0
     assert cli("base-image", "--lab", lab).returncode == 0
     return ["overlays", "--lab", lab]
@@ -257,7 +224,7 @@ def _publish_without_amphora(tmp_path, ws, cli):
 
 
 def _download_lab(tmp_path, mirror):
-    return ["base-image", "--lab", _lab(tmp_path, base_image={"source": "download", "url": mirror.url})]
+    return ["base-image", "--lab", lab_file(tmp_path, base_image={"source": "download", "url": mirror.url})]
 
 
 def _sums_without_the_image(tmp_path, ws, cli, mirror):
@@ -290,20 +257,20 @@ def _ssh_key_is_private(tmp_path, ws, cli):
     key = tmp_path / "id_ed25519"
     import subprocess
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    return ["seed-iso", "--lab", _lab(tmp_path, **_host(ssh_authorized_keys=[str(key)]))]
+    return ["seed-iso", "--lab", lab_file(tmp_path, **_host(ssh_authorized_keys=[str(key)]))]
 
 
 def _ssh_key_garbage(tmp_path, ws, cli):
     assert cli("certs").returncode == 0
     key = tmp_path / "lab.pub"
     key.write_text("this is not a key\n")
-    return ["seed-iso", "--lab", _lab(tmp_path, **_host(ssh_authorized_keys=[str(key)]))]
+    return ["seed-iso", "--lab", lab_file(tmp_path, **_host(ssh_authorized_keys=[str(key)]))]
 
 
 def _empty_password_file(tmp_path, ws, cli):
     pw = tmp_path / "store.pw"
     pw.write_text("")
-    return ["certs", "--lab", _lab(tmp_path, kafka={"password_file": str(pw)})]
+    return ["certs", "--lab", lab_file(tmp_path, kafka={"password_file": str(pw)})]
 
 
 def _truncated_qcow2(tmp_path, ws, cli):
@@ -315,7 +282,7 @@ def _truncated_qcow2(tmp_path, ws, cli):
 
 def _truncated_base_image(tmp_path, ws, cli, mirror):
     publish_debian(mirror.root, data_mib=4)
-    lab = _lab(tmp_path, base_image={"source": "download", "url": mirror.url})
+    lab = lab_file(tmp_path, base_image={"source": "download", "url": mirror.url})
     assert cli("base-image", "--lab", lab).returncode == 0
     base = ws.artifacts / "images" / "debian-12.qcow2"
     with open(base, "r+b") as fh:
@@ -409,7 +376,7 @@ def test_bad_input_across_the_pipeline(tmp_path, ws, cli, request, case_id, prep
     kwargs = {"mirror": request.getfixturevalue("mirror")} if "mirror" in inspect.signature(prepare).parameters else {}
     prepared = prepare(tmp_path, ws, cli, **kwargs)
     args, env = prepared if isinstance(prepared, tuple) else (prepared, {})
-    before = snapshot(ws.root)
+    before = tree_snapshot(ws.root)
     proc = cli(*args, env=env, timeout=300)
     assert_bad_input_outcome(proc, needle, before, ws)
 
@@ -417,12 +384,8 @@ def test_bad_input_across_the_pipeline(tmp_path, ws, cli, request, case_id, prep
 def assert_bad_input_outcome(proc, needle: str, before: dict, ws) -> None:
     """Exit 1, one `error:` line holding ``needle``, no traceback, and the
     workspace as it was (nothing half-written, manifest unchanged)."""
-    assert proc.returncode == 1, (proc.returncode, proc.stderr)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
-    assert len(errors) == 1, proc.stderr
-    assert needle in errors[0], (needle, proc.stderr)
-    after = snapshot(ws.root)
+    assert_one_line_error(proc, needle, where="any")
+    after = tree_snapshot(ws.root)
     # nothing half-written: no file appeared or changed, except logs of the failed run
     assert {k: v for k, v in after.items() if not k.startswith("artifacts/logs/")} == \
         {k: v for k, v in before.items() if not k.startswith("artifacts/logs/")}
@@ -484,7 +447,7 @@ def test_service_faults(tmp_path, ws, cli, services, request, case_id, prepare, 
     import inspect
     extra = {"request": request} if "request" in inspect.signature(prepare).parameters else {}
     args, env = prepare(tmp_path, ws, cli, services, **extra)
-    before = snapshot(ws.root)
+    before = tree_snapshot(ws.root)
     proc = cli(*args, env=env, timeout=300)
     assert_bad_input_outcome(proc, needle, before, ws)
     assert services.admin_password not in proc.stderr

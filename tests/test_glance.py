@@ -24,7 +24,7 @@ from builders.publishers import glance
 from builders.core.errors import LabError
 from builders.core.manifest import Manifest, input_digest
 from builders.core.workspace import Workspace
-from tests.conftest import INVOKE, assert_one_line_error
+from helpers import INVOKE, assert_one_line_error, make_qcow2
 from tests.openstack_services import (  # noqa: F401 - pytest fixtures
     kill_glance_mid_upload, on_upload, openstack_services, services)
 
@@ -57,22 +57,8 @@ def sparse_image(path: Path, gib: float = 1) -> Path:
     return path
 
 
-def make_qcow2(path: Path, mib: int = 24) -> Path:
-    """A real qcow2 with some non-zero data (random blocks) in it."""
-    raw = path.with_suffix(".raw")
-    with open(raw, "wb") as fh:
-        fh.truncate(64 << 20)
-        for i in range(mib):
-            fh.seek(i * (2 << 20))
-            fh.write(os.urandom(1 << 20))
-    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(path)],
-                   check=True)
-    raw.unlink()
-    return path
-
-
 def record(ws: Workspace, rel: str, kind: str, mib: int = 24) -> Path:
-    path = make_qcow2(ws.artifact_dir("images") / Path(rel).name, mib)
+    path = make_qcow2(ws.artifact_dir("images") / Path(rel).name, data_mib=mib, random=True)
     Manifest(ws.artifacts).record(path, kind, input_digest(rel, kind))
     return path
 
@@ -98,17 +84,6 @@ def images_by_name(conn, name: str) -> list:
 def labforge_images(conn) -> list[dict]:
     """Every image labforge made in any status."""
     return [r for r in (raw(conn, i.id) for i in conn.image.images()) if glance.UPLOAD_ID in r]
-
-
-def assert_error_last(proc, *needles: str) -> str:
-    """Exit 1, no traceback, exactly one `error:` line and it is the last
-    (log and progress lines of the upload may come before it)."""
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, (proc.returncode, proc.stderr)
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
-    assert len(errors) == 1 and proc.stderr.strip().splitlines()[-1] == errors[0], proc.stderr
-    for n in needles:
-        assert n in errors[0], (n, errors[0])
-    return errors[0]
 
 
 def stuck_images(conn) -> list[tuple[str, str]]:
@@ -175,8 +150,8 @@ def test_upload_via_clouds_yaml_active_hash_tags_props_and_bytes(clouds, service
 def test_auto_is_a_direct_upload(clouds, services, ws, default_lab, tmp_path):
     """Glance offers glance-direct here, yet auto uploads directly, as
     `openstack image create --file` does (one write instead of stage + copy)."""
-    assert "glance-direct" in glance.Api(glance.connect("lab")).import_methods()
-    f = make_qcow2(tmp_path / "auto.qcow2", 2)
+    assert "glance-direct" in glance.connect("lab").import_methods()
+    f = make_qcow2(tmp_path / "auto.qcow2", data_mib=2, random=True)
     out = glance.upload_image(default_lab, ws, image=str(f), name="lf-auto", cloud="lab")
     assert out[0].status == "built" and "direct upload of" in out[0].detail, out[0].line()
     assert "glance-direct" not in out[0].detail
@@ -188,14 +163,14 @@ def test_refused_direct_upload_falls_back_to_glance_direct(clouds, glance_refuse
                                                           ws, default_lab, cli, tmp_path):
     services = glance_refuses_direct_upload
     # 64 MiB: far more than is sent before Glance answers, so over TLS the
-    # 403 comes as a lost connection (see glance._send)
+    # 403 comes as a lost connection (see glance.upload._send)
     f = sparse_image(tmp_path / "refused.raw", gib=1 / 16)
     env = {"OS_CLIENT_CONFIG_FILE": str(clouds)}
     # asked for direct: one line saying what Glance answered and what to do, no image left
     proc = cli("glance-upload", "--image", str(f), "--name", "lf-refused", "--cloud", "lab",
                "--method", "direct", env=env)
-    assert_error_last(proc, "refused the direct upload", "HTTP 403", "upload_image",
-                      "was deleted", "--method glance-direct")
+    assert_one_line_error(proc, "refused the direct upload", "HTTP 403", "upload_image",
+                          "was deleted", "--method glance-direct", where="last")
     conn = admin_api(services)
     assert images_by_name(conn, "lf-refused") == []
     # auto: the refused image is deleted, the file goes through the import
@@ -211,7 +186,7 @@ def test_refused_direct_upload_falls_back_to_glance_direct(clouds, glance_refuse
 
 
 def test_upload_via_os_env_and_glance_direct_import(services, ws, default_lab, cli, tmp_path):
-    img_path = make_qcow2(tmp_path / "plain.qcow2", 8)
+    img_path = make_qcow2(tmp_path / "plain.qcow2", data_mib=8, random=True)
     env = {k: "" for k in os.environ if k.startswith("OS_")}
     env.update(services.os_env(), OS_CLIENT_CONFIG_FILE=str(tmp_path / "none.yaml"))
     proc = cli("glance-upload", "--image", str(img_path), "--name", "lf-env",
@@ -240,7 +215,7 @@ def test_application_credential_auth(services, ws, default_lab, tmp_path, monkey
         "region_name": "RegionOne", "cacert": str(services.ca)}})
     monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(path))
     monkeypatch.setenv("OS_CLOUD", "appcred")
-    img_path = make_qcow2(tmp_path / "appcred.qcow2", 2)
+    img_path = make_qcow2(tmp_path / "appcred.qcow2", data_mib=2, random=True)
     out = glance.upload_image(default_lab, ws, image=str(img_path), name="lf-appcred")
     assert out[0].status == "built"
     assert images_by_name(admin_api(services), "lf-appcred")[0].status == "active"
@@ -297,7 +272,7 @@ def test_tls_cacert_and_insecure(clouds, services, cli, tmp_path):
     plain.pop("cacert")
     clouds = services.write_clouds_yaml(tmp_path / "clouds.yaml", {"lab-tls": plain})
     env = {"OS_CLIENT_CONFIG_FILE": str(clouds)}
-    f = make_qcow2(tmp_path / "tls.qcow2", 1)
+    f = make_qcow2(tmp_path / "tls.qcow2", data_mib=1, random=True)
     proc = cli("glance-upload", "--image", str(f), "--name", "lf-tls", "--cloud", "lab-tls", env=env)
     assert_one_line_error(proc, "TLS verification", "--os-cacert")
     proc = cli("glance-upload", "--image", str(f), "--name", "lf-tls", "--cloud", "lab-tls",
@@ -310,7 +285,7 @@ def test_tls_cacert_and_insecure(clouds, services, cli, tmp_path):
 
 
 def test_wrong_password_one_line_no_image(clouds, services, cli, tmp_path):
-    img_path = make_qcow2(tmp_path / "badpw.qcow2", 1)
+    img_path = make_qcow2(tmp_path / "badpw.qcow2", data_mib=1, random=True)
     proc = cli("glance-upload", "--image", str(img_path), "--name", "lf-badpw",
                "--cloud", "lab-badpw", env={"OS_CLIENT_CONFIG_FILE": str(clouds)})
     assert_one_line_error(proc, "refused user admin", "HTTP 401", "lab-badpw")
@@ -359,15 +334,15 @@ def test_glance_killed_mid_upload_stays_down_then_next_run_cleans(clouds, servic
     proc = cli("glance-upload", "--image", str(big), "--name", "lf-killed", "--cloud", "lab",
                "--method", "direct", env={"OS_CLIENT_CONFIG_FILE": str(clouds)})
     assert state["fired"], "Glance was not killed during the upload"
-    assert_error_last(proc, "unreachable", "could not be deleted", "for 30s",
-                      "next labforge upload")
+    assert_one_line_error(proc, "unreachable", "could not be deleted", "for 30s",
+                          "next labforge upload", where="last")
     assert services.admin_password not in proc.stderr
 
     # Glance back: the image the killed upload left is there; the next labforge run removes it
     services.start_glance()
     conn = admin_api(services)
     assert [s for n, s in stuck_images(conn) if n == "lf-killed"] == ["saving"]
-    small = make_qcow2(tmp_path / "after.qcow2", 1)
+    small = make_qcow2(tmp_path / "after.qcow2", data_mib=1, random=True)
     proc = cli("glance-upload", "--image", str(small), "--name", "lf-after-kill",
                "--cloud", "lab", env={"OS_CLIENT_CONFIG_FILE": str(clouds)})
     assert proc.returncode == 0, proc.stderr
@@ -400,17 +375,15 @@ def test_interrupt_right_after_create_deletes_image(clouds, services, ws, defaul
                                                     monkeypatch):
     """Ctrl-C arriving while Glance's answer to the create is on its way (the
     id is not known yet): the image is found by its upload id and deleted.
-    Fault injection into labforge's own Api.call (Glance is real): a signal
-    cannot be timed into that gap from outside."""
-    f = make_qcow2(tmp_path / "gap.qcow2", 1)
-    real_call = glance.Api.call
+    Fault injection into labforge's own Cloud.create_image (Glance is real):
+    a signal cannot be timed into that gap from outside."""
+    f = make_qcow2(tmp_path / "gap.qcow2", data_mib=1, random=True)
+    real_create = glance.Cloud.create_image
 
-    def call(self, method, path, **kw):
-        resp = real_call(self, method, path, **kw)
-        if method == "POST" and path == "/images":
-            raise KeyboardInterrupt
-        return resp
-    monkeypatch.setattr(glance.Api, "call", call)
+    def create(self, attrs):
+        real_create(self, attrs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(glance.Cloud, "create_image", create)
     with pytest.raises(KeyboardInterrupt):
         glance.upload_image(default_lab, ws, image=str(f), name="lf-gap", cloud="lab")
     monkeypatch.undo()
@@ -425,7 +398,7 @@ def test_hash_mismatch_deletes_image(clouds, services, ws, default_lab, tmp_path
     says so.  The corruption is fault injection into labforge's own
     HashingBody (Glance and Keystone are real): acceptable, since nothing
     outside the client can make Glance store other bytes than it was sent."""
-    img_path = make_qcow2(tmp_path / "mismatch.qcow2", 2)
+    img_path = make_qcow2(tmp_path / "mismatch.qcow2", data_mib=2, random=True)
     real_iter = glance.HashingBody.__iter__
 
     def corrupt(self):
@@ -444,7 +417,7 @@ def test_bad_input_one_line(clouds, cli, tmp_path):
     env = {"OS_CLIENT_CONFIG_FILE": str(clouds)}
     proc = cli("glance-upload", "--image", str(tmp_path / "nope.qcow2"), "--cloud", "lab", env=env)
     assert_one_line_error(proc, "nope.qcow2")
-    f = make_qcow2(tmp_path / "x.qcow2", 1)
+    f = make_qcow2(tmp_path / "x.qcow2", data_mib=1, random=True)
     proc = cli("glance-upload", "--image", str(f), "--cloud", "no-such-cloud", env=env)
     assert_one_line_error(proc, "no-such-cloud")
     proc = cli("glance-upload", "--image", str(f), "--property", "novalue", "--cloud", "lab", env=env)

@@ -79,9 +79,9 @@ def test_hashing_body_stops_when_abandoned(tmp_path):
 
 
 def test_properties_parsing():
-    assert glance._parse_properties(["a=b", "c=d=e", "x="]) == {"a": "b", "c": "d=e", "x": ""}
+    assert glance.parse_properties(["a=b", "c=d=e", "x="]) == {"a": "b", "c": "d=e", "x": ""}
     with pytest.raises(LabError, match="KEY=VALUE"):
-        glance._parse_properties(["novalue"])
+        glance.parse_properties(["novalue"])
 
 
 def test_amphora_properties_follow_lab(default_lab, tmp_path):

@@ -24,7 +24,8 @@ from builders.artifacts import overlays
 from builders.artifacts import seediso
 from builders.core.fsutil import private_dir, sha256_file
 from builders.core.manifest import Manifest
-from imagetools import assert_compressed_and_clean, assert_error_line, installed_packages, lab_file
+from helpers import assert_one_line_error, lab_file
+from imagetools import assert_compressed_and_clean, installed_packages
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -44,11 +45,11 @@ def _lab_ssh_key(ws) -> None:
 def test_dib_base_overlays_and_boot_check_broker1(tmp_path, ws, cli, report):
     token = secrets.token_hex(8)
     # the default lab; broker1 also writes a file and prints what the guest sees
-    lab_path = lab_file(tmp_path, {"hosts": {"broker1": {
+    lab_path = lab_file(tmp_path, hosts={"broker1": {
         "write_files": [{"path": "/etc/labforge-e2e", "content": f"written-{token}\n"}],
         "runcmd": ["echo \"e2e-hostname=$(hostname)\" > /dev/ttyS0",
                    "echo \"e2e-file=$(cat /etc/labforge-e2e)\" > /dev/ttyS0"],
-    }}})
+    }})
     from builders.core import lab as labmod
     lab = labmod.load(lab_path)
     assert lab.base_image.source == "build" and lab.base_image.distro == "debian"
@@ -100,7 +101,7 @@ def test_dib_base_overlays_and_boot_check_broker1(tmp_path, ws, cli, report):
 
     # a boot that cannot finish in time: one line, then the last console lines
     proc = cli("boot-check", "--lab", str(lab_path), "--host", "broker1", "--timeout", "15")
-    line = assert_error_line(proc, "boot-check broker1: no cloud-init result within 15s")
+    line = assert_one_line_error(proc, "boot-check broker1: no cloud-init result within 15s", where="any")
     assert proc.stderr.rstrip().splitlines()[-1] != line    # the console tail follows
     assert sha256_file(overlay) == before
 
@@ -110,7 +111,7 @@ def test_dib_base_in_builder_container_boots_broker1(tmp_path, ws, monkeypatch, 
     (built first when missing), the result is a bootable qcow2."""
     from builders.artifacts import amphora
     from builders.core import lab as labmod
-    lab = labmod.load(lab_file(tmp_path, {"base_image": {"builder": "container"}}))
+    lab = labmod.load(lab_file(tmp_path, base_image={"builder": "container"}))
     assert baseimage.dib_place(lab).kind == "container"
 
     [base] = baseimage.build_base_image(lab, ws)
@@ -134,7 +135,7 @@ def test_dib_base_in_builder_container_boots_broker1(tmp_path, ws, monkeypatch, 
     [again] = baseimage.build_base_image(lab, ws)
     assert again.status == "up to date"
     # `auto` prefers a host that has DIB (the package layer applies there) ...
-    auto = labmod.load(lab_file(tmp_path, {}, "auto.yaml"))
+    auto = labmod.load(lab_file(tmp_path, filename="auto.yaml"))
     assert baseimage.dib_place(auto).kind == "host"
     # ... and on a host without it finds that image in the running engine, same digest
     monkeypatch.setattr(dib, "DIB_VENV", tmp_path / "no-venv-dib")
@@ -159,7 +160,7 @@ def test_dib_failure_in_the_container_is_the_host_line(tmp_path, ws):
     from builders.tools import dib
     from builders.core import lab as labmod
     from builders.core.errors import LabError
-    lab = labmod.load(lab_file(tmp_path, {"base_image": {"builder": "container"}}))
+    lab = labmod.load(lab_file(tmp_path, base_image={"builder": "container"}))
     rel = baseimage.release(lab)
     container = baseimage._builder_container(lab, ws, rel, baseimage.dib_place(lab))
     out = ws.artifacts / "images" / "bad.qcow2"

@@ -15,7 +15,7 @@ import yaml
 from builders.artifacts import certs_kafka, kafka_node
 from builders.core import lab as labmod
 from builders.core.errors import LabError
-from conftest import ROOT, assert_one_line_error, write_lab
+from helpers import ROOT, assert_one_line_error, write_lab
 
 DEFAULT = yaml.safe_load((ROOT / "lab.yaml").read_text())
 

@@ -28,7 +28,7 @@ import pytest
 from builders.artifacts import kafka_node
 from builders.artifacts.certs import build_certs
 from builders.core import lab as labmod
-from conftest import ROOT
+from helpers import ROOT
 
 pytestmark = pytest.mark.integration
 

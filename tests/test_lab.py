@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from pathlib import Path
 
 import pytest
-import yaml
 
 from builders.core import lab as labmod
 from builders.core.errors import LabError
-from conftest import ROOT, assert_one_line_error, write_lab
-
-DEFAULT = yaml.safe_load((ROOT / "lab.yaml").read_text())
+from helpers import ROOT, assert_one_line_error, lab_data, lab_file, write_lab
 
 
 def problems(data) -> list[str]:
@@ -24,10 +20,9 @@ def problems(data) -> list[str]:
     return []
 
 
-def mutate(fn):
-    d = copy.deepcopy(DEFAULT)
-    fn(d)
-    return problems(d)
+def problems_of(**changes) -> list[str]:
+    """The problems of the default lab with ``changes`` (see helpers.lab_data)."""
+    return problems(lab_data(**changes))
 
 
 def test_default_lab_is_the_kafka_and_octavia_lab(default_lab):
@@ -47,34 +42,34 @@ def test_objects_are_frozen(default_lab):
 
 
 def test_ip_outside_network_names_field_and_network():
-    out = mutate(lambda d: d["hosts"]["broker2"].update(ip="10.200.0.12"))
+    out = problems_of(**{"hosts.broker2.ip": "10.200.0.12"})
     assert out == ["lab.yaml: hosts.broker2.ip: 10.200.0.12 is not in network private (10.100.0.0/24)"]
 
 
-@pytest.mark.parametrize("change,needle", [
-    (lambda d: d["hosts"]["broker1"].update(cpu=2), "hosts.broker1.cpu: unknown key (did you mean 'cpus'?)"),
-    (lambda d: d.update(colour="red"), "colour: unknown key"),
-    (lambda d: d["hosts"]["broker1"].update(memory="lots"), "hosts.broker1.memory: expected a whole number"),
-    (lambda d: d["hosts"]["broker1"].update(ip="10.100.0.300"), "hosts.broker1.ip: '10.100.0.300' is not an IPv4 address"),
-    (lambda d: d["networks"]["private"].update(cidr="10.100.0.1/24"), "networks.private.cidr:"),
-    (lambda d: d["hosts"].update(Broker_4={"ip": "10.100.0.14"}), "hosts.Broker_4: 'Broker_4' is not a valid hostname"),
-    (lambda d: d["hosts"]["broker2"].update(ip="10.100.0.11"), "hosts.broker2.ip: 10.100.0.11 is already used by host broker1"),
-    (lambda d: d["hosts"]["broker1"].update(network="dmz"), "hosts.broker1.network: no network named 'dmz'"),
-    (lambda d: d["hosts"]["broker1"].update(mac="52:54:00"), "hosts.broker1.mac:"),
-    (lambda d: d["pki"].update(rsa_bits=1024), "pki.rsa_bits: 1024"),
-    (lambda d: d["pki"].update(key_type="dsa"), "pki.key_type: 'dsa' is not one of rsa, ecdsa"),
-    (lambda d: d["octavia"].update(health_managers=["10.100.0.5"]), "octavia.health_managers[0]"),
-    (lambda d: d["kafka"].update(brokers=["broker9"]), "kafka.brokers[0]: no host named 'broker9'"),
-    (lambda d: d["hosts"]["broker1"].update(ip="10.100.0.1"), "is the gateway"),
-    (lambda d: d["hosts"]["broker1"].update(disk=0), "hosts.broker1.disk: 0 GiB is out of range"),
-    (lambda d: d["octavia"]["amphora"].update(base_os="centos"), "octavia.amphora.base_os: 'centos' is not one of"),
-    (lambda d: d["octavia"].update(amp_ssh_key_name="heartbeat_key"),
+@pytest.mark.parametrize("changes,needle", [
+    ({"hosts.broker1.cpu": 2}, "hosts.broker1.cpu: unknown key (did you mean 'cpus'?)"),
+    ({"colour": "red"}, "colour: unknown key"),
+    ({"hosts.broker1.memory": "lots"}, "hosts.broker1.memory: expected a whole number"),
+    ({"hosts.broker1.ip": "10.100.0.300"}, "hosts.broker1.ip: '10.100.0.300' is not an IPv4 address"),
+    ({"networks.private.cidr": "10.100.0.1/24"}, "networks.private.cidr:"),
+    ({"hosts.Broker_4": {"ip": "10.100.0.14"}}, "hosts.Broker_4: 'Broker_4' is not a valid hostname"),
+    ({"hosts.broker2.ip": "10.100.0.11"}, "hosts.broker2.ip: 10.100.0.11 is already used by host broker1"),
+    ({"hosts.broker1.network": "dmz"}, "hosts.broker1.network: no network named 'dmz'"),
+    ({"hosts.broker1.mac": "52:54:00"}, "hosts.broker1.mac:"),
+    ({"pki.rsa_bits": 1024}, "pki.rsa_bits: 1024"),
+    ({"pki.key_type": "dsa"}, "pki.key_type: 'dsa' is not one of rsa, ecdsa"),
+    ({"octavia.health_managers": ["10.100.0.5"]}, "octavia.health_managers[0]"),
+    ({"kafka.brokers": ["broker9"]}, "kafka.brokers[0]: no host named 'broker9'"),
+    ({"hosts.broker1.ip": "10.100.0.1"}, "is the gateway"),
+    ({"hosts.broker1.disk": 0}, "hosts.broker1.disk: 0 GiB is out of range"),
+    ({"octavia.amphora.base_os": "centos"}, "octavia.amphora.base_os: 'centos' is not one of"),
+    ({"octavia.amp_ssh_key_name": "heartbeat_key"},
      "octavia.amp_ssh_key_name: 'heartbeat_key' is the name of another file in certs/octavia/"),
-    (lambda d: d["octavia"].update(amp_ssh_key_name="server_ca.cert.pem"), "another file"),
-    (lambda d: d["octavia"].update(amp_ssh_key_name=".."), "not a valid key pair name"),
+    ({"octavia.amp_ssh_key_name": "server_ca.cert.pem"}, "another file"),
+    ({"octavia.amp_ssh_key_name": ".."}, "not a valid key pair name"),
 ])
-def test_each_bad_value_is_one_named_problem(change, needle):
-    out = mutate(change)
+def test_each_bad_value_is_one_named_problem(changes, needle):
+    out = problems_of(**changes)
     assert len(out) == 1, out
     assert needle in out[0], out
 
@@ -86,17 +81,10 @@ def test_octavia_file_names_match_the_certs_builder():
 
 
 def test_all_problems_are_reported_at_once():
-    def change(d):
-        d["hosts"]["broker2"]["ip"] = "10.200.0.12"
-        d["hosts"]["broker3"]["cpus"] = "two"
-        d["hosts"]["bad_name"] = {"ip": "10.100.0.20"}
-    out = problems_of(change)
+    out = problems_of(**{"hosts.broker2.ip": "10.200.0.12", "hosts.broker3.cpus": "two",
+                         "hosts.bad_name": {"ip": "10.100.0.20"}})
     assert out[0] == "lab.yaml: 3 problems; fix them and rerun"
     assert len(out) == 4
-
-
-def problems_of(change):
-    return mutate(change)
 
 
 def test_duplicate_host_is_an_error(tmp_path):
@@ -140,10 +128,8 @@ def test_missing_lab_file_says_what_to_do(tmp_path):
 
 
 def test_cli_reports_bad_lab_without_traceback(tmp_path, cli):
-    text = (ROOT / "lab.yaml").read_text().replace("10.100.0.12", "10.200.0.12")
-    proc = cli("check-lab", "--lab", str(write_lab(tmp_path, text)))
-    assert_one_line_error(proc, "hosts.broker2.nics[1].ip: 10.200.0.12 is not in network private "
-                                "(10.100.0.0/24)")
+    proc = cli("check-lab", "--lab", str(lab_file(tmp_path, **{"hosts.broker2.ip": "10.200.0.12"})))
+    assert_one_line_error(proc, "hosts.broker2.ip: 10.200.0.12 is not in network private (10.100.0.0/24)")
 
 
 def test_cli_check_lab_ok(cli):

@@ -13,7 +13,7 @@ import time
 import jsonschema
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 from openstack_services import openstack_services, services  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slow

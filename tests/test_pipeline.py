@@ -19,8 +19,8 @@ import jsonschema
 import pytest
 import yaml
 
-from conftest import INVOKE, ROOT
-from imagetools import lab_file, publish_debian
+from helpers import INVOKE, ROOT, lab_file, tree_snapshot
+from imagetools import publish_debian
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +31,7 @@ QUICK = ["--skip", "amphora", "--skip", "glance"]
 @pytest.fixture
 def quick_lab(tmp_path, mirror) -> Path:
     publish_debian(mirror.root, data_mib=8)
-    return lab_file(tmp_path, {"base_image": {"source": "download", "url": mirror.url}})
+    return lab_file(tmp_path, base_image={"source": "download", "url": mirror.url})
 
 
 def run_all(cli, lab: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
@@ -44,11 +44,6 @@ def run_all(cli, lab: Path, *extra: str) -> tuple[subprocess.CompletedProcess, d
 
 def statuses(doc: dict) -> dict[str, str]:
     return {s["name"]: s["status"] for s in doc["steps"]}
-
-
-def tree_hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and not p.name.startswith(".")}
 
 
 def test_all_builds_the_lab_then_everything_is_up_to_date(ws, cli, quick_lab):
@@ -72,15 +67,15 @@ def test_all_builds_the_lab_then_everything_is_up_to_date(ws, cli, quick_lab):
 
 def test_changing_broker2_ip_rebuilds_exactly_broker2(tmp_path, ws, cli, quick_lab):
     run_all(cli, quick_lab)
-    certs_before = tree_hashes(ws.certs)          # kafka, octavia, ssh, seed, state.json
-    art_before = tree_hashes(ws.artifacts)
+    certs_before = tree_snapshot(ws.certs, hidden=False)          # kafka, octavia, ssh, seed, state.json
+    art_before = tree_snapshot(ws.artifacts, hidden=False)
 
     data = yaml.safe_load(quick_lab.read_text())
     data["hosts"]["broker2"]["ip"] = "10.100.0.22"
     quick_lab.write_text(yaml.safe_dump(data, sort_keys=False))
     _, doc = run_all(cli, quick_lab)
 
-    certs_after = tree_hashes(ws.certs)
+    certs_after = tree_snapshot(ws.certs, hidden=False)
     assert set(certs_after) == set(certs_before), set(certs_after) ^ set(certs_before)
     changed_certs = {p for p in certs_after if certs_before.get(p) != certs_after[p]}
     # broker2's identity and its files; state.json records its new serial
@@ -100,7 +95,7 @@ def test_changing_broker2_ip_rebuilds_exactly_broker2(tmp_path, ws, cli, quick_l
         "certs": "built", "seed-iso": "built", "base-image": "up to date", "overlays": "built",
         "amphora": "skipped", "vagrant": "built", "glance": "skipped"}
     # on disk: broker2's seed changed, and the Vagrantfile; nothing else did
-    art_after = tree_hashes(ws.artifacts)
+    art_after = tree_snapshot(ws.artifacts, hidden=False)
     changed = {p for p in art_after if art_before.get(p) != art_after[p]} - {"manifest.json"}
     assert changed == {"seed/broker2.iso", "vagrant/Vagrantfile"}, changed
     rebuilt = {a["path"] for a in doc["artifacts"] if a["status"] == "built"}
@@ -155,7 +150,7 @@ def test_two_runs_at_once_one_is_refused_and_the_tree_stays_valid(ws, cli, tmp_p
     download halfway, so the runs certainly overlap."""
     import threading
     publish_debian(mirror.root, data_mib=8)
-    lab = lab_file(tmp_path, {"base_image": {"source": "download", "url": mirror.url}})
+    lab = lab_file(tmp_path, base_image={"source": "download", "url": mirror.url})
     release = threading.Event()
     mirror.hold = release
     env = dict(os.environ, LABFORGE_WORKDIR=str(ws.root))
@@ -279,7 +274,7 @@ def test_skipped_step_outputs_are_used_when_present_else_a_clear_skip(ws, cli, q
     """--skip / --only leave a step out; the steps that need it use its earlier
     outputs when they are in the manifest and intact, and are skipped with the
     reason when not (instead of failing on the missing input)."""
-    from imagetools import make_qcow2
+    from helpers import make_qcow2
     from builders.core.manifest import Manifest
     cloud = {"OS_AUTH_URL": "http://127.0.0.1:9/v3", "OS_USERNAME": "admin", "OS_PASSWORD": "pw",
              "OS_PROJECT_NAME": "admin", "OS_USER_DOMAIN_NAME": "Default",
@@ -325,7 +320,7 @@ def test_sigterm_stops_like_ctrl_c_and_a_rerun_completes(ws, cli, tmp_path, mirr
     next run completes, resuming the interrupted download."""
     import threading
     publish_debian(mirror.root, data_mib=8)
-    lab = lab_file(tmp_path, {"base_image": {"source": "download", "url": mirror.url}})
+    lab = lab_file(tmp_path, base_image={"source": "download", "url": mirror.url})
     release = threading.Event()
     mirror.hold = release
     proc = subprocess.Popen([*INVOKE, "all", "--lab", str(lab), *QUICK],
@@ -361,11 +356,11 @@ def test_sigterm_stops_like_ctrl_c_and_a_rerun_completes(ws, cli, tmp_path, mirr
 def test_artifact_status_comes_from_the_step_that_produced_it(ws, tmp_path):
     """The glance step names the amphora it published; that must not turn the
     amphora's "built" (this run) into the publisher's "up to date"."""
-    from imagetools import load_lab, make_qcow2
+    from helpers import lab_from, make_qcow2
     from builders import pipeline
     from builders.core.manifest import Manifest
     from builders.core.outcome import Outcome
-    lab = load_lab(tmp_path, {})
+    lab = lab_from(tmp_path)
     amp = make_qcow2(ws.artifacts / "images" / "amphora-x64-haproxy.qcow2", "64M")
     Manifest(ws.artifacts).record(amp, "amphora", "d1")
 
@@ -386,11 +381,11 @@ def test_artifact_status_comes_from_the_step_that_produced_it(ws, tmp_path):
 
 
 def test_amphora_skip_gives_the_real_reason(ws, tmp_path):
-    from imagetools import load_lab
+    from helpers import lab_from
     from builders import pipeline
-    off = load_lab(tmp_path, {"octavia": {"enabled": False}}, "off.yaml")
+    off = lab_from(tmp_path, filename="off.yaml", octavia={"enabled": False})
     assert pipeline._amphora_skip(off, ws) == "lab.yaml octavia.enabled is false"
-    nobuild = load_lab(tmp_path, {"octavia": {"amphora": {"build": False}}}, "nobuild.yaml")
+    nobuild = lab_from(tmp_path, filename="nobuild.yaml", octavia={"amphora": {"build": False}})
     assert pipeline._amphora_skip(nobuild, ws) == "lab.yaml octavia.amphora.build is false"
 
 

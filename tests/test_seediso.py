@@ -21,7 +21,7 @@ from builders.core.manifest import Manifest
 from builders.artifacts.seediso import build_seed_isos, read_seed, seed_marker, seed_path
 from builders.core.workspace import Workspace
 
-from conftest import assert_one_line_error, write_lab
+from helpers import assert_one_line_error, write_lab
 
 
 def make_pubkey(path: Path, comment: str = "labforge") -> str:
@@ -70,7 +70,7 @@ def test_default_lab_seeds_show_the_names_tools_expect(default_lab, ws, lab_key)
 def test_xorriso_isoinfo_blkid_see_a_cidata_volume(tmp_path, ws, lab_key):
     """The default lab, with vendor-data on broker1: xorriso and isoinfo (Rock
     Ridge and Joliet) show exactly the four names; broker2 has the three."""
-    from conftest import ROOT
+    from helpers import ROOT
     (tmp_path / "vendor.yaml").write_text("#cloud-config\npackages: [jq]\n")
     text = (ROOT / "lab.yaml").read_text().replace(
         '    mac: "52:54:00:64:00:0b"\n', '    mac: "52:54:00:64:00:0b"\n    vendor_data: vendor.yaml\n')

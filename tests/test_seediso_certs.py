@@ -13,7 +13,7 @@ from builders.artifacts.certs import build_certs
 from builders.core.manifest import Manifest
 from builders.artifacts.seediso import build_seed_isos, read_seed, seed_path
 
-from conftest import write_lab
+from helpers import write_lab
 
 LAB = """\
 name: certlab

@@ -20,7 +20,7 @@ import pytest
 from builders.core import lab as labmod
 from builders.artifacts.seediso import build_seed_isos, seed_marker, seed_path
 
-from conftest import write_lab
+from helpers import write_lab
 from test_seediso import LAB, make_pubkey
 
 pytestmark = pytest.mark.integration

@@ -126,7 +126,7 @@ def _collection():
 
     from invoke import Collection
 
-    from conftest import ROOT
+    from helpers import ROOT
     spec = importlib.util.spec_from_file_location("labforge_tasks", ROOT / "tasks.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -24,13 +24,9 @@ from builders.artifacts import vagrant
 from builders.core.errors import LabError
 from builders.core.fsutil import sha256_file
 from builders.core.manifest import Manifest
-from tests.conftest import assert_one_line_error, write_lab
+from helpers import assert_one_line_error, lab_file, sh, write_lab
 
 pytestmark = pytest.mark.integration  # qemu-img everywhere; vagrant/virsh where named
-
-
-def sh(*argv, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, check=True, **kw)
 
 
 # --------------------------------------------------------------------------
@@ -408,12 +404,9 @@ def test_vagrantfile_attaches_the_seed_where_the_seed_builder_wrote_it(cli, ws, 
     """A host whose seed carries certs/ material has it under certs/seed/: the
     Vagrantfile must attach that file (not a missing artifacts/seed/ one, which
     would boot the VM without its seed), and Vagrant still accepts it."""
-    from tests.imagetools import lab_file
-    labfile = lab_file(tmp_path, {"hosts": {
-        "broker1": {"ip": "10.100.0.11", "mac": "52:54:00:64:00:0b", "write_files": [
-            {"path": "/etc/kafka/ssl/broker1.keystore.jks",
-             "source": "certs:kafka/broker1.keystore.jks", "permissions": "0600"}]},
-        "broker2": {"ip": "10.100.0.12"}, "broker3": {"ip": "10.100.0.13"}}})
+    labfile = lab_file(tmp_path, **{"hosts.broker1.write_files": [
+        {"path": "/etc/kafka/ssl/broker1.keystore.jks",
+         "source": "certs:kafka/broker1.keystore.jks", "permissions": "0600"}]})
     cli("certs", "--lab", str(labfile), check=True)
     cli("seed-iso", "--lab", str(labfile), check=True)
     secret = ws.certs / "seed" / "broker1.iso"

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from builders.tools import docker_engine
 
-from builders.core import extcmd
+from builders.core import extcmd, resources
 from builders.core.console import progress
 from builders.tools.dib import (DEBIAN_MINIMAL_LAYER, ca_bundle, compress_qcow2, debian_mirrors, failing_script,
                   has_device_mapper, package_layer, proxy_environment, prune_layers)
@@ -46,7 +46,7 @@ from builders.core.fsutil import atomic_write
 from builders.core.lab import Lab
 from builders.core.manifest import Manifest, input_digest
 from builders.core.outcome import Outcome
-from builders.core.workspace import PROJECT_DIR, BuildLock, Workspace
+from builders.core.workspace import BuildLock, Workspace
 
 log = logging.getLogger("labforge")
 
@@ -56,8 +56,8 @@ BASE_RELEASE = "bookworm"
 BASE_REPO = "labforge/debian-base"
 BASE_TAG = f"{BASE_REPO}:{BASE_RELEASE}"
 BUILDER_REPO = "labforge/amphora-builder"
-DOCKERFILE_DIR = PROJECT_DIR / "dockerfiles" / "amphora"
-DIB_BIN_DIR = PROJECT_DIR / "dockerfiles" / "dib" / "bin"
+DOCKERFILE_DIR = resources.dockerfiles("amphora")
+DIB_BIN_DIR = resources.dockerfiles("dib", "bin")
 BUILDER_STANDIN_DIR = "/opt/labforge/dib-bin"   # DIB_BIN_DIR inside the builder image
 IMAGE_NAME = "amphora-x64-haproxy"
 MIN_SIZE_GB = 2                    # a Debian amphora uses ~1.4 GB of its root fs

@@ -174,9 +174,9 @@ def seed_marker(lab: Lab, host: Host | str, ws: Workspace | None = None) -> str:
 
     The instance-id depends on the seed's content, which includes files from
     the workspace (the lab SSH key, certs); pass the workspace the seed was
-    built in (default: ``Workspace.default()``, as the CLI uses).
+    built in (default: ``Workspace.default(lab)``, as the CLI uses).
     """
-    return render(lab, ws or Workspace.default(), host).marker
+    return render(lab, ws or Workspace.default(lab), host).marker
 
 
 def source_date_epoch() -> int:

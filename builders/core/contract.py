@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from builders.core.errors import LabError
-from builders.core.fsutil import fsync_dir, fsync_file, sha256_file
+from builders.core.fsutil import fsync_dir, fsync_file
 from builders.core.lab import Lab
 from builders.core.manifest import Manifest, SecretLedger, input_digest
 from builders.core.outcome import Outcome
@@ -177,7 +178,6 @@ class Stage:
         for tmp, _ in self._files.values():
             with contextlib.suppress(OSError):
                 if tmp.is_dir() and not tmp.is_symlink():
-                    import shutil
                     shutil.rmtree(tmp)
                 else:
                     tmp.unlink()
@@ -235,6 +235,16 @@ class Builder:
         return None
 
 
+@dataclass
+class _Done:
+    out: Output
+    digest: str
+    status: str                 # "built" | "up to date"
+    detail: str = ""
+    built: Built | None = None
+    seconds: float = 0.0
+
+
 def run(builder: Builder, lab: Lab, ws: Workspace, *, force: bool = False,
         **options) -> list[Outcome]:
     """Build ``builder``'s outputs that are not up to date (all with ``force``)."""
@@ -243,46 +253,42 @@ def run(builder: Builder, lab: Lab, ws: Workspace, *, force: bool = False,
         outs = builder.outputs(lab, ws, **options)
         builder.prepare(ctx, outs)
         stage = Stage()
-        done: list[tuple[Output, str, Built | None, str, float]] = []   # out, digest, built, status, s
+        done: list[_Done] = []
         try:
             for out in outs:
                 digest = out.digest()
                 if not force:
                     detail = builder.up_to_date(ctx, out, digest)
                     if detail is not None:
-                        done.append((out, digest, None, detail, 0.0))
+                        done.append(_Done(out, digest, "up to date", detail))
                         continue
                 before = set(stage.touched)
                 start = time.monotonic()
                 log.debug("%s: building", out.label)
                 built = builder.build(ctx, out, stage)
-                changed = stage.touched - before
-                secs = time.monotonic() - start
                 ledger = ctx.ledger(out)
-                # nothing to change on disk and the ledger agrees: up to date
-                status = "built" if changed or (ledger is not None and not
-                                                 ledger.is_current(out.path, digest)) else "up to date"
-                done.append((out, digest, built, status, secs))
+                # nothing changes on disk and the ledger agrees: up to date after all
+                changed = bool(stage.touched - before) or (
+                    ledger is not None and not ledger.is_current(out.path, digest))
+                done.append(_Done(out, digest, "built" if changed else "up to date",
+                                  built.detail, built, time.monotonic() - start))
             stage.commit()
         except BaseException:
             stage.discard()
             raise
-        _record(ctx, done)
-        return [Outcome(out.label, "built" if built is not None and status == "built" else "up to date",
-                        [out.path], built.detail if built is not None else status, secs)
-                for out, digest, built, status, secs in done]
+        _record(ctx, [d for d in done if d.status == "built"])
+        return [Outcome(d.out.label, d.status, [d.out.path], d.detail, d.seconds) for d in done]
 
 
-def _record(ctx: Context, done) -> None:
+def _record(ctx: Context, built: list[_Done]) -> None:
+    """One rewrite of each ledger for everything built into it."""
     by_ledger: dict[Path, tuple[Any, list[dict]]] = {}
-    for out, digest, built, status, _ in done:
-        if built is None or status != "built":
+    for d in built:
+        ledger = ctx.ledger(d.out)
+        if ledger is None or d.built is None:
             continue
-        ledger = ctx.ledger(out)
-        if ledger is None:
-            continue
-        item = dict(path=out.path, kind=out.kind, digest=digest, tools=built.tools,
-                    meta=built.meta, sha256=built.sha256)
+        item = dict(path=d.out.path, kind=d.out.kind, digest=d.digest, tools=d.built.tools,
+                    meta=d.built.meta, sha256=d.built.sha256)
         by_ledger.setdefault(ledger.path, (ledger, []))[1].append(item)
     for ledger, items in by_ledger.values():
         ledger.record_many(items)
@@ -313,7 +319,3 @@ class Check:
 
     def check(self, lab: Lab, ws: Workspace, **options) -> list[Outcome]:
         raise NotImplementedError
-
-
-def sha256_of(path: Path) -> str:
-    return sha256_file(path)

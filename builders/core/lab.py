@@ -25,9 +25,10 @@ from typing import Any, Literal
 
 import yaml
 
+from builders.core import resources
 from builders.core.errors import LabError
 
-DEFAULT_LAB = Path(__file__).resolve().parents[2] / "lab.yaml"
+DEFAULT_LAB = resources.default_lab()
 
 _DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _DNS_NAME = re.compile(r"^(?=.{1,253}$)((?!-)[a-z0-9-]{1,63}(?<!-)\.)*(?!-)[a-z0-9-]{1,63}(?<!-)$")

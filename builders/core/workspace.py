@@ -3,8 +3,10 @@
 A workspace is a directory holding ``certs/`` (secret material, 0700, never
 published), ``artifacts/`` (everything safe to publish, with
 ``manifest.json``) and ``cache/`` (download and build caches kept between
-runs).  The default is the project directory; ``LABFORGE_WORKDIR`` moves it
-(CI jobs and tests use that).
+runs).  :meth:`Workspace.default` picks it for a lab: ``LABFORGE_WORKDIR``
+when set (CI jobs and tests use that), else the lab file's directory (for
+the checkout's own ``lab.yaml`` that is the checkout), else, for the
+embedded lab of an installed copy, the current directory.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from builders.core import resources
 from builders.core.errors import LabError
 from builders.core.fsutil import private_dir
-
-PROJECT_DIR = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -29,9 +31,20 @@ class Workspace:
     root: Path
 
     @classmethod
-    def default(cls) -> "Workspace":
+    def default(cls, lab: Any = None) -> "Workspace":
+        """The workspace for ``lab`` (a loaded Lab, the path given to
+        ``--lab``, or None for the embedded default lab):
+        ``LABFORGE_WORKDIR`` when set, else the directory of the lab file,
+        except that the embedded lab of an installed copy lives inside the
+        package, so its outputs go to the current directory instead."""
         root = os.environ.get("LABFORGE_WORKDIR")
-        return cls(Path(root).resolve() if root else PROJECT_DIR)
+        if root:
+            return cls(Path(root).resolve())
+        source = getattr(lab, "source", lab)
+        source = Path(source) if source else resources.default_lab()
+        if resources.is_embedded_lab(source):
+            return cls(Path.cwd().resolve())
+        return cls(source.resolve().parent)
 
     @property
     def certs(self) -> Path:

@@ -42,21 +42,23 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from builders.core import extcmd
+from builders.core import extcmd, resources
 from builders.core.console import progress
 from builders.core.errors import LabError
 from builders.core.lab import Lab
 from builders.core.manifest import input_digest
-from builders.core.workspace import PROJECT_DIR, Workspace
+from builders.core.workspace import Workspace
 
-STANDIN_DIR = PROJECT_DIR / "dockerfiles" / "dib" / "bin"
-DIB_VENV = PROJECT_DIR / ".venv-dib"
+STANDIN_DIR = resources.dockerfiles("dib", "bin")
+# the checkout's diskimage-builder virtualenv (scripts/setup.d/dib.sh); None in an installed copy
+DIB_VENV = (resources.checkout_dir() / ".venv-dib") if resources.checkout_dir() else None
 DEFAULT_DATASOURCES = "NoCloud, ConfigDrive, OpenStack"
 
 _PHASE = re.compile(r"Running hooks from \S*/([a-z-]+)\.d\b")
@@ -84,15 +86,19 @@ def has_device_mapper() -> bool:
 
 
 def dib_executable() -> Path:
-    """``disk-image-create``: the project's .venv-dib, else PATH."""
-    candidate = DIB_VENV / "bin" / "disk-image-create"
-    if candidate.exists():
-        return candidate
+    """``disk-image-create``: the checkout's .venv-dib, else next to the
+    running Python (an installed copy's virtualenv), else PATH."""
+    candidates = [DIB_VENV / "bin" / "disk-image-create"] if DIB_VENV else []
+    candidates.append(Path(sys.executable).parent / "disk-image-create")
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate
     found = shutil.which("disk-image-create")
     if found:
         return Path(found)
-    raise LabError("disk-image-create: not found; run `bash scripts/setup.sh` (its hook "
-                   "scripts/setup.d/dib.sh installs diskimage-builder into .venv-dib)")
+    raise LabError("disk-image-create: not found; in a checkout run `bash scripts/setup.sh` "
+                   "(its hook scripts/setup.d/dib.sh installs diskimage-builder into .venv-dib), "
+                   "else install diskimage-builder (pip) beside labforge or on PATH")
 
 
 def dib_version() -> str | None:

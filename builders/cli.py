@@ -1,0 +1,456 @@
+"""labforge's command line: the tasks, as ``labforge`` and as ``invoke``.
+
+Each task is thin: read the lab, call one builders function, print the
+result.  The same collection :data:`ns` serves two front ends: the
+``labforge`` command (:func:`main`, installed by ``pip install .``) and
+``invoke`` in a checkout (the top-level ``tasks.py`` exposes ``ns``).  Run
+``labforge --list`` (or ``invoke --list``) for the verbs and ``--help TASK``
+for options.  A problem you can fix is printed as one line on stderr with
+exit status 1.
+
+Outputs go to the workspace of the lab (:meth:`Workspace.default`):
+``LABFORGE_WORKDIR`` when set, else the directory of the ``--lab`` file.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import sys
+
+from invoke import Collection, Exit, Program, task
+
+from builders.core import lab as labmod
+from builders import pipeline
+from builders.core.console import setup_logging
+from builders.core.errors import LabError
+from builders.core.manifest import Manifest
+from builders.core.workspace import Workspace
+
+LAB_HELP = "lab description to read (default: the embedded lab.yaml)"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI job cancelled, `kill PID`), unwound exactly like Ctrl-C so
+    that every builder's cleanup (temporary files, containers, VMs) runs."""
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the cleanup short
+    raise Terminated()
+
+
+def _user_errors(fn):
+    """Turn a LabError into its line(s) on stderr and exit status 1; Ctrl-C
+    into exit status 130 and SIGTERM into 143 (128 + the signal number, as a
+    shell reports them), both after the partial outputs were removed."""
+    @functools.wraps(fn)
+    def wrapper(c, *args, **kwargs):
+        setup_logging(verbose=bool(kwargs.get("verbose")))
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        try:
+            return fn(c, *args, **kwargs)
+        except LabError as exc:
+            for i, line in enumerate(exc.lines()):
+                print(("error: " if i == 0 else "  ") + line, file=sys.stderr)
+            raise Exit(code=1) from None
+        except KeyboardInterrupt as exc:
+            how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+            print(f"error: {how}; partial outputs were removed, rerun to continue",
+                  file=sys.stderr)
+            raise Exit(code=143 if isinstance(exc, Terminated) else 130) from None
+        except BrokenPipeError:  # `invoke manifest | head`: the reader is gone, stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise Exit(code=0) from None
+        except OSError as exc:  # disk full, permission denied, ...: the user can fix it
+            if os.environ.get("LABFORGE_DEBUG"):
+                raise
+            where = f"{exc.filename}: " if exc.filename else ""
+            print(f"error: {where}{exc.strerror or exc}; fix it and rerun", file=sys.stderr)
+            raise Exit(code=1) from None
+        except Exception as exc:  # a bug: say so in one line, traceback on request
+            if os.environ.get("LABFORGE_DEBUG"):
+                raise
+            print(f"error: internal error ({type(exc).__name__}: {exc}); this is a labforge "
+                  "bug: rerun with LABFORGE_DEBUG=1 and report the traceback", file=sys.stderr)
+            raise Exit(code=2) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    return wrapper
+
+
+def labtask(*args, **kwargs):
+    """@task with labforge's error handling."""
+    def deco(fn):
+        return task(*args, **kwargs)(_user_errors(fn))
+    return deco
+
+
+def _lab_ws(lab: str | None) -> tuple[labmod.Lab, Workspace]:
+    """The lab and its workspace: LABFORGE_WORKDIR, else beside the lab file."""
+    lb = labmod.load(lab)
+    return lb, Workspace.default(lb)
+
+
+def _print(outcomes) -> None:
+    for o in outcomes if isinstance(outcomes, (list, tuple)) else [outcomes]:
+        print(o.line())
+
+
+@labtask(help={"lab": LAB_HELP})
+def check_lab(c, lab=None):
+    """Validate lab.yaml and print a summary of the lab."""
+    lb = labmod.load(lab)
+    print(f"{lb.source}: ok: lab {lb.name}, {len(lb.hosts)} hosts, "
+          f"{len(lb.networks)} networks")
+    for h in lb.hosts:
+        print(f"  {h.name:<12} {str(h.ip):<15} cpus={h.cpus} memory={h.memory}MiB "
+              f"disk={h.disk}GiB roles={','.join(h.roles) or '-'}")
+
+
+# ---- certs ---------------------------------------------------------------
+@labtask(iterable=["rotate"], help={
+    "lab": LAB_HELP,
+    "force": "re-issue every leaf key, certificate and store under the existing CAs",
+    "rotate": "replace a set's CA (or key) and everything it signed: kafka, octavia or ssh "
+              "(repeatable)",
+})
+def certs(c, lab=None, force=False, rotate=None):
+    """Issue the lab's certificates, keystores and keys under certs/ (idempotent)."""
+    from builders.artifacts.certs import build_certs
+    _print(build_certs(*_lab_ws(lab), force=force, rotate=rotate or ()))
+
+
+@labtask(help={
+    "lab": LAB_HELP,
+    "warn_days": "fail when a certificate expires within this many days (default 30)",
+})
+def certs_check(c, lab=None, warn_days=30):
+    """List every certificate with subject, SANs and days to expiry; fail on problems."""
+    from builders.artifacts.certs import check_certs, fix_hint
+    lb, ws = _lab_ws(lab)
+    rows = check_certs(lb, ws, warn_days=int(warn_days))
+    for r in rows:
+        print(r.line(ws.root))
+    bad = [r for r in rows if not r.ok]
+    if bad:
+        raise LabError(f"certs-check: {len(bad)} of {len(rows)} certificates have problems "
+                       f"(first: {bad[0].path.name}: {bad[0].problems[0]}); {fix_hint(bad)}")
+
+
+# ---- seed ISOs -------------------------------------------------------------
+
+@labtask(iterable=["host"], help={
+    "lab": LAB_HELP,
+    "host": "build only this host's seed (repeat for more; default: every host)",
+    "format": "iso (ISO 9660 'cidata', the default) or vfat",
+    "force": "rebuild even when the seed is up to date",
+})
+def seed_iso(c, lab=None, host=None, format="iso", force=False):
+    """Build cloud-init NoCloud seeds (artifacts/seed/<host>.iso) for the lab's hosts."""
+    from builders.artifacts.seediso import build_seed_isos
+    _print(build_seed_isos(*_lab_ws(lab), hosts=host or None,
+                           force=force, fmt=format))
+
+
+# ---- base image, overlays, boot checks -------------------------------------
+@labtask(help={"lab": LAB_HELP,
+               "force": "download or build again even when the image is up to date",
+               "verbose": "show debug output (commands run)"})
+def base_image(c, lab=None, force=False, verbose=False):
+    """Download (verified) or build (diskimage-builder) the base cloud image."""
+    from builders.artifacts.baseimage import build_base_image
+    _print(build_base_image(*_lab_ws(lab), force=force))
+
+
+@labtask(iterable=["host"],
+         help={"lab": LAB_HELP,
+               "host": "only this host (repeatable; default: every host)",
+               "force": "recreate overlays even when a VM has written to them (discards its data)",
+               "verbose": "show debug output (commands run)"})
+def overlays(c, lab=None, host=None, force=False, verbose=False):
+    """Create each host's qcow2 overlay backed by the base image."""
+    from builders.artifacts.overlays import build_overlays
+    _print(build_overlays(*_lab_ws(lab), hosts=host or None, force=force))
+
+
+@labtask(iterable=["expect"],
+         help={"lab": LAB_HELP,
+               "host": "the host to boot (required)",
+               "timeout": "seconds to wait for cloud-init (default 900)",
+               "expect": "also require this text on the console (repeatable)",
+               "accel": "kvm or tcg (default: kvm when it can run guests here, else tcg)",
+               "memory": "guest memory in MiB, at most the host's (default 1024)",
+               "verbose": "show debug output (commands run)"})
+def boot_check(c, lab=None, host=None, timeout=900, expect=None, accel=None, memory=1024,
+               verbose=False):
+    """Boot a host's overlay with its seed under QEMU; pass when cloud-init applied the seed."""
+    from builders.checks.bootcheck import boot_check as check
+    if not host:
+        raise LabError("boot-check: give --host NAME")
+    _print(check(*_lab_ws(lab), host, timeout=float(timeout),
+                 expect=expect or (), accel=accel, memory=int(memory)))
+
+
+@labtask(iterable=["host"],
+         help={"lab": LAB_HELP,
+               "host": "only this host (repeatable; default: every host)",
+               "force": "write the files even when they are up to date",
+               "verbose": "show debug output (commands run)"})
+def libvirt_xml(c, lab=None, host=None, force=False, verbose=False):
+    """Write libvirt domain, volume and network XML per host (for virsh users)."""
+    from builders.artifacts.libvirtxml import build_libvirt_xml
+    _print(build_libvirt_xml(*_lab_ws(lab), hosts=host or None, force=force))
+
+
+@labtask(help={"lab": LAB_HELP,
+               "ssh_config": "reach the nodes as this ssh_config says (`vagrant ssh-config > "
+                             "FILE`; default: each host's first NIC address with the lab key)",
+               "wait": "retry failing checks for up to this many seconds (a lab just up may "
+                       "still be electing its leader; default 0)",
+               "json": "print one JSON document on stdout (the table goes to stderr)"})
+def lab_check(c, lab=None, ssh_config=None, wait=0, json=False):
+    """Check a lab that is up: names, the ZooKeeper ensemble over TLS, client certificates."""
+    from builders.checks import labcheck
+    lb, ws = _lab_ws(lab)
+    outcomes = labcheck.lab_check(lb, ws, ssh_config=ssh_config, wait=_seconds(wait, "--wait"))
+    print(labcheck.table(outcomes), file=sys.stderr if json else sys.stdout)
+    if json:
+        import json as _json
+        print(_json.dumps(labcheck.to_json(lb, ws, outcomes), indent=2))
+    failed = [o.step for o in outcomes if o.status != "passed"]
+    if failed:
+        raise LabError(f"lab-check: {len(failed)} of {len(outcomes)} checks failed "
+                       f"({', '.join(failed)}); see the table")
+
+
+def _seconds(value, option: str) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise LabError(f"{option}: {value!r} is not a number of seconds") from None
+    if not 0 <= out < 1e7:
+        raise LabError(f"{option}: {value} is out of range; give 0 or more seconds")
+    return out
+
+
+# ---- amphora ---------------------------------------------------------------
+@labtask(help={"lab": LAB_HELP, "force": "rebuild the base image even when it is current"})
+def builder_base(c, lab=None, force=False):
+    """Make the local Debian base image the amphora builder starts FROM (debootstrap + docker import)."""
+    from builders.artifacts import amphora
+    _print(amphora.build_builder_base(*_lab_ws(lab), force=force))
+
+
+@labtask(auto_shortflags=False, help={
+    "lab": LAB_HELP,
+    "force": "rebuild even when the image is up to date (the build cache is reused)",
+    "base_os": "debian (bookworm, buildable here) or ubuntu (noble, needs an Ubuntu mirror); "
+               "default: octavia.amphora.base_os",
+    "release": "distribution release code name (default: octavia.amphora.release)",
+    "arch": "amd64 or arm64 (default: octavia.amphora.arch)",
+    "size": "root disk size in GB, at least 2 (default: octavia.amphora.size)",
+    "agent": "source (from the Octavia sdist) or package (distro package); default: octavia.amphora.agent",
+    "no_ssh": "leave sshd out of the image (upstream's remove-sshd element)",
+    "image_type": "qcow2 or raw (default: octavia.amphora.image_type)",
+    "apt_mirror": "distribution mirror URL (default: build.debian_mirror / ubuntu_mirror, "
+                  "else the machine's apt sources)",
+    "pip_index": "PyPI index URL for the builder and the image (default: build.pip_index, else PyPI)",
+    "ca_bundle": "CA bundle (PEM) of an HTTPS proxy, used during the build only "
+                 "(default: build.ca_bundle, the host's bundle)",
+})
+def build_amphora(c, lab=None, force=False, base_os=None, release=None, arch=None, size=None,
+                  agent=None, no_ssh=False, image_type=None, apt_mirror=None, pip_index=None,
+                  ca_bundle=None):
+    """Build the Octavia amphora image with diskimage-builder in a container."""
+    from builders.artifacts import amphora
+    _print(amphora.build_amphora(*_lab_ws(lab), force=force, base_os=base_os,
+                                 release=release, arch=arch, size=size, agent=agent,
+                                 ssh=False if no_ssh else None, image_type=image_type,
+                                 apt_mirror=apt_mirror, pip_index=pip_index, ca_bundle=ca_bundle))
+
+@labtask(help={
+    "lab": LAB_HELP,
+    "image": "amphora image to boot (default: artifacts/images/amphora-x64-haproxy.qcow2)",
+    "timeout": "seconds to wait for the agent to answer (default: 1200, TCG is slow)",
+    "accel": "kvm or tcg (default: KVM when it works, else TCG)",
+})
+def amphora_check(c, lab=None, image=None, timeout=1200, accel=None):
+    """Boot the amphora under QEMU with a Nova-style config drive and prove its agent (mutual TLS)."""
+    from builders.checks import amphora_check as ac
+    _print(ac.check_amphora(*_lab_ws(lab), image=image, timeout=float(timeout),
+                            accel=accel))
+
+
+# ---- vagrant ---------------------------------------------------------------
+
+@labtask(help={
+    "image": "qcow2 to pack: a path, or a built image's name from the manifest (debian-12, "
+             "amphora-x64-haproxy); default: the lab's base image",
+    "name": "box name ORG/NAME (default: lab.yaml vagrant.box)",
+    "version": "box version MAJOR.MINOR.PATCH (default: the version built from the same "
+               "image, else the catalog's latest with the patch number raised, else 1.0.0)",
+    "add": "also run `vagrant box add` of this version from the catalog",
+    "base_url": "URL the boxes will be served from (catalog URLs become BASE_URL/FILE); "
+                "default: file:// URLs of artifacts/boxes/",
+    "force": "rebuild even if the box is up to date",
+    "lab": LAB_HELP,
+})
+def vagrant_box(c, image=None, name=None, version=None, add=False, base_url=None, force=False,
+                lab=None):
+    """Pack a qcow2 as a vagrant-libvirt box and add it to the box catalog."""
+    from builders.artifacts import vagrant
+    _print(vagrant.build_box(*_lab_ws(lab), image=image, name=name,
+                             version=version, add=add, base_url=base_url, force=force))
+
+
+@labtask(help={"force": "rewrite even if up to date", "lab": LAB_HELP})
+def vagrantfile(c, force=False, lab=None):
+    """Render the lab's Vagrantfile and libvirt network XML under artifacts/vagrant/."""
+    from builders.artifacts import vagrant
+    lb, ws = _lab_ws(lab)
+    _print(vagrant.build_vagrantfile(lb, ws, force=force))
+    print("create the lab networks (once per libvirt host), then `vagrant up`:")
+    for cmd in vagrant.network_commands(lb, ws):
+        print(f"  {cmd}")
+
+# ---- glance ----------------------------------------------------------------
+
+_GLANCE_AUTH_HELP = {
+    "cloud": "clouds.yaml cloud to use (default: lab.yaml glance.cloud, OS_CLOUD, or OS_* variables)",
+    "os_cacert": "CA bundle to verify Keystone/Glance TLS with (like openstack --os-cacert)",
+    "insecure": "do not verify TLS certificates (like openstack --insecure; labs only)",
+    "method": "upload flow: auto (direct; the glance-direct import when Glance refuses that), "
+              "direct, glance-direct (default: lab.yaml glance.method)",
+    "keep": "with --rotate-tag: keep the N newest images of the rotation, delete older ones",
+    "deactivate_old": "with --rotate-tag: deactivate older images of the rotation instead of deleting",
+    "visibility": "private | shared | community | public (default: lab.yaml glance.visibility)",
+    "property": "image property KEY=VALUE (repeatable)",
+    "min_ram": "minimum RAM in MiB to boot the image",
+    "lab": LAB_HELP,
+    "verbose": "log more",
+}
+
+
+@labtask(iterable=["tag", "property"], auto_shortflags=False, help={
+    "image": "image file, or an artifact name from the manifest (e.g. debian-12)",
+    "name": "image name in Glance (default: the file name without extension)",
+    "tag": "tag to add (repeatable)",
+    "rotate_tag": "make the new image the only one of this project carrying TAG (e.g. amphora)",
+    "disk_format": "Glance disk_format (default: detected with qemu-img)",
+    "min_disk": "minimum disk in GB to boot the image",
+    **_GLANCE_AUTH_HELP,
+})
+def glance_upload(c, image, name=None, tag=None, property=None, visibility=None, cloud=None,
+                  rotate_tag=None, keep=None, deactivate_old=False, method=None,
+                  disk_format=None, min_disk=None, min_ram=None, os_cacert=None,
+                  insecure=False, lab=None, verbose=False):
+    """Upload an image to Glance: streamed, sha512-verified, idempotent, optional tag rotation."""
+    from builders.publishers import glance
+    _print(glance.upload_image(
+        *_lab_ws(lab), image=image, name=name, tags=tag or [],
+        properties=property or [], visibility=visibility, cloud=cloud, rotate_tag=rotate_tag,
+        keep=_int(keep, "--keep"), deactivate_old=deactivate_old, method=method,
+        disk_format=disk_format, min_disk=_int(min_disk, "--min-disk"),
+        min_ram=_int(min_ram, "--min-ram"), cacert=os_cacert, insecure=insecure))
+
+
+@labtask(iterable=["property"], auto_shortflags=False, help={
+    **_GLANCE_AUTH_HELP,
+    "keep": "keep the N newest amphora images (the tag moves to the new one), delete older ones "
+            "(default: lab.yaml glance.keep; none deleted)",
+    "deactivate_old": "deactivate older amphora images instead of deleting them "
+                      "(default: lab.yaml glance.deactivate_old)",
+    "min_ram": "minimum RAM in MiB (default 1024, Octavia's amphora flavor)",
+})
+def publish_amphora(c, cloud=None, property=None, keep=None, deactivate_old=False,
+                    method=None, visibility=None, min_ram=None, os_cacert=None,
+                    insecure=False, lab=None, verbose=False):
+    """Publish the amphora image to Glance as Octavia expects it (name, tag rotation, properties)."""
+    from builders.publishers import glance
+    _print(glance.publish_amphora(
+        *_lab_ws(lab), cloud=cloud, properties=property or [],
+        keep=_int(keep, "--keep"), deactivate_old=deactivate_old or None, method=method,
+        visibility=visibility, min_ram=_int(min_ram, "--min-ram") or 1024,
+        cacert=os_cacert, insecure=insecure))
+
+
+def _int(value, option: str):
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise LabError(f"{option} {value}: expected a whole number") from None
+
+# ---- whole lab, manifest ----------------------------------------------------
+
+@labtask(name="all", iterable=["only", "skip"], help={
+    "lab": LAB_HELP,
+    "only": "run only this step (repeatable): " + ", ".join(pipeline.KINDS),
+    "skip": "skip this step (repeatable)",
+    "force": "rebuild even when inputs are unchanged (never replaces a CA: see certs --rotate)",
+    "json": "print one JSON document on stdout (human output goes to stderr)",
+})
+def build_all(c, lab=None, only=None, skip=None, force=False, json=False):
+    """Build everything the lab needs: certs, seeds, base image, overlays, amphora, boxes, Glance."""
+    lb, ws = _lab_ws(lab)
+
+    def show(rep):
+        detail = f" ({rep.detail})" if rep.detail else ""
+        print(f"{rep.name}: {rep.status}{detail} [{rep.seconds:.1f}s]", file=sys.stderr)
+
+    reports = pipeline.run_all(lb, ws, only=tuple(only or ()), skip=tuple(skip or ()),
+                               force=force, on_step=show)
+    print(pipeline.summary_table(reports), file=sys.stderr)
+    if json:
+        import json as _json
+        print(_json.dumps(pipeline.to_json(lb, ws, reports), indent=2))
+    failed = [r.name for r in reports if r.status == "failed"]
+    if failed:
+        raise LabError(f"{', '.join(failed)} failed; see the lines above")
+
+
+@labtask(help={"lab": LAB_HELP})
+def manifest(c, lab=None):
+    """Print artifacts/manifest.json: every artifact with kind, sha256, size, inputs."""
+    import json as _json
+    print(_json.dumps(Manifest(Workspace.default(lab).artifacts).load(), indent=2, sort_keys=True))
+
+
+@labtask(help={"lab": LAB_HELP})
+def verify(c, lab=None):
+    """Re-hash every artifact in the manifest and report drift (exit 1 when any)."""
+    m = Manifest(Workspace.default(lab).artifacts)
+    n = len(m.entries())
+    problems = m.verify()
+    for rel, problem in problems:
+        print(f"{rel}: {problem}", file=sys.stderr)
+    if problems:
+        raise LabError(f"{m.path}: {len(problems)} of {n} artifacts drifted; rebuild them "
+                       "(invoke all) or restore them")
+    print(f"{m.path}: all {n} artifacts verify")
+
+
+# ---- the command -------------------------------------------------------------
+
+ns = Collection.from_module(sys.modules[__name__], name="labforge")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("labforge")
+    except PackageNotFoundError:      # a checkout that was never pip-installed
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``labforge`` console script: Invoke's Program over :data:`ns`."""
+    program = Program(namespace=ns, name="labforge", binary="labforge", version=_version())
+    try:
+        program.run(argv)
+    except BrokenPipeError:           # `labforge --list | head`: the reader is gone, stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
