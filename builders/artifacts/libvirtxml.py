@@ -88,11 +88,12 @@ def domain_xml(lab: Lab, host: Host, overlay: Path, seed: Path | None, accel: st
         _sub(cd, "source", file=str(seed))
         _sub(cd, "target", dev="hdc", bus="ide")
         _sub(cd, "readonly")
-    nic = _sub(dev, "interface", type="network")
-    if host.mac:
-        _sub(nic, "mac", address=host.mac.lower())
-    _sub(nic, "source", network=net.name)
-    _sub(nic, "model", type="virtio")
+    for lab_nic in host.nics or ():          # every lab NIC, in the host's order
+        nic = _sub(dev, "interface", type="network")
+        if lab_nic.mac:
+            _sub(nic, "mac", address=lab_nic.mac.lower())
+        _sub(nic, "source", network=lab_nic.network or net.name)
+        _sub(nic, "model", type="virtio")
     serial = _sub(dev, "serial", type="pty")
     _sub(serial, "target", port="0")
     console = _sub(dev, "console", type="pty")
@@ -142,7 +143,7 @@ def build_libvirt_xml(lab: Lab, ws: Workspace, *, hosts: list[str] | None = None
     outcomes: list[Outcome] = []
     with BuildLock(ws):
         jobs: list[tuple[str, Path, str, str]] = []     # (step, path, xml, schema)
-        used_nets = {h.network or lab.networks[0].name for h in chosen}
+        used_nets = {n.network for h in chosen for n in h.nics}
         for net in lab.networks:
             if net.name in used_nets:
                 jobs.append((f"libvirt-xml network {net.name}", out_dir / f"net-{net.name}.xml",

@@ -47,6 +47,7 @@ from xml.sax.saxutils import quoteattr
 from builders.artifacts import seediso
 from builders.artifacts.baseimage import qemu_check
 from builders.core.console import log, progress
+from builders.artifacts import labnet
 from builders.core.errors import LabError
 from builders.core.fsutil import atomic_path, atomic_write, remove_stale_parts
 from builders.core.lab import Host, Lab, Network
@@ -543,10 +544,10 @@ def _gateway(lab: Lab, net: Network) -> IPv4Address:
     if net.gateway is not None:
         return net.gateway
     gw = next(net.cidr.hosts())
-    users = [h.name for h in lab.hosts if h.ip == gw]
+    users = [f for f, ip in labnet.addresses_on(lab, net) if ip == gw]
     if users:
         raise LabError(f"lab.yaml: networks.{net.name}.gateway: not given, and the default "
-                       f"{gw} is host {users[0]}'s address; set networks.{net.name}.gateway")
+                       f"{gw} is {users[0]}; set networks.{net.name}.gateway")
     return gw
 
 
@@ -559,9 +560,9 @@ def _dhcp_range(lab: Lab, net: Network) -> tuple[IPv4Address, IPv4Address]:
     cidr: IPv4Network = net.cidr
     start = cidr.network_address + cidr.num_addresses // 2
     end = cidr.broadcast_address - 1
-    for h in lab.hosts:
-        if _host_network(lab, h).name == net.name and start <= h.ip <= end:
-            raise LabError(f"lab.yaml: hosts.{h.name}.ip: {h.ip} is in the DHCP range {start}-{end} "
+    for field, ip in labnet.addresses_on(lab, net):
+        if start <= ip <= end:
+            raise LabError(f"lab.yaml: {field}: {ip} is in the DHCP range {start}-{end} "
                            f"of network {net.name}; use an address below {start} or dhcp: false")
     return start, end
 
@@ -581,8 +582,11 @@ def render_network_xml(lab: Lab, net: Network) -> str:
     ip = f'  <ip address="{gw}" netmask="{net.cidr.netmask}"'
     if net.dhcp:
         start, end = _dhcp_range(lab, net)
+        # each NIC's lab address, reserved for its MAC
+        hosts = [f"      <host mac={quoteattr(mac)} name={quoteattr(name)} ip=\"{addr}\"/>"
+                 for mac, name, addr in labnet.dhcp_hosts(lab, net)]
         lines += [ip + ">", "    <dhcp>", f'      <range start="{start}" end="{end}"/>',
-                  "    </dhcp>", "  </ip>"]
+                  *hosts, "    </dhcp>", "  </ip>"]
     else:
         lines.append(ip + "/>")
     lines.append("</network>")
@@ -639,6 +643,7 @@ def _seed_where(lab: Lab, ws: Workspace, host: Host) -> str:
 
 
 def render_vagrantfile(lab: Lab, ws: Workspace) -> str:
+    driver = labnet.vagrant_driver(lab, ws)
     box = lab.vagrant.box
     cat = catalog_path(ws, box)
     key = ssh_private_key(lab, ws)
@@ -646,11 +651,21 @@ def render_vagrantfile(lab: Lab, ws: Workspace) -> str:
         f"# Vagrantfile of lab {lab.name}, made by labforge from {lab.source.name}.",
         "# Do not edit: change lab.yaml and run `invoke vagrantfile`.",
         "#",
-        "# Before `vagrant up --provider=libvirt`, define and start the lab networks",
-        "# (once per libvirt host):",
+        "# Bring the lab up, in this directory (the host needs vagrant, vagrant-libvirt,",
+        "# libvirt-daemon-system, dnsmasq-base and a storage pool named default):",
     ]
     for net in lab.networks:
         out.append(f"#   virsh net-define networks/{net.name}.xml && virsh net-start {net.name}")
+    out += [
+        "#   vagrant up --provider=libvirt",
+        "#   invoke lab-check --wait 300       # labforge: names, ZooKeeper over TLS, client auth",
+        "# and down: `vagrant destroy -f` removes the machines, their volumes and the",
+        "# networks above (define them again before the next `vagrant up`).",
+        f"# libvirt.driver {driver!r}: "
+        + ("vagrant.driver in lab.yaml" if lab.vagrant.driver != "auto" else
+           "KVM runs guests where this file was made" if driver == "kvm" else
+           "KVM cannot run guests where this file was made (TCG); vagrant.driver overrides"),
+    ]
     out += [
         "",
         'Vagrant.configure("2") do |config|',
@@ -668,31 +683,46 @@ def render_vagrantfile(lab: Lab, ws: Workspace) -> str:
     out += [
         "",
         "  config.vm.provider :libvirt do |libvirt|",
-        "    libvirt.driver = \"kvm\"",
+        f"    libvirt.driver = {_rb(driver)}",
         f"    libvirt.management_network_name = {_rb(lab.vagrant.management_network)}",
         "  end",
     ]
     for h in lab.hosts:
-        net = _host_network(lab, h)
         seed = seed_iso_path(lab, ws, h).resolve()
-        opts = [f"ip: {_rb(str(h.ip))}", f"netmask: {_rb(str(net.cidr.netmask))}",
-                f"libvirt__network_name: {_rb(net.name)}",
-                f"libvirt__dhcp_enabled: {_rb(net.dhcp)}",
-                f"libvirt__forward_mode: {_rb(net.forward)}"]
-        if h.mac:
-            opts.append(f"mac: {_rb(h.mac.lower())}")
-        # the seed ISO's network-config sets the lab address; Vagrant configures
-        # the NIC itself only when there is no seed
-        opts.append("auto_config: !File.exist?(seed)")
+        mgmt = labnet.management_nic(lab, h)
+        nets = []
+        for nic in h.nics:
+            if nic is mgmt:
+                continue
+            net = lab.network(nic.network)
+            opts = [f"ip: {_rb(str(nic.ip))}", f"netmask: {_rb(str(net.cidr.netmask))}",
+                    f"libvirt__network_name: {_rb(net.name)}",
+                    f"libvirt__dhcp_enabled: {_rb(net.dhcp)}",
+                    f"libvirt__forward_mode: {_rb(net.forward)}"]
+            if nic.mac:
+                opts.append(f"mac: {_rb(nic.mac.lower())}")
+            # the seed ISO's network-config sets the lab address; Vagrant configures
+            # the NIC itself only when there is no seed
+            opts.append("auto_config: !File.exist?(seed)")
+            nets += ["    m.vm.network :private_network,",
+                     *[f"      {o}," for o in opts[:-1]], f"      {opts[-1]}"]
+        provider = []
+        if mgmt is not None:
+            # Vagrant's management NIC is the host's first lab NIC: that network,
+            # found by its subnet, this MAC (the seed matches the NIC by it; the
+            # network's DHCP reserves the lab address for it)
+            mnet = lab.network(mgmt.network)
+            provider = [f"      libvirt.management_network_name = {_rb(mnet.name)}",
+                        f"      libvirt.management_network_address = {_rb(str(mnet.cidr))}",
+                        f"      libvirt.management_network_mac = {_rb(mgmt.mac.lower())}"]
         out += [
             "",
             f"  config.vm.define {_rb(h.name)} do |m|",
             f"    seed = {_rb(str(seed))}",
             f"    m.vm.hostname = {_rb(lab.fqdn(h) if lab.domain else h.name)}",
-            "    m.vm.network :private_network,",
-            *[f"      {o}," for o in opts[:-1]],
-            f"      {opts[-1]}",
+            *nets,
             "    m.vm.provider :libvirt do |libvirt|",
+            *provider,
             f"      libvirt.cpus = {h.cpus}",
             f"      libvirt.memory = {h.memory}",
             f"      libvirt.machine_virtual_size = {h.disk}",

@@ -188,7 +188,7 @@ def boot_check(lab: Lab, ws: Workspace, host: str, *, timeout: float = 900,
                     "-serial", f"file:{console}",
                     "-drive", f"file={disk},if=virtio,format=qcow2,cache=unsafe",
                     "-drive", f"file={seed},media=cdrom,readonly=on,format=raw",
-                    "-nic", "user,model=virtio-net-pci" + (f",mac={h.mac}" if h.mac else ""),
+                    *_nic_args(h),
                     "-pidfile", str(pidfile)]
             grace = KVM_GRACE if i + 1 < len(plan) else None
             out = _watch(h, argv, console, pidfile, marker, list(expect), timeout, acc, grace)
@@ -198,6 +198,14 @@ def boot_check(lab: Lab, ws: Workspace, host: str, *, timeout: float = 900,
         raise AssertionError("unreachable: the last accelerator has no grace period")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _nic_args(h: Host) -> list[str]:
+    """One user-mode NIC per lab NIC, with its MAC (the seed's network-config
+    matches NICs by MAC; a host with several NICs has them all)."""
+    if len(h.nics) > 1:
+        return [a for n in h.nics for a in ("-nic", f"user,model=virtio-net-pci,mac={n.mac}")]
+    return ["-nic", "user,model=virtio-net-pci" + (f",mac={h.mac}" if h.mac else "")]
 
 
 def _watch(h: Host, argv: list[str], console: Path, pidfile: Path, marker: str,
