@@ -147,8 +147,9 @@ def test_vagrant_up_of_the_default_lab_passes_lab_check(main_job, libvirtd, defa
     assert f"libvirt.memory = {MEMORY}" in vfile
     header = [ln for ln in vfile.splitlines() if ln.startswith("#   ")]
     assert "#   vagrant up --provider=libvirt" in header
-    _open_for_qemu(ws.certs / "seed")
-    _open_for_qemu(ws.artifacts / "seed")
+    for seeds in (ws.certs / "seed", ws.artifacts / "seed"):
+        if seeds.is_dir():
+            _open_for_qemu(seeds)
 
     from builders.core import lab as labmod
     lab = labmod.load(lab_path)

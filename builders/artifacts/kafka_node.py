@@ -270,15 +270,32 @@ def bakes_zookeeper(lab: Lab) -> bool:
     return lab.base_image.source == "build" and ZK_PACKAGE in lab.base_image.packages
 
 
-def node_config(lab: Lab, h: Host) -> tuple[tuple[WriteFile, ...], tuple[str, ...], tuple[str, ...]]:
-    """(write_files, runcmd, packages) the seed adds for host ``h``, before the
-    host's own: /etc/hosts on every host; on a broker its stores, the store
-    password, server.properties and (ZooKeeper mode) ZooKeeper, started.
-    A host with its own user-data gets nothing (that file is used as is)."""
+def certs_files(lab: Lab, h: Host) -> list[str]:
+    """The files under certs/kafka/ a broker's node configuration ships."""
+    ext = _ext(lab)
+    return [f"{h.name}.keystore.{ext}", f"truststore.{ext}", "store.password",
+            f"server-{h.name}.properties"]
+
+
+def missing_certs(lab: Lab, ws, h: Host) -> list[str]:
+    """Which of the broker's certs/kafka/ files `invoke certs` has not made (yet)."""
+    return [f for f in certs_files(lab, h) if not (ws.certs / "kafka" / f).is_file()]
+
+
+def node_config(lab: Lab, h: Host, ws=None
+                ) -> tuple[tuple[WriteFile, ...], tuple[str, ...], tuple[str, ...]]:
+    """(write_files, runcmd, packages) the seed adds for host ``h``: /etc/hosts
+    on every host; on a broker its stores, the store password,
+    server.properties and (ZooKeeper mode) ZooKeeper, started.  With ``ws``,
+    a broker whose certs/kafka/ files are not there (no `invoke certs` yet)
+    gets /etc/hosts only (the seed builder says so).  A host with its own
+    user-data gets nothing (that file is used as is)."""
     if h.user_data is not None:
         return (), (), ()
     files = [WriteFile(path="/etc/hosts", content=etc_hosts(lab))]
     if h.name not in {b.name for b in lab.brokers()}:
+        return tuple(files), (), ()
+    if ws is not None and missing_certs(lab, ws, h):
         return tuple(files), (), ()
     st = stores(lab, h)
     zk = lab.kafka.mode == "zookeeper"
@@ -317,13 +334,14 @@ def node_config(lab: Lab, h: Host) -> tuple[tuple[WriteFile, ...], tuple[str, ..
     return tuple(files), runcmd, packages
 
 
-def with_node_config(lab: Lab, h: Host) -> Host:
-    """``h`` with the node configuration prepended to its own write_files,
-    runcmd and packages (what the seed renders)."""
+def with_node_config(lab: Lab, h: Host, ws=None) -> Host:
+    """``h`` with the node configuration added to its own write_files (after
+    them; the host's own file of a path wins), runcmd (before) and packages
+    (what the seed renders)."""
     import dataclasses
-    files, runcmd, packages = node_config(lab, h)
-    own = {wf.path for wf in h.write_files}      # the host's own file of a path wins
+    files, runcmd, packages = node_config(lab, h, ws)
+    own = {wf.path for wf in h.write_files}
     files = tuple(wf for wf in files if wf.path not in own)
     return dataclasses.replace(
-        h, write_files=(*files, *h.write_files), runcmd=(*runcmd, *h.runcmd),
+        h, write_files=(*h.write_files, *files), runcmd=(*runcmd, *h.runcmd),
         packages=(*packages, *[p for p in h.packages if p not in packages]))

@@ -150,7 +150,7 @@ def is_secret(lab: Lab, ws: Workspace, host: Host) -> bool:
     a ``certs:`` write_files source, or any write_files source or user-data /
     vendor-data / network-config file whose path (relative to the lab file,
     symlinks followed) lies under certs/."""
-    for wf in (*kafka_node.node_config(lab, host)[0], *host.write_files):
+    for wf in (*host.write_files, *kafka_node.node_config(lab, host, ws)[0]):
         if wf.source is None:
             continue
         if wf.source.startswith(CERTS_PREFIX) or _under(lab.path(wf.source), ws.certs):
@@ -383,8 +383,12 @@ def _user_data(lab: Lab, ws: Workspace, h: Host) -> dict:
 
 def render(lab: Lab, ws: Workspace, host: Host | str) -> Seed:
     """Render and validate one host's seed files; raise LabError on bad input."""
-    h = kafka_node.with_node_config(lab, _host(lab, host))
+    h = _host(lab, host)
     warnings: list[str] = []
+    if h.user_data is None and h in lab.brokers() and kafka_node.missing_certs(lab, ws, h):
+        warnings.append(f"{h.name}: no Kafka stores in certs/kafka/ yet (run `invoke certs` "
+                        "first): the seed configures neither ZooKeeper nor Kafka")
+    h = kafka_node.with_node_config(lab, h, ws)
     supplied: dict[str, bytes] = {}
     for name, attr in (("user-data", "user_data"), ("network-config", "network_config"),
                        ("vendor-data", "vendor_data")):

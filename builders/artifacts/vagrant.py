@@ -719,7 +719,10 @@ def render_vagrantfile(lab: Lab, ws: Workspace) -> str:
             "",
             f"  config.vm.define {_rb(h.name)} do |m|",
             f"    seed = {_rb(str(seed))}",
-            f"    m.vm.hostname = {_rb(lab.fqdn(h) if lab.domain else h.name)}",
+            # the seed names the machine (and writes /etc/hosts); Vagrant's own
+            # hostname change would map the name to 127.0.1.1 and restart NICs
+            f"    m.vm.hostname = {_rb(lab.fqdn(h) if lab.domain else h.name)} "
+            "unless File.exist?(seed)",
             *nets,
             "    m.vm.provider :libvirt do |libvirt|",
             *provider,
