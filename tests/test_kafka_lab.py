@@ -265,3 +265,56 @@ def test_node_config_of_a_broker(default_lab):
     data = copy.deepcopy(DEFAULT)
     data["base_image"]["source"] = "download"
     assert kafka_node.node_config(labmod.from_dict(data), h)[2] == ("zookeeper",)
+
+
+# --------------------------------------------------------------------------
+# the seeds, read by cloud-init itself
+# --------------------------------------------------------------------------
+@pytest.mark.integration
+def test_broker_seed_read_and_rendered_by_cloud_init(ws, tmp_path, default_lab):
+    """With the certs made, broker1's seed (secret) carries the whole node:
+    cloud-init's NoCloud reader takes it, its schema accepts the user-data,
+    and its renderers bring up both NICs matched by MAC: DHCP on public
+    (the reservation), static on private."""
+    import base64
+    import subprocess
+
+    from builders.artifacts.certs import build_certs
+    from builders.artifacts.seediso import build_seed_isos, seed_path
+    from test_seediso_cloudinit import _extract, _read_like_nocloud
+
+    build_certs(default_lab, ws)
+    outcomes = build_seed_isos(default_lab, ws)
+    assert [o.status for o in outcomes] == ["built"] * 3
+    iso = seed_path(default_lab, ws, "broker1")
+    assert iso == ws.certs / "seed" / "broker1.iso" and iso.stat().st_mode & 0o777 == 0o600
+    seed = _extract(iso, tmp_path / "s1")
+    schema = subprocess.run(["cloud-init", "schema", "--config-file", str(seed / "user-data")],
+                            capture_output=True, text=True)
+    assert schema.returncode == 0 and "Valid cloud-config" in schema.stdout, schema.stderr
+    got = _read_like_nocloud(seed, tmp_path / "w1")
+    (cfg,) = got["cloud_config"]
+    assert cfg["manage_etc_hosts"] is False
+    files = {w["path"]: base64.b64decode(w["content"]) for w in cfg["write_files"]}
+    kafka = ws.certs / "kafka"
+    assert files["/etc/kafka/ssl/broker1.keystore.p12"] == \
+        (kafka / "broker1.keystore.p12").read_bytes()
+    assert files["/etc/kafka/server.properties"] == \
+        (kafka / "server-broker1.properties").read_bytes()
+    assert files["/etc/zookeeper/conf.lab/zoo.cfg"].decode() == \
+        kafka_node.zoo_cfg(default_lab, default_lab.host("broker1"))
+    assert files["/etc/zookeeper/conf.lab/myid"] == b"1\n"
+    assert files["/etc/hosts"].decode() == kafka_node.etc_hosts(default_lab)
+    deferred = {w["path"] for w in cfg["write_files"] if w.get("defer")}
+    assert "/etc/kafka/ssl/store.password" in deferred       # root:zookeeper: after packages
+    assert "systemctl enable --now zookeeper.service" in cfg["runcmd"]
+    assert "packages" not in cfg                              # baked into the base image
+    eni = got["render"]["eni:etc/network/interfaces.d/50-cloud-init"]
+    assert "iface public inet dhcp" in eni
+    assert "iface private inet static\n    address 10.100.0.11/24" in eni
+    rules = got["render"]["eni:etc/udev/rules.d/70-persistent-net.rules"]
+    assert 'ATTR{address}=="52:54:00:10:00:0b", NAME="public"' in rules
+    assert 'ATTR{address}=="52:54:00:64:00:0b", NAME="private"' in rules
+    nd = got["render"]["networkd:etc/systemd/network/10-cloud-init-private.network"]
+    assert "MACAddress=52:54:00:64:00:0b" in nd and "Address=10.100.0.11/24" in nd
+    assert "Gateway" not in nd                                 # the private network is isolated

@@ -739,7 +739,8 @@ def _check_nics(lab: Lab, errors: list[str]) -> None:
                 errors.append(f"{w}.mac: missing; a host with several NICs needs a MAC on each "
                               "(network-config matches NICs by MAC, as the guest names them "
                               "unpredictably)")
-            if nic.name is not None and not re.match(r"^[A-Za-z0-9_.-]{1,15}$", nic.name):
+            if nic.name is not None and not short and \
+                    not re.match(r"^[A-Za-z0-9_.-]{1,15}$", nic.name):
                 errors.append(f"{w}.name: {nic.name!r} is not a Linux interface name "
                               "(letters, digits, '_', '.', '-', at most 15)")
             if nic.network in on_net:
