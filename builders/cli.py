@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import signal
 import sys
 
@@ -41,6 +42,15 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
+# the command the user typed: advice in messages ("run `invoke certs`") names it
+_COMMAND = "invoke"
+_ADVICE = re.compile(r"(?<=[`(])invoke (?=[a-z])")
+
+
+def _as_typed(line: str) -> str:
+    return _ADVICE.sub(f"{_COMMAND} ", line) if _COMMAND != "invoke" else line
+
+
 def _user_errors(fn):
     """Turn a LabError into its line(s) on stderr and exit status 1; Ctrl-C
     into exit status 130 and SIGTERM into 143 (128 + the signal number, as a
@@ -53,7 +63,7 @@ def _user_errors(fn):
             return fn(c, *args, **kwargs)
         except LabError as exc:
             for i, line in enumerate(exc.lines()):
-                print(("error: " if i == 0 else "  ") + line, file=sys.stderr)
+                print(("error: " if i == 0 else "  ") + _as_typed(line), file=sys.stderr)
             raise Exit(code=1) from None
         except KeyboardInterrupt as exc:
             how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
@@ -448,6 +458,8 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """The ``labforge`` console script: Invoke's Program over :data:`ns`."""
+    global _COMMAND
+    _COMMAND = "labforge"
     program = Program(namespace=ns, name="labforge", binary="labforge", version=_version())
     try:
         program.run(argv)
