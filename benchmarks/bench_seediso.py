@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ed25519  # noqa: E402
 
 from builders.core import lab as labmod  # noqa: E402
-from builders.artifacts.seediso import build_seed_isos, read_seed, render  # noqa: E402
+from builders.artifacts.seed import build_seed_isos, read_seed, render  # noqa: E402
 from builders.core.workspace import Workspace  # noqa: E402
 
 
@@ -112,14 +112,23 @@ def main() -> int:
         env = dict(os.environ, LABFORGE_WORKDIR=str(ws.root))
         invoke = [sys.executable, "-m", "invoke", "-r", str(ROOT)]
 
+        # --force alone would find every seed's bytes already on disk and
+        # write nothing (the stage skips identical files): remove them first
+        def fresh(hosts=names):
+            for h in hosts:
+                (ws.artifacts / "seed" / f"{h}.iso").unlink(missing_ok=True)
+
         def lf_cli_all():
+            fresh()
             subprocess.run([*invoke, "seed-iso", "--lab", str(lab_file), "--force"], env=env,
                            check=True, capture_output=True)
 
         def lf_lib_all():
+            fresh()
             build_seed_isos(lab, ws, force=True)
 
         def lf_cli_one():
+            fresh(["h1"])
             subprocess.run([*invoke, "seed-iso", "--lab", str(lab_file), "--host", "h1",
                             "--force"], env=env, check=True, capture_output=True)
 
@@ -127,6 +136,7 @@ def main() -> int:
             subprocess.run([*invoke, "--list"], env=env, check=True, capture_output=True)
 
         def lf_lib_one():
+            fresh(["h1"])
             build_seed_isos(lab, ws, hosts=["h1"], force=True)
 
         out = tmp / "localds"

@@ -1,6 +1,6 @@
 """Benchmark: packing a base image as a vagrant-libvirt box.
 
-labforge (`builders.vagrant.build_box`: plain tar streamed with sha256 while
+labforge (`builders.artifacts.vagrant.build_box`: plain tar streamed with sha256 while
 writing) against vagrant-libvirt's own `create_box.sh` (tar piped through
 gzip, or pigz when installed), on the same image in one run; then both boxes
 are given to the real `vagrant box add` (temporary VAGRANT_HOME) to prove
@@ -103,7 +103,7 @@ def main() -> int:
         # labforge
         ws = Workspace(tmp / "ws")
         t = time.monotonic()
-        [o] = vagrant.build_box(None, ws, image=str(image), name="bench/labforge", version="1.0.0")
+        vagrant.build_box(None, ws, image=str(image), name="bench/labforge", version="1.0.0")
         t_lab = time.monotonic() - t
         lab_box = vagrant.box_path(ws, "bench/labforge", "1.0.0")
 

@@ -159,7 +159,7 @@ def certs_check(c, lab=None, warn_days=30):
 })
 def seed_iso(c, lab=None, host=None, format="iso", force=False):
     """Build cloud-init NoCloud seeds (artifacts/seed/<host>.iso) for the lab's hosts."""
-    from builders.artifacts.seediso import build_seed_isos
+    from builders.artifacts.seed import build_seed_isos
     _print(build_seed_isos(*_lab_ws(lab), hosts=host or None,
                            force=force, fmt=format))
 

@@ -22,7 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from builders.artifacts.certs import CERTS
 from builders.artifacts.overlays import OVERLAYS
+from builders.artifacts.seed import SEEDS
+from builders.artifacts.vagrant import VAGRANT
 from builders.core import contract
 from builders.publishers.glance import GLANCE
 from builders.core.contract import Builder, Publisher
@@ -90,17 +93,6 @@ def _intact(ws: Workspace, name: str, kind: str, what: str) -> str | None:
     return None
 
 
-def _certs_ready(lab: Lab, ws: Workspace) -> str | None:
-    return None if (ws.certs / "state.json").is_file() else f"{ws.certs} has no certificates"
-
-
-def _seeds_ready(lab: Lab, ws: Workspace) -> str | None:
-    from builders.artifacts.seediso import seed_path
-    missing = [h.name for h in lab.hosts
-               if not any(seed_path(lab, ws, h, fmt=f).is_file() for f in ("iso", "vfat"))]
-    return f"there is no seed for {', '.join(missing)}" if missing else None
-
-
 def _base_ready(lab: Lab, ws: Workspace) -> str | None:
     from builders.artifacts.baseimage import image_path
     return _intact(ws, image_path(lab, ws).stem, "base-image", "base image")
@@ -119,18 +111,14 @@ def _legacy(module: str, func: str):
 
 
 STEPS: tuple[Step, ...] = (
-    _Legacy("certs", _legacy("artifacts.certs", "build_certs"), "Kafka and Octavia PKI under certs/",
-            ready=_certs_ready),
-    _Legacy("seed-iso", _legacy("artifacts.seediso", "build_seed_isos"),
-            "cloud-init seed ISO per host", needs=("certs",), ready=_seeds_ready),
+    CERTS,
+    SEEDS,
     _Legacy("base-image", _legacy("artifacts.baseimage", "build_base_image"), "base cloud image",
             ready=_base_ready),
     OVERLAYS,
     _Legacy("amphora", _legacy("artifacts.amphora", "build_amphora"), "Octavia amphora image",
             ready=_amphora_ready, skip=_amphora_skip),
-    _Legacy("vagrant", _legacy("artifacts.vagrant", "build_lab_vagrant"),
-            "Vagrant box of the base image, Vagrantfile, network XML",
-            needs=("base-image", "seed-iso")),
+    VAGRANT,
     GLANCE,
 )
 BY_NAME = {s.name: s for s in STEPS}

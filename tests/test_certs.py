@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import re
 import stat
 from pathlib import Path
@@ -18,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from builders.artifacts import certs
+from builders.core import contract
 
 from builders.tools import pki
 from builders.artifacts.certs import (build_certs, check_certs, issue_amphora_cert, lab_ssh_public_key)
@@ -261,7 +263,11 @@ def test_octavia_conf_names_existing_files(built: Workspace):
 
 
 def test_issue_amphora_cert(built: Workspace, default_lab):
+    """Issuing an amphora's certificate (what the amphora check does) reads the
+    server CA and writes nothing under certs/: no file, no state.json entry."""
+    before = tree_snapshot(built.certs, mtimes=True)
     cert_pem, key_pem = issue_amphora_cert(default_lab, built, "0f3a6e2c-amp-1")
+    assert changed(before, tree_snapshot(built.certs, mtimes=True)) == set()
     cert = x509.load_pem_x509_certificate(cert_pem)
     key = serialization.load_pem_private_key(key_pem, None)
     assert pki.same_public_key(key, cert)
@@ -275,6 +281,7 @@ def test_issue_amphora_cert(built: Workspace, default_lab):
 def test_issue_amphora_cert_needs_the_set(ws, default_lab):
     with pytest.raises(LabError, match="run `invoke certs`"):
         issue_amphora_cert(default_lab, ws, "amp1")
+    assert not ws.certs.exists() or not any(ws.certs.rglob("*"))
 
 
 def test_lab_ssh_key(built: Workspace):
@@ -435,14 +442,14 @@ def test_an_interrupted_rotation_is_refused_in_one_line(built: Workspace, defaul
     leaves a pair the next run refuses (never a silent mismatch)."""
     k = built.certs / "kafka"
     old_key, old_crt = (k / "ca.key").read_bytes(), (k / "ca.crt").read_bytes()
-    real_write = certs.atomic_write
+    real_replace = os.replace
 
-    def stop_at_ca_crt(path, data, mode=0o644):
-        if path == k / "ca.crt":
+    def stop_at_ca_crt(src, dst):
+        if Path(dst) == k / "ca.crt":      # the stage's commit renames the key first
             raise KeyboardInterrupt
-        return real_write(path, data, mode=mode)
+        return real_replace(src, dst)
     with monkeypatch.context() as m:
-        m.setattr(certs, "atomic_write", stop_at_ca_crt)
+        m.setattr(contract.os, "replace", stop_at_ca_crt)
         with pytest.raises(KeyboardInterrupt):
             build_certs(default_lab, built, rotate=("kafka",))
     assert (k / "ca.key").read_bytes() != old_key and (k / "ca.crt").read_bytes() == old_crt

@@ -395,7 +395,7 @@ def test_boot_check_unknown_host_is_one_line(cli):
 @pytest.mark.integration
 def test_libvirt_xml_is_valid_and_points_at_the_artifacts(ws, default_lab):
     import xml.etree.ElementTree as ET
-    from builders.artifacts import seediso
+    from builders.artifacts import seed as seeds
     from builders.artifacts.libvirtxml import build_libvirt_xml
     outs = build_libvirt_xml(default_lab, ws, accel="tcg")    # validated by virt-xml-validate
     assert {o.status for o in outs} == {"built"} and len(outs) == 2 + 2 * 3   # 2 networks
@@ -405,7 +405,7 @@ def test_libvirt_xml_is_valid_and_points_at_the_artifacts(ws, default_lab):
         str((ws.artifacts / "vms" / "broker1.qcow2").resolve())
     assert d.find("devices/disk[@device='disk']/driver").get("type") == "qcow2"
     assert d.find("devices/disk[@device='cdrom']/source").get("file") == \
-        str(seediso.seed_path(default_lab, ws, "broker1").resolve())
+        str(seeds.seed_path(default_lab, ws, "broker1").resolve())
     nics = [(n.find("source").get("network"), n.find("mac").get("address"))
             for n in d.findall("devices/interface")]               # every NIC, in lab order
     assert nics == [("public", "52:54:00:10:00:0b"), ("private", "52:54:00:64:00:0b")]

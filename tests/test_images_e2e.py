@@ -21,7 +21,7 @@ from builders.tools import dib
 
 from builders.artifacts import overlays
 
-from builders.artifacts import seediso
+from builders.artifacts import seed as seeds
 from builders.core.fsutil import private_dir, sha256_file
 from builders.core.manifest import Manifest
 from helpers import assert_one_line_error, lab_file
@@ -85,7 +85,7 @@ def test_dib_base_overlays_and_boot_check_broker1(tmp_path, ws, cli, report):
     assert [o.status for o in outs] == ["built"] * 3
 
     _lab_ssh_key(ws)
-    seediso.build_seed_isos(lab, ws, hosts=["broker1"])
+    seeds.build_seed_isos(lab, ws, hosts=["broker1"])
     overlay = ws.artifacts / "vms" / "broker1.qcow2"
     before = sha256_file(overlay)
 
@@ -93,7 +93,7 @@ def test_dib_base_overlays_and_boot_check_broker1(tmp_path, ws, cli, report):
                                  expect=["e2e-hostname=broker1", f"e2e-file=written-{token}"])
     assert res.status == "passed", res.line()
     console = (ws.artifacts / "logs" / "boot-broker1.console.log").read_text(errors="replace")
-    assert seediso.seed_marker(lab, "broker1", ws) in console
+    assert seeds.seed_marker(lab, "broker1", ws) in console
     assert "e2e-hostname=broker1" in console and f"e2e-file=written-{token}" in console
     report(res.line())
     # the user's overlay was only read
@@ -148,7 +148,7 @@ def test_dib_base_in_builder_container_boots_broker1(tmp_path, ws, monkeypatch, 
 
     overlays.build_overlays(lab, ws, hosts=["broker1"])
     _lab_ssh_key(ws)
-    seediso.build_seed_isos(lab, ws, hosts=["broker1"])
+    seeds.build_seed_isos(lab, ws, hosts=["broker1"])
     [res] = bootcheck.boot_check(lab, ws, "broker1", timeout=1200)
     assert res.status == "passed", res.line()
     report(f"{base.line()}\n{res.line()}")

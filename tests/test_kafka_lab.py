@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builders.artifacts import certs_kafka, kafka_node
+from builders.artifacts import kafka_node
+from builders.artifacts.certs import kafka as certs_kafka
 from builders.core import lab as labmod
 from builders.core.errors import LabError
 from helpers import ROOT, assert_one_line_error, write_lab
@@ -280,7 +281,7 @@ def test_broker_seed_read_and_rendered_by_cloud_init(ws, tmp_path, default_lab):
     import subprocess
 
     from builders.artifacts.certs import build_certs
-    from builders.artifacts.seediso import build_seed_isos, seed_path
+    from builders.artifacts.seed import build_seed_isos, seed_path
     from test_seediso_cloudinit import _extract, _read_like_nocloud
 
     build_certs(default_lab, ws)

@@ -46,7 +46,7 @@ def _virsh(uri: str, *args: str, check: bool = False) -> subprocess.CompletedPro
 @pytest.fixture(scope="module")
 def libvirtd(tmp_path_factory):
     """(uri, state dir) of a libvirt daemon for system domains and networks."""
-    for tool in ("vagrant", "virsh", "libvirtd", "dnsmasq", "qemu-system-x86_64"):
+    for tool in ("vagrant", "virsh", "libvirtd", "virtlogd", "dnsmasq", "qemu-system-x86_64"):
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is not installed (scripts/packages/vagrant.test)")
     probe = subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True,
@@ -57,6 +57,16 @@ def libvirtd(tmp_path_factory):
     d = tmp_path_factory.mktemp("libvirtd")
     sock = d / "sock"
     sock.mkdir()
+    # QEMU's console goes through virtlogd, which systemd's socket starts on a
+    # normal host; here it is started with libvirtd (and stopped with it)
+    logd = None
+    if not Path("/run/libvirt/virtlogd-sock").exists():
+        logd = subprocess.Popen(["virtlogd"], stdout=open(d / "virtlogd.log", "wb"),
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        for _ in range(120):
+            if Path("/run/libvirt/virtlogd-sock").exists() or logd.poll() is not None:
+                break
+            time.sleep(0.25)
     conf = d / "libvirtd.conf"
     conf.write_text(f'unix_sock_dir = "{sock}"\nlisten_tls = 0\nlisten_tcp = 0\n')
     log = open(d / "libvirtd.log", "wb")
@@ -73,13 +83,14 @@ def libvirtd(tmp_path_factory):
                         + (d / "libvirtd.log").read_text(errors="replace")[-2000:])
         yield uri
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        for p in (proc, logd):
+            if p is not None and p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
         log.close()
 
 

@@ -76,7 +76,7 @@ def test_each_bad_value_is_one_named_problem(changes, needle):
 
 def test_octavia_file_names_match_the_certs_builder():
     """The names amp_ssh_key_name may not take are exactly the other Octavia files."""
-    from builders.artifacts.certs_octavia import F
+    from builders.artifacts.certs.octavia import F
     assert labmod.OCTAVIA_FILES == set(F.values())
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
 import os
 import shutil
 import subprocess
@@ -15,10 +14,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from builders.core import lab as labmod
-from builders.artifacts import seediso
+import builders.artifacts.seed as seeds
+from builders.core import contract
+from builders.artifacts.seed import rendering, validate
 from builders.core.errors import LabError
-from builders.core.manifest import Manifest
-from builders.artifacts.seediso import build_seed_isos, read_seed, seed_marker, seed_path
+from builders.core.fsutil import sha256_file
+from builders.core.manifest import Manifest, SecretLedger
+from builders.artifacts.seed import build_seed_isos, read_seed, seed_marker, seed_path
 from builders.core.workspace import Workspace
 
 from helpers import assert_one_line_error, lab_file, write_lab
@@ -64,6 +66,14 @@ def test_default_lab_seeds_show_the_names_tools_expect(default_lab, ws, lab_key)
     assert seed_path(default_lab, ws, "broker1") == iso
     names = sorted(read_seed(iso))
     assert names == ["meta-data", "network-config", "user-data"]
+    # the builder's declared outputs are exactly what it recorded
+    declared = seeds.SEEDS.outputs(default_lab, ws)
+    assert [o.path for o in declared] == [p for o in outcomes for p in o.paths]
+    m = Manifest(ws.artifacts)
+    assert all(m.get(o.path)["kind"] == o.kind == "seed-iso" for o in declared)
+    assert seeds.SEEDS.ready(default_lab, ws) is None
+    iso.unlink()
+    assert seeds.SEEDS.ready(default_lab, ws) == "there is no seed for broker1"
 
 
 @pytest.mark.integration
@@ -106,7 +116,7 @@ def test_contents_round_trip_through_xorriso(tmp_path, ws, lab_key):
                    check=True, capture_output=True)
     # against what labforge rendered, not pycdlib reading back what it wrote
     assert {p.name: p.read_bytes() for p in out.iterdir()} == \
-        seediso.render(lab, ws, "broker1").files
+        seeds.render(lab, ws, "broker1").files
     meta = yaml.safe_load((out / "meta-data").read_text())
     ud_text = (out / "user-data").read_text()
     assert ud_text.startswith("#cloud-config\n")
@@ -199,8 +209,9 @@ def test_a_seed_with_certs_material_is_secret(tmp_path, ws, lab_key):
     wf = ud["write_files"][0]
     assert base64.b64decode(wf["content"]) == jks.read_bytes()
     assert wf["owner"] == "kafka:kafka" and wf["defer"] is True
-    state = json.loads((ws.certs / "seed" / "state.json").read_text())
-    assert state["broker1.iso"]["sha256"] and state["broker1.iso"]["host"] == "broker1"
+    rec = SecretLedger(ws.certs / "seed").get("broker1.iso")
+    assert rec["sha256"] == sha256_file(secret) and rec["meta"]["host"] == "broker1"
+    assert (ws.certs / "seed" / "ledger.json").stat().st_mode & 0o777 == 0o600
     assert build_seed_isos(lab, ws, hosts=["broker1"])[0].status == "up to date"
 
 
@@ -253,7 +264,7 @@ def test_user_supplied_files_are_used_as_is(tmp_path, ws, lab_key):
     lab = labmod.load(write_lab(tmp_path, LAB + (
         "  custom:\n    ip: 10.100.0.20\n    user_data: ud.yaml\n"
         "    network_config: nc.yaml\n    vendor_data: vd.sh\n")))
-    seed = seediso.render(lab, ws, "custom")
+    seed = seeds.render(lab, ws, "custom")
     assert seed.files["user-data"] == ud.encode() and seed.files["network-config"] == nc.encode()
     assert list(seed.files) == ["meta-data", "network-config", "user-data", "vendor-data"]
     assert any("'frobnicate'" in w for w in seed.warnings)
@@ -271,29 +282,29 @@ def test_user_supplied_files_are_used_as_is(tmp_path, ws, lab_key):
 ])
 def test_user_data_headers(text, ok):
     if ok:
-        seediso.validate_user_data(text.encode(), "ud")
+        seeds.validate_user_data(text.encode(), "ud")
     else:
         with pytest.raises(LabError, match="must start with #cloud-config"):
-            seediso.validate_user_data(text.encode(), "ud")
+            seeds.validate_user_data(text.encode(), "ud")
 
 
 def test_jinja_user_data_is_checked_below_its_header():
     ok = "## template: jinja\n#cloud-config\nruncmd: [ls]\nfrobnicate: 1\n"
     assert any("unknown cloud-config key 'frobnicate'" in w
-               for w in seediso.validate_user_data(ok.encode(), "ud"))
+               for w in seeds.validate_user_data(ok.encode(), "ud"))
     # no jinja syntax: a YAML error is an error, with the file's line number
     bad = "## template: jinja\n#cloud-config\nruncmd:\n  - ls\n bad: [\n"
     with pytest.raises(LabError, match=r"^ud:5: invalid YAML"):
-        seediso.validate_user_data(bad.encode(), "ud")
+        seeds.validate_user_data(bad.encode(), "ud")
     # jinja syntax that is not YAML before rendering: the header is checked, with a warning
     tpl = ("## template: jinja\n#cloud-config\nruncmd:\n{% for n in [1, 2] %}\n"
            "  - echo {{ n }}\n{% endfor %}\n")
-    (warning,) = seediso.validate_user_data(tpl.encode(), "ud")
+    (warning,) = seeds.validate_user_data(tpl.encode(), "ud")
     assert "not YAML before rendering" in warning and "checked the #cloud-config header only" \
         in warning
     with pytest.raises(LabError, match=r"^ud:2: .*needs #cloud-config"):
-        seediso.validate_user_data(b"## template: jinja\nhostname: x\n", "ud")
-    assert seediso.validate_user_data(b"## template: jinja\n#!/bin/sh\necho {{ v1.x }}\n",
+        seeds.validate_user_data(b"## template: jinja\nhostname: x\n", "ud")
+    assert seeds.validate_user_data(b"## template: jinja\n#!/bin/sh\necho {{ v1.x }}\n",
                                       "ud") == []
 
 
@@ -301,8 +312,8 @@ def test_jinja_user_data_is_checked_below_its_header():
                                   "version: '2'\nethernets: {}\n"])
 def test_network_config_version_must_be_the_number_1_or_2(text):
     with pytest.raises(LabError, match="'version: 1' or 'version: 2'"):
-        seediso.validate_network_config(text.encode(), "nc")
-    seediso.validate_network_config(b"version: 1\nconfig: []\n", "nc")
+        seeds.validate_network_config(text.encode(), "nc")
+    seeds.validate_network_config(b"version: 1\nconfig: []\n", "nc")
 
 
 # ---- bad input through the CLI: one line, exit 1, nothing written ----------
@@ -384,7 +395,7 @@ def test_vfat_seed_is_a_clean_fat_volume_labelled_cidata(tmp_path, ws, lab_key):
     listing = subprocess.run(["mdir", "-b", "-i", str(img), "::"], capture_output=True, text=True,
                              check=True).stdout.split()
     assert sorted(Path(p).name for p in listing) == ["meta-data", "network-config", "user-data"]
-    want = seediso.render(lab, ws, "broker1").files
+    want = seeds.render(lab, ws, "broker1").files
     for name, data in want.items():
         got = subprocess.run(["mtype", "-i", str(img), f"::{name}"], capture_output=True,
                              check=True).stdout
@@ -399,11 +410,11 @@ def test_vfat_seed_is_a_clean_fat_volume_labelled_cidata(tmp_path, ws, lab_key):
 
 @pytest.mark.integration
 def test_vfat_holds_a_large_seed_and_long_names(tmp_path):
-    from builders.artifacts.seedvfat import make_vfat
+    from builders.artifacts.seed.vfat import make_vfat
     files = {"meta-data": b"instance-id: x\n", "network-config": b"version: 2\n",
              "user-data": b"#cloud-config\n" + b"# pad\n" * 500_000, "vendor-data": b""}
     img = tmp_path / "big.img"
-    img.write_bytes(make_vfat(files, seediso.DEFAULT_EPOCH))
+    img.write_bytes(make_vfat(files, seeds.DEFAULT_EPOCH))
     fsck = subprocess.run(["fsck.fat", "-n", str(img)], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout
     out = tmp_path / "out"
@@ -419,11 +430,11 @@ def test_yaml_emitters_agree_on_generated_content(tmp_path, ws, lab_key):
     if not getattr(_yaml, "__with_libyaml__", False):
         pytest.skip("PyYAML here has no libyaml: there is only one emitter")
     lab = labmod.load(write_lab(tmp_path, LAB))
-    seed = seediso.render(lab, ws, "broker1")
+    seed = seeds.render(lab, ws, "broker1")
     ud = _yaml.safe_load(seed.files["user-data"])
     for doc in (ud, _yaml.safe_load(seed.files["network-config"]),
                 _yaml.safe_load(seed.files["meta-data"])):
-        assert seediso._dump(doc, _yaml.CSafeDumper) == seediso._dump(doc, _yaml.SafeDumper)
+        assert rendering.dump_yaml(doc, _yaml.CSafeDumper) == rendering.dump_yaml(doc, _yaml.SafeDumper)
 
 
 # ---- more validation and edge cases ------------------------------------------
@@ -431,7 +442,7 @@ def test_marker_command_runs_without_a_serial_console(tmp_path, ws, lab_key):
     """The runcmd entry must print the marker and succeed even where
     /dev/ttyS0 or /dev/console cannot be written (here: a test process)."""
     lab = labmod.load(write_lab(tmp_path, LAB))
-    ud = yaml.safe_load(seediso.render(lab, ws, "broker1").files["user-data"])
+    ud = yaml.safe_load(seeds.render(lab, ws, "broker1").files["user-data"])
     argv = ud["runcmd"][-1]
     proc = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL,
                           start_new_session=True, timeout=30)
@@ -491,7 +502,7 @@ def test_ssh_keys_from_files_and_inline(tmp_path, ws):
     b = make_pubkey(tmp_path / "b.pub", "bob")
     lab = labmod.load(write_lab(tmp_path, LAB.replace(
         "  broker2:\n", f"  broker2:\n    ssh_authorized_keys: [keys/a.pub, \"{b}\"]\n")))
-    ud = yaml.safe_load(seediso.render(lab, ws, "broker2").files["user-data"])
+    ud = yaml.safe_load(seeds.render(lab, ws, "broker2").files["user-data"])
     assert ud["ssh_authorized_keys"] == [a, b]       # no lab key needed here
 
 
@@ -499,7 +510,7 @@ def test_size_limit(tmp_path, ws, cli, lab_key, monkeypatch):
     (tmp_path / "big.bin").write_bytes(os.urandom(64 * 1024))
     lab = labmod.load(write_lab(tmp_path, LAB.replace(
         'content: "hello broker1\\n"', "source: big.bin")))
-    monkeypatch.setattr(seediso, "MAX_SEED_BYTES", 32 * 1024)
+    monkeypatch.setattr(validate, "MAX_SEED_BYTES", 32 * 1024)
     with pytest.raises(LabError, match="over the 32 KiB limit"):
         build_seed_isos(lab, ws)
     _no_iso(ws)
@@ -517,7 +528,7 @@ def test_certs_source_cannot_escape_certs(tmp_path, ws, lab_key):
     lab = labmod.load(write_lab(tmp_path, LAB.replace(
         'content: "hello broker1\\n"', 'source: "certs:../lab.yaml"')))
     with pytest.raises(LabError, match="must name a file under certs/"):
-        seediso.render(lab, ws, "broker1")
+        seeds.render(lab, ws, "broker1")
 
 
 def test_seed_moves_between_public_and_secret(tmp_path, ws, lab_key):
@@ -533,7 +544,7 @@ def test_seed_moves_between_public_and_secret(tmp_path, ws, lab_key):
     assert (ws.certs / "seed" / "broker1.iso").exists()
     build_seed_isos(public_lab, ws, hosts=["broker1"])
     assert public.exists() and not (ws.certs / "seed" / "broker1.iso").exists()
-    assert json.loads((ws.certs / "seed" / "state.json").read_text()) == {}
+    assert SecretLedger(ws.certs / "seed").entries() == {}
 
 
 def test_lab_checks_nic_names(tmp_path):
@@ -545,25 +556,28 @@ def test_lab_checks_nic_names(tmp_path):
             "  broker2:\n", "  broker2:\n    interface: lab 0\n")))
     lab = labmod.load(write_lab(tmp_path, LAB.replace(
         "  broker2:\n", "  broker2:\n    dhcp_interface: \"\"\n    interface: ens4\n")))
-    net = yaml.safe_load(seediso._dump(seediso._network_config(lab, lab.host("broker2"))))
+    net = yaml.safe_load(rendering.dump_yaml(rendering.network_config(lab, lab.host("broker2"))))
     assert list(net["ethernets"]) == ["ens4"]
 
 
 def test_a_failed_write_leaves_no_partial_files(default_lab, ws, lab_key, monkeypatch):
-    real = os.fsync
+    """The disk fills up while the second seed is staged: one line, no seed
+    in place, no temporary file left, nothing recorded."""
+    real = open
     calls = []
 
-    def failing_fsync(fd):
-        calls.append(fd)
-        if len(calls) == 2:
-            raise OSError(28, "No space left on device")
-        return real(fd)
+    def failing_open(file, mode="r", *args, **kw):
+        if "x" in mode:                       # the stage creating a temporary file
+            calls.append(file)
+            if len(calls) == 2:
+                raise OSError(28, "No space left on device", str(file))
+        return real(file, mode, *args, **kw)
 
-    monkeypatch.setattr(seediso.os, "fsync", failing_fsync)
+    monkeypatch.setattr(contract, "open", failing_open, raising=False)
     with pytest.raises(LabError, match="cannot write the seeds: No space left on device"):
         build_seed_isos(default_lab, ws)
     seed_dir = ws.artifacts / "seed"
     assert not seed_dir.exists() or list(seed_dir.iterdir()) == []
     assert Manifest(ws.artifacts).entries() == {}
-    monkeypatch.setattr(seediso.os, "fsync", real)
+    monkeypatch.undo()
     assert {o.status for o in build_seed_isos(default_lab, ws)} == {"built"}

@@ -11,7 +11,7 @@ import yaml
 from builders.core import lab as labmod
 from builders.artifacts.certs import build_certs
 from builders.core.manifest import Manifest
-from builders.artifacts.seediso import build_seed_isos, read_seed, seed_path
+from builders.artifacts.seed import build_seed_isos, read_seed, seed_path
 
 from helpers import write_lab
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from builders.core import lab as labmod
-from builders.artifacts.seediso import build_seed_isos, seed_marker, seed_path
+from builders.artifacts.seed import build_seed_isos, seed_marker, seed_path
 
 from helpers import write_lab
 from test_seediso import LAB, make_pubkey

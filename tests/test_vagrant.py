@@ -24,6 +24,7 @@ from builders.artifacts import vagrant
 from builders.core.errors import LabError
 from builders.core.fsutil import sha256_file
 from builders.core.manifest import Manifest
+from builders.tools import libvirt
 from helpers import assert_one_line_error, lab_file, sh, write_lab
 
 pytestmark = pytest.mark.integration  # qemu-img everywhere; vagrant/virsh where named
@@ -90,7 +91,7 @@ def img_info(path: Path) -> dict:
 # boxes and the catalog
 # --------------------------------------------------------------------------
 def test_box_from_backed_image_is_flattened(ws, images, tmp_path):
-    [o] = vagrant.build_box(None, ws, image=str(images["over"]), name="test/lab", version="1.0.0")
+    o, _ = vagrant.build_box(None, ws, image=str(images["over"]), name="test/lab", version="1.0.0")
     box = ws.artifacts / "boxes" / "test-lab-1.0.0.box"
     assert o.status == "built" and box in o.paths and "flattened" in o.detail
     names, meta, vfile, img = read_box(box, tmp_path)
@@ -109,7 +110,7 @@ def test_box_from_backed_image_is_flattened(ws, images, tmp_path):
 
 
 def test_unbacked_image_is_packed_as_is_and_catalog_matches(ws, built, tmp_path):
-    [o] = vagrant.build_box(None, ws, image="debian-12", name="labforge/debian-12")
+    o, _ = vagrant.build_box(None, ws, image="debian-12", name="labforge/debian-12")
     assert o.status == "built" and "flattened" not in o.detail
     box = ws.artifacts / "boxes" / "labforge-debian-12-1.0.0.box"
     names, meta, _, img = read_box(box, tmp_path)
@@ -127,17 +128,17 @@ def test_unbacked_image_is_packed_as_is_and_catalog_matches(ws, built, tmp_path)
 
 
 def test_versions_up_to_date_bump_and_catalog_update(ws, built, images):
-    [o1] = vagrant.build_box(None, ws, image="debian-12", name="t/b")
+    o1, _ = vagrant.build_box(None, ws, image="debian-12", name="t/b")
     box1 = ws.artifacts / "boxes" / "t-b-1.0.0.box"
     sha1 = sha256_file(box1)
-    [o2] = vagrant.build_box(None, ws, image="debian-12", name="t/b")
+    o2, _ = vagrant.build_box(None, ws, image="debian-12", name="t/b")
     assert (o1.status, o2.status) == ("built", "up to date")
     assert "1.0.0" in o2.step
     # a changed image gets the next version; the first stays in the catalog
     sh("qemu-io", "-c", "write -P 0x11 0 64k", built["debian"])
-    [o3] = vagrant.build_box(None, ws, image="debian-12", name="t/b")
+    o3, _ = vagrant.build_box(None, ws, image="debian-12", name="t/b")
     assert o3.status == "built" and "1.0.1" in o3.step
-    [o4] = vagrant.build_box(None, ws, image="amphora-x64-haproxy", name="t/b", version="1.10.0")
+    o4, _ = vagrant.build_box(None, ws, image="amphora-x64-haproxy", name="t/b", version="1.10.0")
     assert o4.status == "built"
     cat = json.loads((ws.artifacts / "boxes" / "t-b.json").read_text())
     assert [v["version"] for v in cat["versions"]] == ["1.0.0", "1.0.1", "1.10.0"]
@@ -146,8 +147,8 @@ def test_versions_up_to_date_bump_and_catalog_update(ws, built, images):
         box = ws.artifacts / "boxes" / f"t-b-{v['version']}.box"
         assert v["providers"][0]["checksum"] == sha256_file(box)
     # force rebuilds the same version, identical bytes (reproducible tar)
-    [o5] = vagrant.build_box(None, ws, image="amphora-x64-haproxy", name="t/b", version="1.10.0",
-                             force=True)
+    o5, _ = vagrant.build_box(None, ws, image="amphora-x64-haproxy", name="t/b", version="1.10.0",
+                            force=True)
     assert o5.status == "built"
     assert cat == json.loads((ws.artifacts / "boxes" / "t-b.json").read_text())
 
@@ -159,20 +160,22 @@ def test_catalog_of_another_box_is_refused(ws, built):
 
 
 def test_base_url_publishes_http_urls(ws, built):
-    [o1] = vagrant.build_box(None, ws, image="debian-12", name="t/b")
+    o1, _ = vagrant.build_box(None, ws, image="debian-12", name="t/b")
     box = ws.artifacts / "boxes" / "t-b-1.0.0.box"
     stat = box.stat()
     # serving the same box elsewhere rewrites the catalog only, not the box
-    [o2] = vagrant.build_box(None, ws, image="debian-12", name="t/b",
-                             base_url="https://boxes.example/t/")
-    assert o2.status == "built" and o2.paths == [ws.artifacts / "boxes" / "t-b.json"]
+    o2, cat2 = vagrant.build_box(None, ws, image="debian-12", name="t/b",
+                                 base_url="https://boxes.example/t/")
+    assert o2.status == "up to date"
+    assert cat2.status == "built" and cat2.paths == [ws.artifacts / "boxes" / "t-b.json"]
+    assert "catalog URL now https://boxes.example/t/t-b-1.0.0.box" in cat2.detail
     assert box.stat().st_mtime_ns == stat.st_mtime_ns
     cat = json.loads((ws.artifacts / "boxes" / "t-b.json").read_text())
     assert [v["version"] for v in cat["versions"]] == ["1.0.0"]
     assert cat["versions"][0]["providers"][0]["url"] == "https://boxes.example/t/t-b-1.0.0.box"
-    [o3] = vagrant.build_box(None, ws, image="debian-12", name="t/b",
-                             base_url="https://boxes.example/t/")
-    assert o3.status == "up to date"
+    outcomes = vagrant.build_box(None, ws, image="debian-12", name="t/b",
+                                 base_url="https://boxes.example/t/")
+    assert [o.status for o in outcomes] == ["up to date", "up to date"]
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -253,7 +256,7 @@ def test_vagrant_adds_box_file_and_catalog_then_sees_update(ws, built, images, v
     (proj / "Vagrantfile").write_text('Vagrant.configure("2") { |c| c.vm.box = "labforge/debian-12" }\n')
     assert "A newer version" not in outdated(venv, proj)
     # ... until a second version is added to the catalog
-    [o] = vagrant.build_box(None, ws, image=str(images["over"]), name="labforge/debian-12")
+    o, _ = vagrant.build_box(None, ws, image=str(images["over"]), name="labforge/debian-12")
     assert "1.0.1" in o.step
     out = vg(venv, "box", "outdated", "--global").stdout
     assert "'labforge/debian-12' for 'libvirt' is outdated! Current: 1.0.0. Latest: 1.0.1" in out
@@ -309,7 +312,7 @@ vagrant: {box: acme/base}
 
 def test_network_xml(tmp_path):
     lab = labmod.load(write_lab(tmp_path, TWO_NETS))
-    priv = ET.fromstring(vagrant.render_network_xml(lab, lab.network("private")))
+    priv = ET.fromstring(libvirt.network_xml(lab, lab.network("private")))
     assert priv.findtext("name") == "private"
     assert priv.find("bridge").get("name") == "lf-private"
     assert priv.find("forward") is None                      # isolated
@@ -317,7 +320,7 @@ def test_network_xml(tmp_path):
     ip = priv.find("ip")
     assert (ip.get("address"), ip.get("netmask")) == ("10.100.0.1", "255.255.255.0")
     assert ip.find("dhcp") is None
-    ext = ET.fromstring(vagrant.render_network_xml(lab, lab.network("ext")))
+    ext = ET.fromstring(libvirt.network_xml(lab, lab.network("ext")))
     assert ext.find("bridge").get("name") == "virbr-ext"
     assert ext.find("forward").get("mode") == "nat"
     assert ext.find("ip").get("address") == "192.168.77.1"   # default: first address
@@ -366,11 +369,51 @@ def test_vagrantfile_task_writes_records_and_prints_virsh(cli, ws, tmp_path):
 
 
 def test_vagrantfile_bad_network_writes_nothing(cli, ws, tmp_path):
-    labfile = write_lab(tmp_path, TWO_NETS.replace(
-        "hosts:", "  a-very-long-net: {cidr: 10.9.0.0/24}\nhosts:"))
+    labfile = write_lab(tmp_path, TWO_NETS.replace("  b: {ip: 192.168.77.20,",
+                                                   "  b: {ip: 192.168.77.200,"))
     proc = cli("vagrantfile", "--lab", str(labfile))
-    assert_one_line_error(proc, "networks.a-very-long-net", "longer than 15 characters")
+    assert_one_line_error(proc, "hosts.b.ip", "DHCP range 192.168.77.128-192.168.77.254")
     assert not (ws.artifacts / "vagrant").exists()
+
+
+def test_bridge_names_fit_ifnamsiz_deterministically(tmp_path):
+    lab = labmod.load(write_lab(tmp_path, TWO_NETS.replace(
+        "hosts:", "  kafka-replication-a: {cidr: 10.9.0.0/24}\n"
+                  "  kafka-replication-b: {cidr: 10.9.1.0/24}\nhosts:")))
+    a, b = (libvirt.bridge_name(lab.network(n))
+            for n in ("kafka-replication-a", "kafka-replication-b"))
+    assert len(a) == len(b) == 15 and a.startswith("lf-kafka-r-") and a != b
+    assert libvirt.bridge_name(lab.network("kafka-replication-a")) == a      # same lab, same name
+    assert libvirt.bridge_name(lab.network("private")) == "lf-private"      # short: as it was
+    assert libvirt.bridge_name(lab.network("ext")) == "virbr-ext"           # given: as given
+    dup = labmod.load(write_lab(tmp_path, TWO_NETS.replace("bridge: virbr-ext", "bridge: lf-private"),
+                                "dup.yaml"))
+    with pytest.raises(LabError, match=r"networks\.ext\.bridge: lf-private is also the bridge "
+                                       "of network private"):
+        libvirt.check_networks(dup)
+
+
+def test_long_bridge_name_same_answer_from_libvirt_xml_and_vagrantfile(ws, tmp_path):
+    """One generator, one set of rules: a network whose default bridge name
+    would pass IFNAMSIZ gets the same bridge, the same XML bytes and the same
+    manifest kind from `invoke libvirt-xml` and `invoke vagrantfile`."""
+    from builders.artifacts.libvirtxml import build_libvirt_xml
+    lab = labmod.load(write_lab(tmp_path, TWO_NETS.replace("  private:", "  kafka-private-net:")))
+    vagrant.build_vagrantfile(lab, ws)
+    build_libvirt_xml(lab, ws, accel="tcg")
+    via_vagrant = ws.artifacts / "vagrant" / "networks" / "kafka-private-net.xml"
+    via_libvirt = ws.artifacts / "libvirt" / "net-kafka-private-net.xml"
+    bridge = ET.parse(via_vagrant).getroot().find("bridge").get("name")
+    assert bridge == ET.parse(via_libvirt).getroot().find("bridge").get("name")
+    assert len(bridge) <= 15 and bridge.startswith("lf-kafka-p")
+    assert via_vagrant.read_bytes() == via_libvirt.read_bytes()
+    m = Manifest(ws.artifacts)
+    assert m.get(via_vagrant)["kind"] == m.get(via_libvirt)["kind"] == libvirt.NETWORK_KIND
+    assert "validates" in (sh("virt-xml-validate", via_vagrant, "network").stdout
+                           + sh("virt-xml-validate", via_vagrant, "network").stderr)
+    # each builder keeps to its own files: a vagrantfile run does not drop libvirt-xml's
+    vagrant.build_vagrantfile(lab, ws, force=True)
+    assert via_libvirt.exists() and m.get(via_libvirt) is not None
 
 
 def test_vagrant_validate_accepts_lab_vagrantfile(cli, ws, venv, built, tmp_path):
@@ -440,7 +483,7 @@ def test_network_xml_valid_against_libvirt_schema(ws, tmp_path):
     lab = labmod.load(write_lab(tmp_path, TWO_NETS))
     for net in lab.networks:
         f = tmp_path / f"{net.name}.xml"
-        f.write_text(vagrant.render_network_xml(lab, net))
+        f.write_text(libvirt.network_xml(lab, net))
         assert "validates" in sh("virt-xml-validate", f, "network").stdout + \
             sh("virt-xml-validate", f, "network").stderr
 
@@ -505,7 +548,7 @@ hosts:
 """))
     net = lab.networks[0]
     xml = tmp_path / f"{name}.xml"
-    xml.write_text(vagrant.render_network_xml(lab, net))
+    xml.write_text(libvirt.network_xml(lab, net))
     virsh = ["virsh", "-c", libvirt_uri]
     try:
         sh(*virsh, "net-define", xml)
@@ -532,7 +575,7 @@ networks:
   {name}: {{cidr: 10.251.{secrets.randbelow(250)}.0/24, dhcp: true, forward: nat}}
 """))
     xml = tmp_path / f"{name}.xml"
-    xml.write_text(vagrant.render_network_xml(lab, lab.networks[0]))
+    xml.write_text(libvirt.network_xml(lab, lab.networks[0]))
     virsh = ["virsh", "-c", libvirt_uri]
     try:
         sh(*virsh, "net-define", xml)
@@ -548,7 +591,7 @@ def test_add_without_vagrant_is_skipped_with_the_command(ws, built, tmp_path, mo
     bindir.mkdir()
     (bindir / "qemu-img").symlink_to(shutil.which("qemu-img"))
     monkeypatch.setenv("PATH", str(bindir))
-    box, add = vagrant.build_box(None, ws, image="debian-12", name="t/b", add=True)
+    box, _, add = vagrant.build_box(None, ws, image="debian-12", name="t/b", add=True)
     assert box.status == "built"
     assert add.status == "skipped" and "vagrant is not installed" in add.detail
     assert "vagrant box add file://" in add.detail
@@ -563,6 +606,12 @@ def test_pipeline_step(ws, built, default_lab):
     assert (ws.artifacts / "vagrant" / "Vagrantfile").is_file()
     again = vagrant.build_lab_vagrant(default_lab, ws)
     assert {o.status for o in again} == {"up to date"}
+    # what the step declares is exactly what it recorded, under the same kinds
+    declared = vagrant.VAGRANT.outputs(default_lab, ws)
+    assert [o.path for o in declared] == [p for o in outcomes for p in o.paths]
+    m = Manifest(ws.artifacts)
+    assert all(m.get(o.path)["kind"] == o.kind for o in declared)
+    assert vagrant.VAGRANT.ready(default_lab, ws) is None
 
 
 def test_pipeline_step_without_base_image(ws, default_lab):

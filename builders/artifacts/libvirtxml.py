@@ -4,7 +4,9 @@ For each host: ``artifacts/libvirt/<host>.xml`` (a domain: disk = the
 host's overlay, cdrom = its seed ISO, one NIC on its lab network with its
 MAC, serial console) and ``artifacts/libvirt/<host>-volume.xml`` (the
 overlay as a storage volume backed by the base, for ``virsh vol-create``);
-for each lab network ``artifacts/libvirt/net-<network>.xml``.  Paths are
+for each lab network ``artifacts/libvirt/net-<network>.xml`` (made by
+builders.tools.libvirt, the same bytes and manifest kind as the
+Vagrantfile's network XML).  Paths are
 absolute (libvirt requires it).  Use::
 
     virsh net-define artifacts/libvirt/net-private.xml && virsh net-start private
@@ -15,19 +17,19 @@ The files are checked with ``virt-xml-validate`` when it is installed.
 
 from __future__ import annotations
 
-import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from builders.core import extcmd
 from builders.checks.bootcheck import detect_accel
 from builders.core.errors import LabError
-from builders.core.fsutil import atomic_path
-from builders.core.lab import Host, Lab, Network
-from builders.core.manifest import Manifest, input_digest
+from builders.core.contract import Builder, Built, Context, Output, Stage, run
+from builders.core.lab import Host, Lab
 from builders.core.outcome import Outcome
 from builders.artifacts.overlays import base_path, overlay_path
-from builders.core.workspace import BuildLock, Workspace
+from builders.artifacts.seed import seed_path
+from builders.core.workspace import Workspace
+from builders.tools import libvirt
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
@@ -42,27 +44,8 @@ def _xml(root: ET.Element) -> str:
     return ET.tostring(root, encoding="unicode") + "\n"
 
 
-def bridge_name(net: Network) -> str:
-    return net.bridge or f"lf-{net.name}"[:15]
-
-
-def network_xml(net: Network) -> str:
-    root = ET.Element("network")
-    _sub(root, "name", net.name)
-    if net.forward == "nat":
-        _sub(root, "forward", mode="nat")
-    _sub(root, "bridge", name=bridge_name(net), stp="on", delay="0")
-    if net.gateway is not None:
-        ip = _sub(root, "ip", address=str(net.gateway), netmask=str(net.cidr.netmask))
-        if net.dhcp:
-            hosts = list(net.cidr.hosts())
-            dhcp = _sub(ip, "dhcp")
-            _sub(dhcp, "range", start=str(hosts[len(hosts) // 2]), end=str(hosts[-1]))
-    return _xml(root)
-
-
 def domain_xml(lab: Lab, host: Host, overlay: Path, seed: Path | None, accel: str) -> str:
-    net = lab.network(host.network) if host.network else lab.networks[0]
+    net = libvirt.host_network(lab, host)
     root = ET.Element("domain", type="kvm" if accel == "kvm" else "qemu")
     _sub(root, "name", f"{lab.name}-{host.name}")
     _sub(root, "memory", str(host.memory), unit="MiB")
@@ -115,56 +98,54 @@ def volume_xml(host: Host, overlay: Path, base: Path) -> str:
     return _xml(root)
 
 
-def _seed_path(lab: Lab, ws: Workspace, host: Host) -> Path | None:
-    try:
-        from builders.artifacts import seediso
-    except ImportError:  # pragma: no cover - the seed module is another feature
-        return None
-    return seediso.seed_path(lab, ws, host).resolve()
+class LibvirtXml(Builder):
+    """Domain, volume and network XML for virsh users (see the module doc);
+    every file is checked with virt-xml-validate before it is committed."""
+
+    kind = "libvirt-xml"
+    help = "libvirt domain, volume and network XML per host (for virsh users)"
+
+    def outputs(self, lab: Lab, ws: Workspace, *, hosts: list[str] | None = None,
+                accel: str | None = None, **_) -> list[Output]:
+        names = list(dict.fromkeys(hosts)) if hosts else [h.name for h in lab.hosts]
+        chosen = [lab.host(n) for n in names]
+        if not chosen:
+            raise LabError(f"{lab.source.name}: hosts: the lab has no hosts; nothing to do")
+        libvirt.check_networks(lab)
+        accel = accel or detect_accel(ws)     # domain type kvm or qemu
+        out_dir = ws.artifacts / "libvirt"
+        outs: list[Output] = []
+        used_nets = {n.network for h in chosen for n in h.nics}
+        for net in lab.networks:
+            if net.name in used_nets:
+                text = libvirt.network_xml(lab, net)
+                outs.append(Output(out_dir / f"net-{net.name}.xml", libvirt.NETWORK_KIND,
+                                   f"libvirt-xml network {net.name}", inputs=(text,),
+                                   data=(text, "network")))
+        for h in chosen:
+            overlay = overlay_path(ws, h).resolve()
+            text = domain_xml(lab, h, overlay, seed_path(lab, ws, h).resolve(), accel)
+            outs.append(Output(out_dir / f"{h.name}.xml", self.kind, f"libvirt-xml {h.name}",
+                               inputs=(text,), data=(text, "domain")))
+            text = volume_xml(h, overlay, base_path(ws, h).resolve())
+            outs.append(Output(out_dir / f"{h.name}-volume.xml", self.kind,
+                               f"libvirt-xml {h.name} volume", inputs=(text,),
+                               data=(text, "storagevol")))
+        return outs
+
+    def build(self, ctx: Context, out: Output, stage: Stage) -> Built:
+        text, schema = out.data
+        tmp = stage.file(out.path)
+        tmp.write_text(text)
+        libvirt.validate(tmp, schema)
+        return Built(meta={"schema": schema},
+                     tools={"virt-xml-validate": extcmd.tool_version("virt-xml-validate")})
 
 
-def validate(path: Path, kind: str) -> None:
-    """virt-xml-validate PATH KIND, when the tool is installed."""
-    if shutil.which("virt-xml-validate") is None:
-        return
-    extcmd.run(["virt-xml-validate", path, kind], what=f"validating {path.name}")
+LIBVIRT_XML = LibvirtXml()
 
 
 def build_libvirt_xml(lab: Lab, ws: Workspace, *, hosts: list[str] | None = None,
                       force: bool = False, accel: str | None = None) -> list[Outcome]:
     """Write the domain, volume and network XML (see the module doc)."""
-    names = list(dict.fromkeys(hosts)) if hosts else [h.name for h in lab.hosts]
-    chosen = [lab.host(n) for n in names]
-    if not chosen:
-        raise LabError(f"{lab.source.name}: hosts: the lab has no hosts; nothing to do")
-    accel = accel or detect_accel(ws)     # domain type kvm or qemu
-    out_dir = ws.artifacts / "libvirt"
-    manifest = Manifest(ws.artifacts)
-    outcomes: list[Outcome] = []
-    with BuildLock(ws):
-        jobs: list[tuple[str, Path, str, str]] = []     # (step, path, xml, schema)
-        used_nets = {n.network for h in chosen for n in h.nics}
-        for net in lab.networks:
-            if net.name in used_nets:
-                jobs.append((f"libvirt-xml network {net.name}", out_dir / f"net-{net.name}.xml",
-                             network_xml(net), "network"))
-        for h in chosen:
-            overlay = overlay_path(ws, h).resolve()
-            seed = _seed_path(lab, ws, h)
-            jobs.append((f"libvirt-xml {h.name}", out_dir / f"{h.name}.xml",
-                         domain_xml(lab, h, overlay, seed, accel), "domain"))
-            jobs.append((f"libvirt-xml {h.name} volume", out_dir / f"{h.name}-volume.xml",
-                         volume_xml(h, overlay, base_path(ws, h).resolve()), "storagevol"))
-        for step, path, text, schema in jobs:
-            digest = input_digest("libvirt-xml", text)
-            if not force and manifest.is_current(path, digest):
-                outcomes.append(Outcome(step, "up to date", [path]))
-                continue
-            with atomic_path(path) as tmp:
-                tmp.write_text(text)
-                validate(tmp, schema)
-            manifest.record(path, "libvirt-xml", digest,
-                            tools={"virt-xml-validate": extcmd.tool_version("virt-xml-validate")},
-                            meta={"schema": schema})
-            outcomes.append(Outcome(step, "built", [path]))
-    return outcomes
+    return run(LIBVIRT_XML, lab, ws, force=force, hosts=hosts, accel=accel)

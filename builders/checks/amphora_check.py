@@ -8,7 +8,7 @@ files Octavia injects, their bodies under ``openstack/content/``):
 * ``/etc/octavia/amphora-agent.conf`` rendered with the keys of Octavia's
   ``amphora_agent_conf.template``,
 * ``/etc/octavia/certs/server.pem``: certificate + key for a test amphora id,
-  issued by the Octavia server CA (``builders.certs.issue_amphora_cert``),
+  issued by the Octavia server CA (``builders.artifacts.certs.issue_amphora_cert``),
 * ``/etc/octavia/certs/client_ca.pem``: the client CA the agent trusts.
 
 The agent port 9443 is forwarded to an ephemeral port on 127.0.0.1.  The

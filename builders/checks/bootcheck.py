@@ -5,7 +5,7 @@
 host's seed ISO as a CD-ROM, watches the serial console and passes when
 
 * cloud-init reports its final stage done (``Cloud-init v. ... finished at``),
-* the seed's marker line (:func:`builders.seediso.seed_marker`, printed by
+* the seed's marker line (:func:`builders.artifacts.seed.seed_marker`, printed by
   the seed's last runcmd) appeared, and
 * every ``expect`` text appeared (for checks a lab adds to runcmd, e.g. the
   hostname or a written file printed to the console).
@@ -141,9 +141,9 @@ def _probe_kvm() -> str:
 
 def _seed(lab: Lab, ws: Workspace, host: Host) -> tuple[Path, str]:
     try:
-        from builders.artifacts import seediso
+        from builders.artifacts import seed as seediso
     except ImportError:  # pragma: no cover - the seed module is another feature
-        raise LabError("boot-check: the seed ISO builder (builders/seediso.py) is missing") from None
+        raise LabError("boot-check: the seed ISO builder (builders/artifacts/seed/) is missing") from None
     path = seediso.seed_path(lab, ws, host)
     if not path.is_file():
         raise LabError(f"{path}: no seed for {host.name}; run `invoke seed-iso` first")

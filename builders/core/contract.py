@@ -159,7 +159,16 @@ class Stage:
                 raise LabError(f"{target}: the build reported success but wrote nothing; "
                                "this is a labforge bug")
             os.chmod(tmp, mode)
-            fsync_file(tmp)
+        tmps = [tmp for tmp, _ in self._files.values()]
+        if len(tmps) > 1:
+            # in parallel threads: the file system commits them together (one
+            # journal commit for many small files, e.g. 50 seeds, not one each)
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(max_workers=min(16, len(tmps))) as pool:
+                list(pool.map(fsync_file, tmps))
+        else:
+            for tmp in tmps:
+                fsync_file(tmp)
         dirs: set[Path] = set()
         for target, (tmp, _) in self._files.items():
             os.replace(tmp, target)

@@ -35,7 +35,7 @@ _DNS_NAME = re.compile(r"^(?=.{1,253}$)((?!-)[a-z0-9-]{1,63}(?<!-)\.)*(?!-)[a-z0
 _MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 _CN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # the files `invoke certs` writes in certs/octavia/ besides the amphora SSH key
-# pair (builders.certs_octavia.F; a test keeps the two the same): the key pair
+# pair (builders.artifacts.certs.octavia.F; a test keeps the two the same): the key pair
 # named octavia.amp_ssh_key_name must not overwrite one of them
 OCTAVIA_FILES = frozenset({
     "server_ca.cert.pem", "server_ca.key.pem", "server_ca-chain.cert.pem",

@@ -81,7 +81,7 @@ class Workspace:
 
 
 # names of the temporary outputs builders make next to their targets
-# (fsutil.atomic_path, seediso, vagrant, amphora: .NAME.XXXX.part; dib: .NAME.XXXX.dib)
+# (fsutil.atomic_path, seed, vagrant, amphora: .NAME.XXXX.part; dib: .NAME.XXXX.dib)
 TEMP_SUFFIXES = (".part", ".dib")
 
 

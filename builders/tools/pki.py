@@ -1,8 +1,9 @@
 """PKI primitives: keys, CAs, leaf certificates, PEM/PKCS12/JKS stores, SSH keys.
 
 Pure functions over cryptography and pyjks objects; nothing here touches
-the workspace.  ``certs_kafka``/``certs_octavia`` decide *what* to issue,
-``certs`` decides *when* and writes the files.
+the workspace.  The sets of ``builders.artifacts.certs`` (kafka, octavia,
+ssh) decide *what* to issue; the package's ``build_certs`` decides *when*
+and writes the files.
 """
 
 from __future__ import annotations

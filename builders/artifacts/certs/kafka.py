@@ -19,8 +19,8 @@ from pathlib import Path
 
 from builders.artifacts import kafka_node
 from builders.tools import pki
-from builders.artifacts.certs import (PUBLIC, SECRET, Plan, ca_due, cert_record, exists, leaf_due, read_bytes,
-                    time_left)
+from builders.artifacts.certs.common import (PUBLIC, SECRET, Plan, ca_due, cert_record, exists,
+                                             leaf_due, read_bytes, time_left)
 from builders.core.errors import LabError
 from builders.core.lab import Host, Lab
 from builders.core.manifest import input_digest

@@ -21,8 +21,8 @@ import re
 from pathlib import Path
 
 from builders.tools import pki
-from builders.artifacts.certs import (PUBLIC, SECRET, Plan, ca_due, cert_record, exists, leaf_due, read_bytes,
-                    time_left)
+from builders.artifacts.certs.common import (PUBLIC, SECRET, Plan, ca_due, cert_record, exists,
+                                             leaf_due, read_bytes, time_left)
 from builders.core.errors import LabError
 from builders.core.lab import Lab
 from builders.core.manifest import input_digest
@@ -256,7 +256,15 @@ def issue_amphora_cert(lab: Lab, ws: Workspace, amphora_id: str) -> tuple[bytes,
 
     What Octavia's controller does per amphora with its local certificate
     generator: CN and DNS SAN = the amphora id, serverAuth + clientAuth,
-    valid for ``octavia.cert_validity_days``.  Nothing is written.
+    valid for ``octavia.cert_validity_days``.  The amphora check
+    (builders.checks.amphora_check) calls it for the throwaway amphora it
+    boots.
+
+    It only reads certs/octavia/ (the server CA, its key and passphrase; a
+    missing or mismatched one is a LabError saying what to run) and writes
+    nothing: the certificate and key are returned, not stored under certs/
+    nor in certs/state.json, as Octavia keeps amphora certificates in its
+    database, not next to the CA.  Each call issues a new key and serial.
     """
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,62}$", amphora_id):
         raise LabError(f"amphora id {amphora_id!r}: use letters, digits, '.', '-' (a DNS label)")
