@@ -33,9 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from builders.artifacts import amphora
-
-from builders.tools import docker_engine
+from builders.artifacts import amphora  # noqa: E402
+from builders.tools import dib, docker_engine  # noqa: E402
 
 from builders.core import lab as labmod  # noqa: E402
 from builders.core.console import progress, setup_logging  # noqa: E402
@@ -47,14 +46,16 @@ def upstream_build(lb, ws: Workspace, cache: Path, out: Path) -> float:
     s = amphora.settings(lb)
     logfh = open(ws.artifact_dir("logs") / "upstream-amphora.log", "w")
     with progress("upstream", None, "s") as bar:
-        tag = amphora.ensure_builder(lb, ws, cli, s, logfh, bar)
-        env = amphora.dib_environment(lb, s)
+        tag = docker_engine.ensure_builder(lb, ws, cli, s, logfh, bar)
+        env = amphora.dib_environment(lb, ws, s)
         for k in ("DIB_DEBOOTSTRAP_CACHE", "DIB_DEBIAN_USE_DEBOOTSTRAP_CACHE", "DIB_IMAGE_CACHE",
                   "DIB_MMDEBSTRAP_EXTRA_ARGS"):
             env.pop(k, None)
+        env["ELEMENTS_PATH"] = ":".join(docker_engine.BUILDER_ELEMENTS_PATH)
         env["DIB_ELEMENTS"] = " ".join(amphora.elements(s))
         env["DIB_LOCAL_ELEMENTS_PATH"] = "/opt/labforge/elements"
-        script = ("set -e; " + amphora.standin_prefix() +
+        env["PATH"] = dib.in_builder(cli, tag).path
+        script = ("set -e; "
                   "exec /opt/labforge/src/octavia/diskimage-create/diskimage-create.sh "
                   f"-d {s['release']} -s {s['size']} -c /cache -o /out/upstream-amphora.qcow2")
         t0 = time.monotonic()
@@ -63,7 +64,7 @@ def upstream_build(lb, ws: Workspace, cache: Path, out: Path) -> float:
                                volumes={"/dev": {"bind": "/dev", "mode": "rw"},
                                         str(cache): {"bind": "/cache", "mode": "rw"},
                                         str(out): {"bind": "/out", "mode": "rw"}},
-                               **amphora.device_access())
+                               **docker_engine.device_access())
         try:
             for chunk in c.logs(stream=True, follow=True):
                 logfh.write(chunk.decode("utf-8", "replace"))
@@ -97,7 +98,7 @@ def main() -> None:
         # the builder image is shared by both sides: make it first, untimed
         cli = docker_engine.client(ws)
         with open(base / "builder.log", "w") as fh, progress("builder image", None, "s") as bar:
-            amphora.ensure_builder(lb, ws, cli, amphora.settings(lb), fh, bar)
+            docker_engine.ensure_builder(lb, ws, cli, amphora.settings(lb), fh, bar)
         shutil.rmtree(ws.cache / "amphora", ignore_errors=True)
         if args.cold_side_by_side:
             import threading

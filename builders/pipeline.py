@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from builders.artifacts.amphora import AMPHORA
+from builders.artifacts.baseimage import BASE_IMAGE
 from builders.artifacts.certs import CERTS
 from builders.artifacts.overlays import OVERLAYS
 from builders.artifacts.seed import SEEDS
@@ -39,88 +41,14 @@ from builders.core.workspace import BuildLock, Workspace
 Step = Builder | Publisher      # a pipeline step: it has name, help, needs, skip_reason
 
 
-class _Legacy(Builder):
-    """A builder not yet expressed as a contract object: its entry point is
-    called as a whole.  Its declared outputs are still named once, here."""
-
-    def __init__(self, name: str, fn: Callable, help: str, needs: tuple[str, ...] = (),
-                 ready: Callable[[Lab, Workspace], str | None] | None = None,
-                 skip: Callable[[Lab, Workspace], str | None] | None = None):
-        self.name, self.kind, self.help, self.needs = name, name, help, needs
-        self._fn, self._ready, self._skip = fn, ready, skip
-
-    def skip_reason(self, lab: Lab, ws: Workspace) -> str | None:
-        return self._skip(lab, ws) if self._skip else None
-
-    def ready(self, lab: Lab, ws: Workspace) -> str | None:
-        return self._ready(lab, ws) if self._ready else None
-
-    def run_step(self, lab: Lab, ws: Workspace, force: bool) -> list[Outcome]:
-        result = self._fn(lab, ws, force=force)
-        return list(result) if isinstance(result, (list, tuple)) else [result]
-
-
 def run_step(step: Step, lab: Lab, ws: Workspace, force: bool) -> list[Outcome]:
     """One step's outcomes: a builder through the contract's runner, a publisher as it publishes."""
-    if isinstance(step, _Legacy):
-        return step.run_step(lab, ws, force)
     if isinstance(step, Publisher):
         return list(step.publish(lab, ws))
     return contract.run(step, lab, ws, force=force)
 
 
-def _amphora_skip(lab: Lab, ws: Workspace) -> str | None:
-    if not lab.octavia.enabled:
-        return "lab.yaml octavia.enabled is false"
-    if not lab.octavia.amphora.build:
-        return "lab.yaml octavia.amphora.build is false"
-    from builders.tools.docker_engine import client
-    try:
-        client(ws)  # connects, or starts dockerd when root (as build-amphora would)
-    except LabError as exc:
-        return f"no Docker engine: {exc}"
-    return None
-
-
-def _intact(ws: Workspace, name: str, kind: str, what: str) -> str | None:
-    manifest = Manifest(ws.artifacts)
-    try:
-        path, rec = manifest.find(name, kinds=(kind,))
-    except LabError:
-        return f"{manifest.path} has no {what} {name}"
-    if not manifest.intact(path, rec):
-        return f"artifacts/{manifest.rel(path)} is missing or differs from the manifest"
-    return None
-
-
-def _base_ready(lab: Lab, ws: Workspace) -> str | None:
-    from builders.artifacts.baseimage import image_path
-    return _intact(ws, image_path(lab, ws).stem, "base-image", "base image")
-
-
-def _amphora_ready(lab: Lab, ws: Workspace) -> str | None:
-    from builders.artifacts.amphora import IMAGE_NAME
-    return _intact(ws, IMAGE_NAME, "amphora", "amphora image")
-
-
-def _legacy(module: str, func: str):
-    def call(lab, ws, **kw):
-        import importlib
-        return getattr(importlib.import_module(f"builders.{module}"), func)(lab, ws, **kw)
-    return call
-
-
-STEPS: tuple[Step, ...] = (
-    CERTS,
-    SEEDS,
-    _Legacy("base-image", _legacy("artifacts.baseimage", "build_base_image"), "base cloud image",
-            ready=_base_ready),
-    OVERLAYS,
-    _Legacy("amphora", _legacy("artifacts.amphora", "build_amphora"), "Octavia amphora image",
-            ready=_amphora_ready, skip=_amphora_skip),
-    VAGRANT,
-    GLANCE,
-)
+STEPS: tuple[Step, ...] = (CERTS, SEEDS, BASE_IMAGE, OVERLAYS, AMPHORA, VAGRANT, GLANCE)
 BY_NAME = {s.name: s for s in STEPS}
 KINDS = tuple(s.name for s in STEPS)
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from builders.artifacts import amphora
-
 from builders.checks import amphora_check
+from builders.tools import dib, docker_engine
 from builders.core.errors import LabError
 from builders.core.manifest import Manifest
 from builders.core.fsutil import sha256_file
@@ -48,7 +48,7 @@ def test_elements_keep_upstreams_list(default_lab):
 
 
 def test_local_elements_exist_and_are_executable():
-    root = amphora.DOCKERFILE_DIR / "elements"
+    root = docker_engine.DOCKERFILE_DIR / "elements"
     for e in amphora.LOCAL_ELEMENTS + amphora.DEBIAN_ELEMENTS:
         assert (root / e / "README.rst").is_file()
         for hook in (root / e).glob("*.d/*"):
@@ -56,14 +56,34 @@ def test_local_elements_exist_and_are_executable():
                 assert os.access(hook, os.X_OK), hook
 
 
-def test_dib_environment_uses_host_mirrors_and_local_sources(default_lab):
-    env = amphora.dib_environment(default_lab, amphora.settings(default_lab))
+def test_dib_environment_uses_host_mirrors_and_local_sources(default_lab, ws):
+    env = amphora.dib_environment(default_lab, ws, amphora.settings(default_lab))
     assert env["DIB_RELEASE"] == "bookworm"
     assert env["DIB_DEBIAN_SECURITY_MIRROR"].endswith("-security")
     assert "security.debian.org" not in env["DIB_DEBIAN_SECURITY_MIRROR"]
     assert env["DIB_REPOLOCATION_amphora_agent"].startswith("/opt/labforge/src/")
     assert env["DIB_CLOUD_INIT_DATASOURCES"] == "ConfigDrive"
     assert env["LABFORGE_KEEP_CA_BUNDLE"] == "0"
+    # the builder image carries the build CA; host paths of it are not for the chroot
+    assert "SSL_CERT_FILE" not in env and "PIP_CERT" not in env
+    assert env["DIB_IMAGE_CACHE"].startswith(str(ws.cache / "amphora" / "dib"))
+    assert "TMP_DIR" not in env and "DIB_NO_TMPFS" not in env      # DIB's tmpfs, as before
+
+
+def test_the_amphora_runs_dib_like_the_base_image(default_lab, ws):
+    """One DIB command line (tools.dib) for the amphora too: its elements,
+    size and arch; Octavia's and labforge's elements from the builder image."""
+    s = amphora.settings(default_lab)
+    cmd = dib.dib_command(default_lab, ws, exe="disk-image-create", elements=amphora.elements(s),
+                          workdir=ws.cache / "w", image_size=s["size"], arch=s["arch"],
+                          elements_path=docker_engine.BUILDER_ELEMENTS_PATH,
+                          env=amphora.dib_settings(default_lab, s, ws.cache), tmpfs=True,
+                          host_ca=False)
+    assert cmd.argv[:6] == ["disk-image-create", "-t", "qcow2", "-o", str(ws.cache / "w" / "image"),
+                            "-a"] and "--no-tmpfs" not in cmd.argv
+    assert cmd.argv[-len(amphora.elements(s)):] == amphora.elements(s)
+    assert cmd.env["ELEMENTS_PATH"] == "/opt/labforge/src/octavia/elements:/opt/labforge/elements"
+    assert cmd.env["DIB_RELEASE"] == "bookworm"
 
 
 def test_digest_changes_with_inputs(default_lab):
@@ -74,6 +94,18 @@ def test_digest_changes_with_inputs(default_lab):
     assert d1 != amphora.image_digest(default_lab, amphora.settings(default_lab, ssh=False))
 
 
+def test_amphora_declares_the_image_it_builds(default_lab, ws):
+    """What `invoke all` finds for a left-out amphora step is the builder's
+    declared output (not a name rebuilt elsewhere, e.g. octavia.image_name)."""
+    [out] = amphora.AMPHORA.outputs(default_lab, ws)
+    assert out.path == ws.artifacts / "images" / "amphora-x64-haproxy.qcow2"
+    assert out.kind == "amphora" and out.digest() == amphora.image_digest(
+        default_lab, amphora.settings(default_lab))
+    assert "amphora-x64-haproxy.qcow2" in amphora.AMPHORA.ready(default_lab, ws)
+    [raw] = amphora.AMPHORA.outputs(default_lab, ws, image_type="raw")
+    assert raw.path.name == "amphora-x64-haproxy.raw"
+
+
 def test_package_layer_only_where_its_package_list_holds(default_lab):
     s = amphora.settings(default_lab)
     assert amphora.layer_name(default_lab, s).startswith("bookworm-")
@@ -82,21 +114,19 @@ def test_package_layer_only_where_its_package_list_holds(default_lab):
         assert amphora.layer_name(default_lab, amphora.settings(default_lab, **over)) is None, over
 
 
-def test_standins_only_on_kernels_without_device_mapper(default_lab, monkeypatch):
-    s = amphora.settings(default_lab)
-    monkeypatch.setattr(amphora, "has_device_mapper", lambda: True)
-    assert amphora.BUILDER_STANDIN_DIR not in amphora.build_command(s, "x")
-    monkeypatch.setattr(amphora, "has_device_mapper", lambda: False)
-    cmd = amphora.build_command(s, "x")
-    assert cmd.index(f"export PATH={amphora.BUILDER_STANDIN_DIR}:") < cmd.index("disk-image-create")
+def test_standins_only_on_kernels_without_device_mapper(monkeypatch):
+    monkeypatch.setattr(dib, "has_device_mapper", lambda: True)
+    assert dib.builder_path("/usr/bin:/bin") == "/usr/bin:/bin"
+    monkeypatch.setattr(dib, "has_device_mapper", lambda: False)
+    assert dib.builder_path("/usr/bin:/bin") == f"{docker_engine.BUILDER_STANDIN_DIR}:/usr/bin:/bin"
 
 
 def test_builder_starts_from_the_local_base_unless_told(default_lab):
     import dataclasses
-    assert amphora.builder_from(default_lab) == amphora.BASE_TAG
+    assert docker_engine.builder_from(default_lab) == docker_engine.BASE_TAG
     lab = dataclasses.replace(default_lab, build=dataclasses.replace(
         default_lab.build, builder_from="debian:bookworm"))
-    assert amphora.builder_from(lab) == "debian:bookworm"
+    assert docker_engine.builder_from(lab) == "debian:bookworm"
 
 
 def test_index_credentials_never_reach_messages_or_the_cache(default_lab, ws):
@@ -105,9 +135,9 @@ def test_index_credentials_never_reach_messages_or_the_cache(default_lab, ws):
         default_lab.build, pip_index="https://ci:s3cret@127.0.0.1:9/simple"))
     s = amphora.settings(lab)
     with pytest.raises(LabError) as err:
-        amphora.check_octavia_release(lab, s["octavia_version"])
+        docker_engine.check_octavia_release(lab, s["octavia_version"])
     assert "s3cret" not in str(err.value) and "https://***@127.0.0.1:9/simple" in str(err.value)
-    assert "s3cret" not in amphora._release_memo(lab, ws, s)[1]
+    assert "s3cret" not in docker_engine.release_memo(lab, ws, s)[1]
 
 
 @pytest.mark.parametrize("over,needle", [
@@ -176,8 +206,8 @@ def test_cli_docker_not_reachable(cli, ws):
 @pytest.mark.integration
 def test_octavia_release_that_does_not_exist(default_lab):
     with pytest.raises(LabError, match="no such Octavia release"):
-        amphora.check_octavia_release(default_lab, "0.0.1")
-    amphora.check_octavia_release(default_lab, default_lab.octavia.amphora.octavia_version)
+        docker_engine.check_octavia_release(default_lab, "0.0.1")
+    docker_engine.check_octavia_release(default_lab, default_lab.octavia.amphora.octavia_version)
 
 
 @pytest.mark.integration
@@ -228,7 +258,7 @@ def test_build_boot_and_rebuild(default_lab, ws, tmp_path, report):
     meta = rec["meta"]
     assert meta["base_os"] == "debian" and meta["release"] == "bookworm"
     assert meta["octavia_version"] == default_lab.octavia.amphora.octavia_version
-    assert meta["dib_version"] == amphora.DIB_VERSION
+    assert meta["dib_version"] == docker_engine.DIB_VERSION
     assert "amphora-agent" in meta["elements"]
     assert meta["virtual_size"] == 2 * 2**30, meta          # --size 2 (DIB's GB are GiB)
 
@@ -274,7 +304,7 @@ def test_build_boot_and_rebuild(default_lab, ws, tmp_path, report):
     warm = time.monotonic() - t1
     assert forced[-1].status == "built"
     log = (ws.artifacts / "logs" / "amphora.log").read_text(errors="replace")
-    assert f"/cache/dib/layers/{layer.name}/{tarball.name} found in cache. Using." in log
+    assert f"{layer}/{tarball.name} found in cache. Using." in log
     assert Manifest(ws.artifacts).get(image)["sha256"] == sha256_file(image)
     assert installed_packages(image, tmp_path) == packages
     assert_compressed_and_clean(image)
@@ -282,15 +312,16 @@ def test_build_boot_and_rebuild(default_lab, ws, tmp_path, report):
           f"boot {check[-1].seconds:.0f}s")
 
 
-def test_cli_overrides_reach_the_dib_environment(default_lab, tmp_path):
+def test_cli_overrides_reach_the_dib_environment(default_lab, ws, tmp_path):
     ca = tmp_path / "ca.pem"
     ca.write_text("-----BEGIN CERTIFICATE-----\n")
     lb = amphora.with_build_settings(default_lab, apt_mirror="http://mirror.example/debian/",
                                      pip_index="https://pypi.example/simple", ca_bundle=str(ca))
-    env = amphora.dib_environment(lb, amphora.settings(lb))
+    env = amphora.dib_environment(lb, ws, amphora.settings(lb))
     assert env["DIB_DISTRIBUTION_MIRROR"] == "http://mirror.example/debian"
     assert env["PIP_INDEX_URL"] == "https://pypi.example/simple"
-    assert amphora.builder_inputs(lb, amphora.settings(lb))["ca_bundle"] == ca
+    assert docker_engine.builder_inputs(lb, amphora.settings(lb))["ca_bundle"] == ca
+    assert env["LABFORGE_BUILD_CA"] == docker_engine.BUILDER_CA
     with pytest.raises(LabError, match="--ca-bundle"):
         amphora.with_build_settings(default_lab, ca_bundle=str(tmp_path / "missing.pem"))
 

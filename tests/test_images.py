@@ -12,11 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from builders.artifacts import baseimage
-
-from builders.tools import dib
-
-from builders.artifacts import overlays
+from builders.artifacts import baseimage, overlays
+from builders.tools import dib, distros, download, qemu_img, qemu_vm
 from builders.core.errors import LabError
 from builders.core.fsutil import sha256_file
 from builders.core.manifest import Manifest
@@ -24,10 +21,9 @@ from helpers import assert_one_line_error, lab_file, lab_from, make_qcow2
 from imagetools import publish_debian
 
 
-
 @pytest.fixture(autouse=True)
 def fast_retries(monkeypatch):
-    monkeypatch.setattr(baseimage, "BACKOFF", 0.05)
+    monkeypatch.setattr(download, "BACKOFF", 0.05)
 
 
 def _download_lab(tmp_path, url, release="12"):
@@ -58,6 +54,22 @@ def test_download_verifies_and_records(tmp_path, ws, mirror):
 
 
 @pytest.mark.integration
+def test_base_image_declares_what_it_records(tmp_path, ws, mirror):
+    """The builder's declared output is the file it writes and records;
+    ready() (what `invoke all` asks of a left-out step) follows it."""
+    publish_debian(mirror.root)
+    lab = _download_lab(tmp_path, mirror.url, release="bookworm")
+    [declared] = baseimage.BASE_IMAGE.outputs(lab, ws)
+    assert declared.path == ws.artifacts / "images" / "debian-12.qcow2"
+    assert "no record of debian-12.qcow2" in baseimage.BASE_IMAGE.ready(lab, ws)
+    [out] = baseimage.build_base_image(lab, ws)
+    assert out.paths == [declared.path] and out.step == declared.label
+    rec = Manifest(ws.artifacts).get(declared.path)
+    assert rec["kind"] == baseimage.BASE_IMAGE.kind and rec["input_digest"] == declared.digest()
+    assert baseimage.BASE_IMAGE.ready(lab, ws) is None
+
+
+@pytest.mark.integration
 def test_dropped_connection_is_resumed_with_range(tmp_path, ws, mirror):
     img, _ = publish_debian(mirror.root, data_mib=3)
     mirror.drop_after = 1 << 20                  # the first transfer dies after 1 MiB
@@ -74,9 +86,9 @@ def test_dropped_connection_is_resumed_with_range(tmp_path, ws, mirror):
 def test_part_file_from_an_interrupted_run_is_resumed(tmp_path, ws, mirror):
     img, digest = publish_debian(mirror.root, data_mib=2)
     dest = ws.cache_dir("downloads") / img.name
-    part = baseimage.part_path(dest, digest)
+    part = download.part_path(dest, digest)
     part.write_bytes(img.read_bytes()[:500_000])   # what a killed run left
-    baseimage.download(mirror.url + img.name, dest, expected=digest, algo="sha512")
+    download.download(mirror.url + img.name, dest, expected=digest, algo="sha512")
     assert sha256_file(dest) == sha256_file(img) and not part.exists()
     assert mirror.requests[-1][1] == "bytes=500000-"
 
@@ -86,9 +98,9 @@ def test_part_of_a_replaced_image_is_not_resumed(tmp_path, ws, mirror):
     """The mirror published a new `latest` since the interrupted run: start over."""
     img, digest = publish_debian(mirror.root, data_mib=2)
     dest = ws.cache_dir("downloads") / img.name
-    old = baseimage.part_path(dest, "0" * 128)
+    old = download.part_path(dest, "0" * 128)
     old.write_bytes(b"x" * 500_000)                 # a part of the previous image
-    baseimage.download(mirror.url + img.name, dest, expected=digest, algo="sha512")
+    download.download(mirror.url + img.name, dest, expected=digest, algo="sha512")
     assert sha256_file(dest) == sha256_file(img) and not old.exists()
     assert [r[1] for r in mirror.requests if r[0].endswith(img.name)] == [None]
 
@@ -99,7 +111,7 @@ def test_server_without_range_support_starts_over(tmp_path, ws, mirror):
     mirror.ranges = False
     mirror.drop_after = 700_000
     dest = ws.cache_dir("downloads") / img.name
-    baseimage.download(mirror.url + img.name, dest, expected=digest, algo="sha512",
+    download.download(mirror.url + img.name, dest, expected=digest, algo="sha512",
                        backoff=0.05)
     assert sha256_file(dest) == sha256_file(img)
 
@@ -136,9 +148,9 @@ def test_unreachable_mirror_is_one_line(tmp_path, cli):
 
 
 def test_release_names_and_upstream_urls():
-    rel = baseimage.Release("debian", "12", "bookworm")
+    rel = distros.Release("debian", "12", "bookworm")
     assert baseimage.remote_names(rel) == ("debian-12-genericcloud-amd64.qcow2", "SHA512SUMS", "sha512")
-    u = baseimage.Release("ubuntu", "24.04", "noble")
+    u = distros.Release("ubuntu", "24.04", "noble")
     assert baseimage.remote_names(u) == ("noble-server-cloudimg-amd64.img", "SHA256SUMS", "sha256")
 
 
@@ -221,9 +233,9 @@ def test_overlay_a_vm_wrote_to_is_kept_unless_forced(ws, default_lab):
                    check=True, capture_output=True)
     with pytest.raises(LabError, match="a VM has written 1 MiB.*--force"):
         overlays.build_overlays(default_lab, ws, hosts=["broker1"])
-    assert overlays.written_bytes(ov) == 1 << 20
+    assert qemu_img.written_bytes(ov) == 1 << 20
     [forced] = overlays.build_overlays(default_lab, ws, hosts=["broker1"], force=True)
-    assert forced.status == "built" and overlays.written_bytes(ov) == 0
+    assert forced.status == "built" and qemu_img.written_bytes(ov) == 0
 
 
 @pytest.mark.integration
@@ -264,15 +276,15 @@ def test_mirrors_come_from_apt_sources(tmp_path):
         "Components: main\n\nTypes: deb\nURIs: http://mirror.example/debian-security\n"
         "Suites: bookworm-security\nComponents: main\n")
     lab = lab_from(tmp_path)
-    assert dib.debian_mirrors(lab, root) == ("http://mirror.example/debian",
+    assert distros.debian_mirrors(lab, root) == ("http://mirror.example/debian",
                                              "http://mirror.example/debian-security")
     (root / "etc/apt/sources.list.d/debian.sources").unlink()
     (root / "etc/apt/sources.list").write_text("deb [arch=amd64] http://m.example/debian bookworm main\n")
-    assert dib.debian_mirrors(lab, root) == ("http://m.example/debian",
+    assert distros.debian_mirrors(lab, root) == ("http://m.example/debian",
                                              "http://m.example/debian-security")
     lab = lab_from(tmp_path, build={"debian_mirror": "http://x/debian",
                                     "debian_security_mirror": "http://y/sec"})
-    assert dib.debian_mirrors(lab, root) == ("http://x/debian", "http://y/sec")
+    assert distros.debian_mirrors(lab, root) == ("http://x/debian", "http://y/sec")
 
 
 def test_dib_env_has_what_debian_minimal_needs(tmp_path, ws):
@@ -348,36 +360,105 @@ def test_kpartx_dmsetup_standins_map_loop_partitions(tmp_path):
 def test_accel_plan_puts_tcg_behind_a_detected_kvm(monkeypatch):
     """A probed KVM may still stall once the guest kernel starts (nested hosts):
     a boot then starts over under TCG, and later boots go straight to TCG."""
-    from builders.checks import bootcheck
     monkeypatch.delenv("LABFORGE_ACCEL", raising=False)
-    monkeypatch.setattr(bootcheck, "_kvm_stall", [])
-    monkeypatch.setattr(bootcheck, "_probe_kvm", lambda: "kvm")
-    assert bootcheck.accel_plan() == ["kvm", "tcg"]
-    assert bootcheck.accel_plan("kvm") == ["kvm"]             # asked for: no fallback
+    monkeypatch.setattr(qemu_vm, "_kvm_stall", [])
+    monkeypatch.setattr(qemu_vm, "_probe_kvm", lambda: "kvm")
+    assert qemu_vm.accel_plan() == ["kvm", "tcg"]
+    assert qemu_vm.accel_plan("kvm") == ["kvm"]             # asked for: no fallback
     with pytest.raises(LabError, match="'xen' is not kvm or tcg"):
-        bootcheck.accel_plan("xen")
+        qemu_vm.accel_plan("xen")
     monkeypatch.setenv("LABFORGE_ACCEL", "kvm")
-    assert bootcheck.accel_plan() == ["kvm"]
+    assert qemu_vm.accel_plan() == ["kvm"]
     monkeypatch.delenv("LABFORGE_ACCEL")
-    bootcheck.kvm_stalled("boot-check broker1")
-    assert bootcheck.detect_accel() == "tcg" and bootcheck.accel_plan() == ["tcg"]
-    monkeypatch.setattr(bootcheck, "_probe_kvm", lambda: "tcg")
-    monkeypatch.setattr(bootcheck, "_kvm_stall", [])
-    assert bootcheck.accel_plan() == ["tcg"]
+    qemu_vm.kvm_stalled("boot-check broker1")
+    assert qemu_vm.detect_accel() == "tcg" and qemu_vm.accel_plan() == ["tcg"]
+    monkeypatch.setattr(qemu_vm, "_probe_kvm", lambda: "tcg")
+    monkeypatch.setattr(qemu_vm, "_kvm_stall", [])
+    assert qemu_vm.accel_plan() == ["tcg"]
 
 
 def test_a_kvm_stall_is_remembered_in_the_workspace(monkeypatch, ws):
     """The next process on this host (same kernel and QEMU) skips the 45 s KVM try."""
-    from builders.checks import bootcheck
     monkeypatch.delenv("LABFORGE_ACCEL", raising=False)
-    monkeypatch.setattr(bootcheck, "_probe_kvm", lambda: "kvm")
-    monkeypatch.setattr(bootcheck, "_kvm_stall", [])
-    bootcheck.kvm_stalled("boot-check broker1", ws)
-    monkeypatch.setattr(bootcheck, "_kvm_stall", [])        # a new process
-    assert bootcheck.accel_plan(None, ws) == ["tcg"]
-    assert bootcheck.accel_plan(None, None) == ["kvm", "tcg"]  # another workspace tries KVM
-    (ws.cache / bootcheck.STALL_MEMO).write_text("5.10.0-other /usr/bin/qemu 7.2\n")
-    assert bootcheck.accel_plan(None, ws) == ["kvm", "tcg"]  # another kernel: try again
+    monkeypatch.setattr(qemu_vm, "_probe_kvm", lambda: "kvm")
+    monkeypatch.setattr(qemu_vm, "_kvm_stall", [])
+    qemu_vm.kvm_stalled("boot-check broker1", ws)
+    monkeypatch.setattr(qemu_vm, "_kvm_stall", [])        # a new process
+    assert qemu_vm.accel_plan(None, ws) == ["tcg"]
+    assert qemu_vm.accel_plan(None, None) == ["kvm", "tcg"]  # another workspace tries KVM
+    (ws.cache / qemu_vm.STALL_MEMO).write_text("5.10.0-other /usr/bin/qemu 7.2\n")
+    assert qemu_vm.accel_plan(None, ws) == ["kvm", "tcg"]  # another kernel: try again
+
+
+def _blank_vm(tmp_path, **over):
+    disk = tmp_path / "blank.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
+    return qemu_vm.VmSpec(name="labforge-test", drives=(qemu_vm.Drive(disk, throwaway=True),),
+                          memory=64, **over)
+
+
+def test_vm_argv_has_every_nic_with_its_own_netdev(tmp_path):
+    spec = qemu_vm.VmSpec(
+        name="t", drives=(qemu_vm.Drive(tmp_path / "d.qcow2"),
+                          qemu_vm.Drive(tmp_path / "seed.iso", "raw", cdrom=True)),
+        nics=(qemu_vm.Nic.user(mac="52:54:00:00:00:01", forwards=[("tcp", 8443, 9443)]),
+              qemu_vm.Nic.user(options=["net=10.0.3.0/24"], forwards=[("udp", 5555, 5555)])),
+        cpus=2, cpus_tcg=1)
+    argv = qemu_vm.qemu_argv(spec, "tcg", tmp_path / "console.log", tmp_path / "pid")
+    assert argv[argv.index("-smp") + 1] == "1" and "-cpu" not in argv
+    netdevs = [argv[i + 1] for i, a in enumerate(argv) if a == "-netdev"]
+    assert netdevs == ["user,id=n0,hostfwd=tcp:127.0.0.1:8443-:9443",
+                       "user,id=n1,net=10.0.3.0/24,hostfwd=udp:127.0.0.1:5555-:5555"]
+    devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
+    assert devices == ["virtio-net-pci,netdev=n0,mac=52:54:00:00:00:01", "virtio-net-pci,netdev=n1"]
+    drives = [argv[i + 1] for i, a in enumerate(argv) if a == "-drive"]
+    assert "if=ide" in drives[1] and "media=cdrom" in drives[1] and "readonly=on" in drives[1]
+    kvm = qemu_vm.qemu_argv(spec, "kvm", tmp_path / "console.log", tmp_path / "pid")
+    assert kvm[kvm.index("-smp") + 1] == "2" and kvm[kvm.index("-cpu") + 1] == "host"
+
+
+@pytest.mark.integration
+def test_vm_runner_forwards_ports_and_always_stops_qemu(tmp_path, ws):
+    """A real QEMU (a disk with nothing to boot: SeaBIOS waits forever): the
+    forwarded port answers while it runs; a probe that raises (Ctrl-C here)
+    or a timeout stops it, and its work directory goes with it."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spec = _blank_vm(tmp_path, nics=(qemu_vm.Nic.user(forwards=[("tcp", port, 22)]),))
+    vms, answered = [], []
+
+    def probe(vm):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
+                answered.append(True)      # QEMU's forwarder accepts: the NIC is set up
+        except ConnectionRefusedError:
+            return None                    # QEMU is still starting
+        raise KeyboardInterrupt
+
+    watch = qemu_vm.Watch(probe, on_start=vms.append)
+    with pytest.raises(KeyboardInterrupt):
+        qemu_vm.boot(spec, watch, what="vm-test", console=tmp_path / "console.log",
+                     timeout=300, accel="tcg", ws=ws, workdir=tmp_path)
+    assert answered and vms[0].returncode is not None        # stopped, not left running
+    assert [p for p in tmp_path.iterdir() if p.is_dir()] == []
+    watch = qemu_vm.Watch(lambda vm: None, waiting_for="the marker appeared", on_start=vms.append)
+    with pytest.raises(LabError) as err:
+        qemu_vm.boot(spec, watch, what="vm-test", console=tmp_path / "console.log",
+                     timeout=2, accel="tcg", ws=ws, workdir=tmp_path)
+    assert "vm-test: the marker appeared did not happen within 2s (tcg)" in str(err.value)
+    assert vms[1].returncode is not None
+
+
+@pytest.mark.integration
+def test_vm_that_exits_is_one_line_with_its_status(tmp_path, ws):
+    spec = _blank_vm(tmp_path, extra=("-boot", "reboot-timeout=0"))   # SeaBIOS gives up: exit
+    watch = qemu_vm.Watch(lambda vm: None, waiting_for="the marker appeared")
+    with pytest.raises(LabError, match=r"vm-test: qemu exited \(status 0\) before the marker "
+                                       "appeared; console: "):
+        qemu_vm.boot(spec, watch, what="vm-test", console=tmp_path / "console.log",
+                     timeout=120, accel="tcg", ws=ws, workdir=tmp_path)
 
 
 def test_boot_check_without_overlay_is_one_line(cli):
@@ -432,7 +513,9 @@ def test_ubuntu_checksum_file_signature_is_checked_with_gpgv(tmp_path, ws, mirro
     keyring = tmp_path / "keyring.gpg"
     keyring.write_bytes(subprocess.run([*gpg, "--export"], check=True,
                                        capture_output=True).stdout)
-    monkeypatch.setattr(baseimage, "UBUNTU_KEYRINGS", (str(keyring),))
+    import dataclasses
+    monkeypatch.setitem(distros.DISTROS, "ubuntu",
+                        dataclasses.replace(distros.UBUNTU, keyrings=(str(keyring),)))
     name = "noble-server-cloudimg-amd64.img"
     img = make_qcow2(mirror.root / name, "1G", 1)
     sums = mirror.root / "SHA256SUMS"
@@ -480,3 +563,21 @@ def test_package_layer_is_keyed_by_mirror_and_adds_updates_and_security(tmp_path
     other = lab_from(tmp_path, filename="b.yaml",
                      build={**mirrors, "debian_mirror": "http://other.example/debian"})
     assert baseimage._package_layer(other, ws, rel)["DIB_IMAGE_CACHE"] != env["DIB_IMAGE_CACHE"]
+
+
+@pytest.mark.integration
+def test_release_codename_with_skip_base_image_finds_the_base_image(tmp_path, ws, mirror, cli):
+    """`release: bookworm` names the image debian-12.qcow2; a run that leaves the
+    base image step out must find that file, not look for debian-bookworm."""
+    publish_debian(mirror.root, data_mib=1)
+    lab = lab_file(tmp_path, base_image={"source": "download", "release": "bookworm",
+                                         "url": mirror.url})
+    proc = cli("base-image", "--lab", str(lab))
+    assert proc.returncode == 0, proc.stderr
+    assert (ws.artifacts / "images" / "debian-12.qcow2").is_file()
+    skip = [a for k in ("certs", "seed-iso", "base-image", "amphora", "vagrant", "glance")
+            for a in ("--skip", k)]
+    proc = cli("all", "--lab", str(lab), "--json", *skip)
+    doc = json.loads(proc.stdout)
+    steps = {s["name"]: s for s in doc["steps"]}
+    assert steps["overlays"]["status"] == "built", steps["overlays"]

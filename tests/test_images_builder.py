@@ -4,11 +4,9 @@ container build is in test_images_e2e.py)."""
 
 from __future__ import annotations
 
-from builders.artifacts import amphora
-
 from builders.artifacts import baseimage
-
-from builders.tools import dib
+from builders.tools import dib, docker_engine
+from builders.tools.buildenv import ca_bundle
 from helpers import assert_one_line_error, lab_file, lab_from
 
 NOWHERE = "unix:///nonexistent/docker.sock"
@@ -35,7 +33,7 @@ def test_host_and_container_need_no_engine_to_decide(tmp_path, monkeypatch):
     monkeypatch.setenv("DOCKER_HOST", NOWHERE)
     assert baseimage.dib_place(lab_from(tmp_path, base_image={"builder": "host"})).kind == "host"
     place = baseimage.dib_place(lab_from(tmp_path, base_image={"builder": "container"}))
-    assert (place.kind, place.dib_version) == ("container", amphora.DIB_VERSION)
+    assert (place.kind, place.dib_version) == ("container", docker_engine.DIB_VERSION)
 
 
 def test_digest_follows_the_dib_version_not_the_place(tmp_path):
@@ -65,7 +63,7 @@ def test_one_command_line_for_host_and_container(default_lab, ws, tmp_path):
                     if m["bind"] == src and src != "/dev" and
                     (value == src or value.startswith(src.rstrip("/") + "/"))]
         assert covering, (value, mounts)
-    bundle = str(dib.ca_bundle(default_lab).resolve())
+    bundle = str(ca_bundle(default_lab).resolve())
     assert mounts[bundle]["mode"] == "ro"
 
 

@@ -109,23 +109,23 @@ def test_dib_base_overlays_and_boot_check_broker1(tmp_path, ws, cli, report):
 def test_dib_base_in_builder_container_boots_broker1(tmp_path, ws, monkeypatch, report):
     """base_image.builder: container: DIB runs in the amphora builder image
     (built first when missing), the result is a bootable qcow2."""
-    from builders.artifacts import amphora
     from builders.core import lab as labmod
+    from builders.tools import docker_engine, qemu_img
     lab = labmod.load(lab_file(tmp_path, base_image={"builder": "container"}))
     assert baseimage.dib_place(lab).kind == "container"
 
     [base] = baseimage.build_base_image(lab, ws)
     image = ws.artifacts / "images" / "debian-12.qcow2"
     assert base.status == "built" and base.paths == [image], base.line()
-    info = baseimage.qemu_info(image)
+    info = qemu_img.info(image)
     assert info["format"] == "qcow2" and info["virtual-size"] == lab.base_image.size << 30
     assert_compressed_and_clean(image)
     rec = Manifest(ws.artifacts).get(image)
     assert rec["sha256"] == sha256_file(image)
     tag = rec["meta"]["builder"]
-    assert tag.startswith(amphora.BUILDER_REPO + ":") and tag in base.detail
+    assert tag.startswith(docker_engine.BUILDER_REPO + ":") and tag in base.detail
     assert rec["tools"]["builder-image"] == tag
-    assert rec["tools"]["diskimage-builder"] == amphora.DIB_VERSION
+    assert rec["tools"]["diskimage-builder"] == docker_engine.DIB_VERSION
     log = (ws.artifacts / "logs" / "base-image-debian-12.log").read_text(errors="replace")
     assert f"(in container {tag})" in log.splitlines()[0]
     assert "finalise.d" in log

@@ -293,7 +293,7 @@ def test_skipped_step_outputs_are_used_when_present_else_a_clear_skip(ws, cli, q
     glance = next(s for s in doc["steps"] if s["name"] == "glance")
     assert glance["status"] == "skipped", glance
     assert glance["detail"].startswith("needs amphora (not in --only), but ") and \
-        "no amphora image amphora-x64-haproxy" in glance["detail"], glance
+        "has no record of amphora-x64-haproxy.qcow2" in glance["detail"], glance
     # an existing amphora (built earlier): --skip amphora publishes it, so the
     # glance step runs (and here meets the unreachable Keystone)
     amp = make_qcow2(ws.artifacts / "images" / "amphora-x64-haproxy.qcow2", "64M", data_mib=1)
@@ -310,7 +310,7 @@ def test_skipped_step_outputs_are_used_when_present_else_a_clear_skip(ws, cli, q
     proc = cli("all", "--lab", str(quick_lab), "--json", *skip_all_but_glance, env=cloud)
     assert proc.returncode == 0, proc.stderr
     glance = next(s for s in json.loads(proc.stdout)["steps"] if s["name"] == "glance")
-    assert glance["status"] == "skipped" and "differs from the manifest" in glance["detail"], glance
+    assert glance["status"] == "skipped" and "differs from manifest.json" in glance["detail"], glance
     # --only overlays on a workspace without a base image: a clear skip too
     proc = cli("all", "--lab", str(quick_lab), "--json", "--only", "overlays")
     assert proc.returncode == 0, proc.stderr
@@ -390,9 +390,9 @@ def test_amphora_skip_gives_the_real_reason(ws, tmp_path):
     from helpers import lab_from
     from builders import pipeline
     off = lab_from(tmp_path, filename="off.yaml", octavia={"enabled": False})
-    assert pipeline._amphora_skip(off, ws) == "lab.yaml octavia.enabled is false"
+    assert pipeline.AMPHORA.skip_reason(off, ws) == "lab.yaml octavia.enabled is false"
     nobuild = lab_from(tmp_path, filename="nobuild.yaml", octavia={"amphora": {"build": False}})
-    assert pipeline._amphora_skip(nobuild, ws) == "lab.yaml octavia.amphora.build is false"
+    assert pipeline.AMPHORA.skip_reason(nobuild, ws) == "lab.yaml octavia.amphora.build is false"
 
 
 def test_a_step_gives_its_own_skip_reason_before_its_needs(ws, cli, quick_lab):

@@ -1,18 +1,18 @@
-"""The Octavia amphora image, built with diskimage-builder in a container.
+"""The Octavia amphora image, built with diskimage-builder in the builder image.
 
-``build_builder_base`` makes the local Debian base image the builder image
-starts FROM (debootstrap into a folder, ``docker import``), because no
-container registry is reachable where labforge builds.
-
-``build_amphora`` builds (or reuses) the builder image
-(``dockerfiles/amphora/Dockerfile``: diskimage-builder pinned, Octavia's
+The builder :data:`AMPHORA` (:mod:`builders.core.contract`) declares the
+image and produces it; ``build_amphora`` runs it.  It makes (or reuses) the
+builder image
+(:mod:`builders.tools.docker_engine`: diskimage-builder pinned, Octavia's
 elements and agent source from the Octavia sdist on PyPI, labforge's local
-elements) through the Docker Engine API, then runs ``disk-image-create`` in
-a privileged container with upstream's element list for the amphora plus
-labforge's local elements that fill the Debian gaps.  The output directory
-and a persistent cache (``cache/amphora``: DIB image cache with the
-debootstrap tarball, apt archives, pip cache and source repositories) are
-mounted.  The image is written under a temporary name and renamed into
+elements), then runs ``disk-image-create`` in it through
+:func:`builders.tools.dib.disk_image_create`, the same path the base image
+takes, with upstream's element list for the amphora plus labforge's local
+elements that fill the Debian gaps.  This module holds only what makes an
+amphora an amphora: its settings, its element list and its DIB settings.
+The DIB image cache (``cache/amphora/dib``: the debootstrap tarball, pip
+cache and source repositories) persists between builds.  The image is
+written under a temporary name and renamed into
 ``artifacts/images/amphora-x64-haproxy.qcow2``.
 
 Why disk-image-create directly rather than upstream's diskimage-create.sh:
@@ -25,46 +25,26 @@ buildable and the build cacheable.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
-from builders.tools import docker_engine
-
-from builders.core import extcmd, resources
 from builders.core.console import progress
-from builders.tools.dib import (DEBIAN_MINIMAL_LAYER, ca_bundle, compress_qcow2, debian_mirrors, failing_script,
-                  has_device_mapper, package_layer, proxy_environment, prune_layers)
+from builders.core.contract import Builder, Built, Context, Output, Stage, run
 from builders.core.errors import LabError
-from builders.core.fsutil import atomic_write
 from builders.core.lab import Lab
-from builders.core.manifest import Manifest, input_digest
+from builders.core.manifest import input_digest
 from builders.core.outcome import Outcome
-from builders.core.workspace import BuildLock, Workspace
+from builders.core.workspace import Workspace
+from builders.tools import dib, distros, docker_engine, qemu_img
+from builders.tools.buildenv import ca_bundle as _lab_ca_bundle
 
 log = logging.getLogger("labforge")
 
-DIB_VERSION = "3.43.0"             # diskimage-builder in the builder image
-OCTAVIA_LIB_VERSION = "3.12.0"     # octavia-lib sdist the agent is installed with
-BASE_RELEASE = "bookworm"
-BASE_REPO = "labforge/debian-base"
-BASE_TAG = f"{BASE_REPO}:{BASE_RELEASE}"
-BUILDER_REPO = "labforge/amphora-builder"
-DOCKERFILE_DIR = resources.dockerfiles("amphora")
-DIB_BIN_DIR = resources.dockerfiles("dib", "bin")
-BUILDER_STANDIN_DIR = "/opt/labforge/dib-bin"   # DIB_BIN_DIR inside the builder image
 IMAGE_NAME = "amphora-x64-haproxy"
 MIN_SIZE_GB = 2                    # a Debian amphora uses ~1.4 GB of its root fs
-
-DEFAULT_RELEASES = {"debian": "bookworm", "ubuntu": "noble"}
-BASE_ELEMENTS = {"debian": "debian-minimal", "ubuntu": "ubuntu-minimal"}
-ARCHES = ("amd64", "arm64")
+ARCHES = tuple(distros.ARCHES)
 
 # upstream's diskimage-create.sh element sequence for the haproxy amphora
 # (base vm <os> haproxy-octavia rebind-sshd no-resolvconf amphora-agent
@@ -85,7 +65,7 @@ DEBIAN_ELEMENTS = ("labforge-debian",)
 # builds without it, exactly as before.
 LAYER_OCTAVIA_VERSION = "19.0.0"
 LAYER_PACKAGES = (
-    *DEBIAN_MINIMAL_LAYER,
+    *dib.DEBIAN_MINIMAL_LAYER,
     "locales", "adduser", "ca-certificates", "python3-yaml",
     # vim-tiny before pollinate: its vim-common then satisfies pollinate's
     # "xxd | vim-common" as in DIB's own install, instead of adding xxd
@@ -98,10 +78,6 @@ LAYER_PACKAGES = (
     "openssh-client", "openssh-server", "pollinate", "psmisc", "python3-dev", "python3-pip",
     "python3-venv", "rsync", "rsyslog", "socat", "tcpdump", "tmux", "uuid-runtime", "vlan",
 )
-
-_RUNNING = re.compile(r"Running (/\S+/([a-z-]+)\.d/(\S+))")
-_HOOKS = re.compile(r"Running hooks from \S+/([a-z-]+)\.d")
-_NOSPACE = re.compile(r"No space left on device|not enough free space", re.I)
 
 
 # --------------------------------------------------------------------------
@@ -119,11 +95,11 @@ def settings(lab: Lab, **over) -> dict:
     for k, v in over.items():
         if v is not None:
             s[k] = v
-    if s["base_os"] not in BASE_ELEMENTS:
+    if s["base_os"] not in distros.DISTROS:
         raise LabError(f"--base-os {s['base_os']}: unknown base OS; use one of "
-                       f"{', '.join(BASE_ELEMENTS)}")
+                       f"{', '.join(distros.DISTROS)}")
     if over.get("base_os") and not over.get("release") and s["base_os"] != a.base_os:
-        s["release"] = DEFAULT_RELEASES[s["base_os"]]
+        s["release"] = distros.get(s["base_os"]).amphora_release
     if s["arch"] not in ARCHES:
         raise LabError(f"--arch {s['arch']}: unknown architecture; use one of {', '.join(ARCHES)}")
     if s["image_type"] not in ("qcow2", "raw"):
@@ -178,260 +154,11 @@ def artifact_path(ws: Workspace, s: dict) -> Path:
 
 
 # --------------------------------------------------------------------------
-# builder-base: debootstrap + docker import
-# --------------------------------------------------------------------------
-def build_builder_base(lab: Lab, ws: Workspace, *, force: bool = False) -> list[Outcome]:
-    """Make the local Debian base image (``labforge/debian-base:bookworm``)."""
-    t0 = time.monotonic()
-    cli = docker_engine.client(ws)
-    main, sec = debian_mirrors(lab)
-    digest = input_digest("builder-base", 1, BASE_RELEASE, main, sec)
-    state_file = ws.cache_dir("builder-base") / "state.json"
-    state = _read_json(state_file)
-    if not force and state.get("digest") == digest and _image_id(cli, BASE_TAG) == state.get("id"):
-        return [Outcome("builder-base", "up to date", detail=BASE_TAG)]
-    extcmd.require("debootstrap")
-    logpath = ws.artifact_dir("logs") / "builder-base.log"
-    with BuildLock(ws), open(logpath, "w") as logfh, progress("builder-base", None, "s") as bar:
-        work = Path(tempfile.mkdtemp(prefix="base.", dir=ws.cache_dir("builder-base")))
-        try:
-            root = work / "rootfs"
-            bar.set_description(f"debootstrap {BASE_RELEASE} from {main}")
-            extcmd.run(["debootstrap", "--variant=minbase", "--include=ca-certificates",
-                        BASE_RELEASE, root, main], stdout=logfh, stderr=logfh,
-                       what="builder-base: debootstrap")
-            (root / "etc/apt/sources.list").write_text(
-                f"deb {main} {BASE_RELEASE} main\n"
-                f"deb {main} {BASE_RELEASE}-updates main\n"
-                f"deb {sec} {BASE_RELEASE}-security main\n")
-            for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
-                for p in (root / junk).glob("*"):
-                    if p.is_file():
-                        p.unlink()
-            tarball = work / "rootfs.tar"
-            bar.set_description("docker import")
-            extcmd.run(["tar", "--numeric-owner", "-C", root, "-cf", tarball, "."],
-                       what="builder-base: tar")
-            cli.api.import_image_from_file(str(tarball), repository=BASE_REPO, tag=BASE_RELEASE,
-                                           changes=['CMD ["/bin/bash"]', "ENV LANG=C.UTF-8"])
-        finally:
-            extcmd.run(["rm", "-rf", "--one-file-system", work], check=False)
-    image_id = _image_id(cli, BASE_TAG)
-    if image_id is None:
-        raise LabError(f"builder-base: docker import did not produce {BASE_TAG}; see {logpath}")
-    atomic_write(state_file, json.dumps({"digest": digest, "id": image_id, "mirror": main}))
-    return [Outcome("builder-base", "built", detail=f"{BASE_TAG} from {main}",
-                    seconds=time.monotonic() - t0)]
-
-
-# --------------------------------------------------------------------------
-# the builder image
-# --------------------------------------------------------------------------
-def _image_id(cli, ref: str) -> str | None:
-    from docker.errors import ImageNotFound
-    try:
-        return cli.images.get(ref).id
-    except ImageNotFound:
-        return None
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _pip_index(lab: Lab) -> str:
-    return (lab.build.pip_index or "https://pypi.org/simple").rstrip("/")
-
-
-def check_octavia_release(lab: Lab, version: str) -> None:
-    """LabError when the package index has no Octavia sdist of that version."""
-    import requests
-    url = _pip_index(lab)
-    index = extcmd.safe_url(url)           # what messages show
-    bundle = ca_bundle(lab)
-    for attempt in range(3):  # an index behind a proxy drops a connection now and then
-        try:
-            resp = requests.get(f"{url}/octavia/", timeout=60,
-                                headers={"Accept": "text/html"},
-                                verify=str(bundle) if bundle else True)
-        except requests.RequestException as exc:
-            if attempt < 2:
-                time.sleep(1 + attempt)
-                continue
-            raise LabError(f"octavia {version}: cannot reach the package index {index} "
-                           f"({exc.__class__.__name__}); check the network or build.pip_index") from None
-        if resp.status_code < 500 or attempt == 2:
-            break
-        time.sleep(1 + attempt)
-    if resp.status_code == 404:
-        raise LabError(f"octavia: the package index {index} has no octavia project; "
-                       "check build.pip_index")
-    if resp.status_code >= 400:
-        raise LabError(f"octavia {version}: {index}/octavia/ answered HTTP {resp.status_code}; "
-                       "check build.pip_index")
-    found = set(re.findall(r"octavia-(\d[\w.]*?)\.tar\.gz", resp.text))
-    if version not in found:
-        latest = sorted(found, key=_vkey)[-3:]
-        raise LabError(f"octavia {version}: no such Octavia release on {index}; "
-                       f"set octavia.amphora.octavia_version (latest: {', '.join(latest) or 'none'})")
-
-
-def _vkey(v: str):
-    return [int(x) if x.isdigit() else -1 for x in re.split(r"[.]", v)]
-
-
-def _release_memo(lab: Lab, ws: Workspace, s: dict) -> tuple[Path, str]:
-    """The file of confirmed releases and this one's line (index without its password)."""
-    return (ws.cache / "amphora" / "octavia-releases",
-            f"{extcmd.safe_url(_pip_index(lab))} {s['octavia_version']}")
-
-
-def confirm_octavia_release(lab: Lab, ws: Workspace, s: dict) -> None:
-    """Check the Octavia release against the package index, unless a build
-    with it already succeeded (then a rebuild works without the index).
-
-    Runs before the Docker engine is contacted, so a typo in the version is
-    one error line and never starts dockerd.
-    """
-    if s["octavia_git"]:
-        return
-    memo, key = _release_memo(lab, ws, s)
-    try:
-        if key in memo.read_text().splitlines():
-            return
-    except FileNotFoundError:
-        pass
-    check_octavia_release(lab, s["octavia_version"])
-
-
-def _remember_octavia_release(lab: Lab, ws: Workspace, s: dict) -> None:
-    memo, key = _release_memo(lab, ws, s)
-    if s["octavia_git"] or (memo.exists() and key in memo.read_text().splitlines()):
-        return
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    with open(memo, "a") as fh:
-        fh.write(key + "\n")
-
-
-def builder_inputs(lab: Lab, s: dict) -> dict:
-    """Everything the builder image is made from (its tag is a digest of this)."""
-    bundle = ca_bundle(lab)
-    return {
-        "dockerfile": DOCKERFILE_DIR / "Dockerfile",
-        "elements": DOCKERFILE_DIR / "elements",
-        "bin": DOCKERFILE_DIR / "bin",
-        "dib_bin": DIB_BIN_DIR,
-        "ca_bundle": bundle if bundle else None,
-        "dib_version": DIB_VERSION,
-        "octavia_version": None if s["octavia_git"] else s["octavia_version"],
-        "octavia_git": s["octavia_git"], "octavia_ref": s["octavia_ref"],
-        "octavia_lib_version": OCTAVIA_LIB_VERSION,
-        "pip_index": lab.build.pip_index,
-    }
-
-
-def builder_from(lab: Lab) -> str:
-    """The image the builder starts FROM: build.builder_from, else the local base."""
-    return lab.build.builder_from or BASE_TAG
-
-
-def builder_tag(lab: Lab, cli, s: dict) -> str | None:
-    """Tag of the builder image for these settings when the engine has it, else None.
-
-    No side effects: builds nothing, contacts no package index.
-    """
-    base_id = _image_id(cli, builder_from(lab))
-    if base_id is None:
-        return None
-    tag = f"{BUILDER_REPO}:{input_digest(builder_inputs(lab, s), base_id)[:16]}"
-    return tag if _image_id(cli, tag) is not None else None
-
-
-def _base_for_builder(lab: Lab, ws: Workspace, cli, bar) -> str:
-    """The id of the FROM image: the local base (made when missing) or
-    build.builder_from (pulled when the engine does not have it)."""
-    ref = builder_from(lab)
-    base_id = _image_id(cli, ref)
-    if base_id is not None:
-        return base_id
-    if ref == BASE_TAG:
-        bar.set_description(f"no {BASE_TAG} yet: builder-base")
-        build_builder_base(lab, ws)
-    else:
-        from docker.errors import DockerException
-        bar.set_description(f"pulling {ref}")
-        try:
-            cli.images.pull(ref)
-        except DockerException as exc:
-            text = str(getattr(exc, "explanation", None) or exc).strip().splitlines()[-1]
-            raise LabError(f"{lab.source.name}: build.builder_from: cannot pull {ref} ({text}); "
-                           "name an image your engine has or can pull, or remove the setting "
-                           "to use the local base (`invoke builder-base`)") from None
-    base_id = _image_id(cli, ref)
-    if base_id is None:
-        raise LabError(f"build.builder_from: the engine has no {ref} after pulling it")
-    return base_id
-
-
-def ensure_builder(lab: Lab, ws: Workspace, cli, s: dict, logfh, bar) -> str:
-    """Tag of the builder image, building it when absent."""
-    existing = builder_tag(lab, cli, s)
-    if existing is not None:
-        return existing
-    inputs = builder_inputs(lab, s)
-    confirm_octavia_release(lab, ws, s)
-    base_id = _base_for_builder(lab, ws, cli, bar)
-    tag = f"{BUILDER_REPO}:{input_digest(inputs, base_id)[:16]}"
-    ctx = Path(tempfile.mkdtemp(prefix="context.", dir=ws.cache_dir("amphora")))
-    try:
-        shutil.copy2(DOCKERFILE_DIR / "Dockerfile", ctx / "Dockerfile")
-        shutil.copytree(DOCKERFILE_DIR / "elements", ctx / "elements")
-        shutil.copytree(DOCKERFILE_DIR / "bin", ctx / "bin")
-        (ctx / "dib-bin").mkdir()
-        if DIB_BIN_DIR.is_dir():
-            for f in DIB_BIN_DIR.iterdir():
-                if f.is_file():
-                    shutil.copy2(f, ctx / "dib-bin" / f.name)
-        if inputs["ca_bundle"]:
-            shutil.copy2(inputs["ca_bundle"], ctx / "build-ca.crt")
-        else:
-            (ctx / "build-ca.crt").write_text("")
-        args = {"BASE_IMAGE": builder_from(lab), "DIB_VERSION": DIB_VERSION,
-                "OCTAVIA_VERSION": s["octavia_version"], "OCTAVIA_LIB_VERSION": OCTAVIA_LIB_VERSION,
-                "OCTAVIA_GIT": s["octavia_git"] or "", "OCTAVIA_REF": s["octavia_ref"] or "",
-                "PIP_INDEX_URL": lab.build.pip_index or "",
-                **proxy_environment()}   # Docker's predefined proxy build args
-        bar.set_description(f"builder image {tag}")
-        lines: list[str] = []
-        for chunk in cli.api.build(path=str(ctx), tag=tag, buildargs=args, rm=True, forcerm=True,
-                                   pull=False, decode=True, network_mode="host",
-                                   labels={"org.labforge.kind": "amphora-builder"}):
-            if "stream" in chunk:
-                text = chunk["stream"]
-                logfh.write(text)
-                logfh.flush()
-                lines.extend(ln for ln in text.splitlines() if ln.strip())
-                m = re.match(r"Step (\d+/\d+)", text)
-                if m:
-                    bar.set_description(f"builder image: step {m.group(1)}")
-            elif "error" in chunk:
-                logfh.write(chunk["error"] + "\n")
-                tail = [ln for ln in lines[-extcmd.TAIL_LINES:]]
-                raise LabError(f"docker build of {tag} failed: {chunk['error'].strip().splitlines()[-1]}"
-                               f"; full log: {logfh.name}", tail)
-    finally:
-        shutil.rmtree(ctx, ignore_errors=True)
-    return tag
-
-
-# --------------------------------------------------------------------------
-# the amphora
+# the amphora's elements and DIB settings
 # --------------------------------------------------------------------------
 def elements(s: dict) -> list[str]:
-    out = list(UPSTREAM_ELEMENTS[:2]) + [BASE_ELEMENTS[s["base_os"]]] + list(UPSTREAM_ELEMENTS[2:])
+    os_element = distros.get(s["base_os"]).dib_element
+    out = list(UPSTREAM_ELEMENTS[:2]) + [os_element] + list(UPSTREAM_ELEMENTS[2:])
     if s["base_os"] == "ubuntu":
         out.append("amphora-apparmor")
     if not s["ssh"]:
@@ -442,46 +169,50 @@ def elements(s: dict) -> list[str]:
     return out
 
 
-def dib_environment(lab: Lab, s: dict) -> dict[str, str]:
-    """The environment disk-image-create runs with inside the container."""
+def dib_settings(lab: Lab, s: dict, cache: Path | None = None) -> dict[str, str]:
+    """The amphora's own DIB settings (the ``env`` of
+    :func:`builders.tools.dib.disk_image_create`, which adds mirrors, pip
+    index and caches).  ``cache``: the DIB image cache directory (None for
+    the input digest, which must not depend on where the workspace is)."""
+    src = docker_engine.BUILDER_SRC
     env = {
-        "ELEMENTS_PATH": "/opt/labforge/src/octavia/elements:/opt/labforge/elements",
         "DIB_RELEASE": s["release"],
-        "DIB_IMAGE_CACHE": "/cache/dib",
-        "DIB_DEBOOTSTRAP_CACHE": "1",                 # write the tarball ...
-        "DIB_DEBIAN_USE_DEBOOTSTRAP_CACHE": "1",      # ... and start from it next time
         "DIB_CLOUD_INIT_DATASOURCES": "ConfigDrive",
         "DIB_GRUB_TIMEOUT": "0",
         "DIB_OCTAVIA_AMP_USE_NFTABLES": "True",
         "DIB_OCTAVIA_AMP_USE_SSH": "True" if s["ssh"] else "False",
-        "DIB_REPOLOCATION_amphora_agent": "/opt/labforge/src/octavia",
+        "DIB_REPOLOCATION_amphora_agent": f"{src}/octavia",
         "DIB_REPOREF_amphora_agent": "labforge",
-        "DIB_REPOLOCATION_octavia_lib": "/opt/labforge/src/octavia-lib",
+        "DIB_REPOLOCATION_octavia_lib": f"{src}/octavia-lib",
         "DIB_REPOREF_octavia_lib": "labforge",
         "DIB_REPOLOCATION_upper_constraints": "file:///opt/labforge/upper-constraints.txt",
         "LABFORGE_KEEP_CA_BUNDLE": "1" if lab.build.keep_ca_bundle else "0",
     }
-    if s["base_os"] == "debian":
-        main, sec = debian_mirrors(lab)
-        env["DIB_DISTRIBUTION_MIRROR"] = main
-        env["DIB_DEBIAN_SECURITY_MIRROR"] = sec
-        layer = layer_name(lab, s)
-        if layer:
-            env["DIB_IMAGE_CACHE"] = f"/cache/dib/layers/{layer}"
-            env["DIB_MMDEBSTRAP_EXTRA_ARGS"] = package_layer(s["release"], main, sec, LAYER_PACKAGES)[1]
-    else:
+    layer = layer_name(lab, s)
+    if cache is not None:
+        env["DIB_IMAGE_CACHE"] = str(cache / "layers" / layer if layer else cache)
+    if layer:
+        main, sec = distros.debian_mirrors(lab)
+        env["DIB_MMDEBSTRAP_EXTRA_ARGS"] = dib.package_layer(s["release"], main, sec, LAYER_PACKAGES)[1]
+    if s["base_os"] == "ubuntu":
         env["DIB_UBUNTU_KERNEL"] = "linux-image-virtual"
-        if lab.build.ubuntu_mirror:
-            env["DIB_DISTRIBUTION_MIRROR"] = lab.build.ubuntu_mirror
-    if ca_bundle(lab):
-        env["LABFORGE_BUILD_CA"] = "/usr/local/share/labforge/build-ca.crt"
-    if lab.build.pip_index:
-        env["PIP_INDEX_URL"] = lab.build.pip_index
+    if _lab_ca_bundle(lab):
+        env["LABFORGE_BUILD_CA"] = docker_engine.BUILDER_CA   # the image's copy (labforge-build-ca)
     if s["agent"] == "package":
         env["DIB_INSTALLTYPE_amphora_agent"] = "package"
         if s["base_os"] == "debian":
             env["LABFORGE_RENAME_PACKAGES"] = "amphora-agent=octavia-agent"
     return env
+
+
+def dib_environment(lab: Lab, ws: Workspace, s: dict) -> dict[str, str]:
+    """The whole environment disk-image-create runs with in the builder image."""
+    return dib.dib_env(lab, ws, elements(s), dib_settings(lab, s, _cache(ws)),
+                       distro=s["base_os"], host_ca=False, tmpfs=True)
+
+
+def _cache(ws: Workspace) -> Path:
+    return ws.cache_dir("amphora", "dib")
 
 
 def layer_name(lab: Lab, s: dict) -> str | None:
@@ -490,182 +221,119 @@ def layer_name(lab: Lab, s: dict) -> str | None:
     if s["base_os"] != "debian" or s["arch"] != "amd64" or s["agent"] != "source" \
             or s["octavia_git"] or s["octavia_version"] != LAYER_OCTAVIA_VERSION:
         return None
-    main, sec = debian_mirrors(lab)
-    return package_layer(s["release"], main, sec, LAYER_PACKAGES)[0]
+    main, sec = distros.debian_mirrors(lab)
+    return dib.package_layer(s["release"], main, sec, LAYER_PACKAGES)[0]
 
 
-def standin_prefix() -> str:
-    """Shell that puts the kpartx/dmsetup stand-ins first on PATH inside the
-    builder container, on kernels without device-mapper (the container shares
-    the host's kernel, so the host's test decides); empty elsewhere."""
-    if has_device_mapper():
-        return ""
-    return (f"export PATH={BUILDER_STANDIN_DIR}:$PATH; "
-            "echo 'labforge: no device-mapper: kpartx/dmsetup via partx stand-ins'; ")
+def _mirrors(lab: Lab, s: dict) -> tuple:
+    if s["base_os"] == "debian":
+        return distros.debian_mirrors(lab)
+    return (distros.ubuntu_mirror(lab),)
 
 
-def build_command(s: dict, out_stem: str) -> str:
-    """The shell line the container runs."""
-    els = " ".join(elements(s))
-    return (f"set -e; {standin_prefix()}"
-            f"exec disk-image-create -a {s['arch']} -t {s['image_type']} "
-            f"{'-u ' if s['image_type'] == 'qcow2' else ''}"   # compressed by labforge, on every core
-            f"--image-size {s['size']} -o /out/{out_stem} {els}")
+def _inputs(lab: Lab, s: dict) -> tuple:
+    """Every input of the amphora: settings, builder image inputs, elements,
+    mirrors, its DIB settings; where the workspace is is not one."""
+    return (2, s, docker_engine.builder_inputs(lab, s), elements(s), _mirrors(lab, s),
+            dib_settings(lab, s))
 
 
 def image_digest(lab: Lab, s: dict) -> str:
-    """Digest of every input of the amphora (settings, builder inputs, env)."""
-    env = dict(dib_environment(lab, s))
-    return input_digest("amphora", 1, s, builder_inputs(lab, s), elements(s), env)
+    """The input digest of the amphora with settings ``s`` (see :func:`_inputs`)."""
+    return input_digest(KIND, *_inputs(lab, s))
+
+
+# --------------------------------------------------------------------------
+# the builder
+# --------------------------------------------------------------------------
+KIND = "amphora"
+
+
+class Amphora(Builder):
+    """``artifacts/images/amphora-x64-haproxy.qcow2`` (see module doc).
+
+    Options (those of ``invoke build-amphora``): base_os, release, arch,
+    size, agent, ssh, image_type, apt_mirror, pip_index, ca_bundle; None
+    keeps lab.yaml's value.
+    """
+
+    name = "amphora"
+    kind = KIND
+    help = "Octavia amphora image"
+
+    def skip_reason(self, lab: Lab, ws: Workspace) -> str | None:
+        if not lab.octavia.enabled:
+            return "lab.yaml octavia.enabled is false"
+        if not lab.octavia.amphora.build:
+            return "lab.yaml octavia.amphora.build is false"
+        try:
+            docker_engine.client(ws)   # connects, or starts dockerd when root (as the build would)
+        except LabError as exc:
+            return f"no Docker engine: {exc}"
+        return None
+
+    def outputs(self, lab: Lab, ws: Workspace, **over) -> list[Output]:
+        over = dict(over)
+        lab = with_build_settings(lab, apt_mirror=over.pop("apt_mirror", None),
+                                  pip_index=over.pop("pip_index", None),
+                                  ca_bundle=over.pop("ca_bundle", None),
+                                  base_os=over.get("base_os"))
+        s = settings(lab, **over)
+        return [Output(artifact_path(ws, s), self.kind, "amphora", _inputs(lab, s),
+                       data=(lab, s))]
+
+    def up_to_date(self, ctx: Context, out: Output, digest: str) -> str | None:
+        return None if super().up_to_date(ctx, out, digest) is None else out.path.name
+
+    def build(self, ctx: Context, out: Output, stage: Stage) -> Built:
+        lab, s = out.data
+        ws = ctx.ws
+        start = time.monotonic()
+        docker_engine.confirm_octavia_release(lab, ws, s)   # before any engine is started
+        cli = docker_engine.client(ws)
+        builder_log = ws.artifact_dir("logs") / "amphora-builder.log"
+        with docker_engine.docker_errors("build-amphora"):
+            with open(builder_log, "w") as logfh, \
+                    progress("amphora: builder image", None, "s") as bar:
+                tag = docker_engine.ensure_builder(lab, ws, cli, s, logfh, bar)
+            tmp = stage.file(out.path)
+            log_path = dib.disk_image_create(
+                lab, ws, name="amphora", elements=elements(s), output=tmp,
+                image_type=s["image_type"], image_size=s["size"], arch=s["arch"],
+                env=dib_settings(lab, s, _cache(ws)), distro=s["base_os"], host_ca=False,
+                tmpfs=True, container=dib.in_builder(cli, tag, docker_engine.BUILDER_ELEMENTS_PATH),
+                label="amphora",
+                no_space=f"at --size {s['size']} GB; give a larger --size (octavia.amphora.size)")
+            meta = _inspect(cli, tag, tmp, s)
+        meta["log"] = str(log_path.relative_to(ws.artifacts))
+        # the cache: this release is known good; other package layers are stale
+        docker_engine.remember_octavia_release(lab, ws, s)
+        layer = layer_name(lab, s)
+        if layer:
+            dib.prune_layers(_cache(ws) / "layers" / layer)
+        secs = time.monotonic() - start
+        return Built(f"{out.path.name}, {tmp.stat().st_size / 2**20:.0f} MiB, "
+                     f"{s['base_os']} {s['release']}, octavia {meta['octavia_version']}, "
+                     f"{secs / 60:.1f} min", meta=meta,
+                     tools={"diskimage-builder": docker_engine.DIB_VERSION,
+                            "docker": docker_engine.engine_version(cli), "builder-image": tag})
+
+
+AMPHORA = Amphora()
+
+
+def build_builder_base(lab: Lab, ws: Workspace, *, force: bool = False) -> list[Outcome]:
+    """``invoke builder-base``: see :func:`builders.tools.docker_engine.build_builder_base`."""
+    return docker_engine.build_builder_base(lab, ws, force=force)
 
 
 def build_amphora(lab: Lab, ws: Workspace, *, force: bool = False, **over) -> list[Outcome]:
-    """Build ``artifacts/images/amphora-x64-haproxy.qcow2`` (see module doc).
-
-    ``over`` takes the options of ``invoke build-amphora`` (base_os, release,
-    arch, size, agent, ssh, image_type); None keeps lab.yaml's value.
-    """
-    t0 = time.monotonic()
-    lab = with_build_settings(lab, apt_mirror=over.pop("apt_mirror", None),
-                              pip_index=over.pop("pip_index", None),
-                              ca_bundle=over.pop("ca_bundle", None),
-                              base_os=over.get("base_os"))
-    s = settings(lab, **over)
-    target = artifact_path(ws, s)
-    digest = image_digest(lab, s)
-    manifest = Manifest(ws.artifacts)
-    if not force and manifest.is_current(target, digest):
-        return [Outcome("amphora", "up to date", [target], detail=target.name)]
-    confirm_octavia_release(lab, ws, s)
-    cli = docker_engine.client(ws)
-    cache = ws.cache_dir("amphora")
-    logpath = ws.artifact_dir("logs") / "amphora.log"
-    with BuildLock(ws), open(logpath, "w") as logfh, progress("amphora", None, "s") as bar, \
-            _docker_errors("build-amphora"):
-        tag = ensure_builder(lab, ws, cli, s, logfh, bar)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        outdir = Path(tempfile.mkdtemp(prefix=f".{IMAGE_NAME}.", suffix=".part", dir=target.parent))
-        try:
-            built = _run_dib(cli, tag, lab, s, cache, outdir, logfh, bar)
-            if s["image_type"] == "qcow2":
-                bar.set_description("compressing (qemu-img convert -c)")
-                compress_qcow2(built, outdir / "compressed.qcow2", what="amphora")
-                os.replace(outdir / "compressed.qcow2", built)
-            meta = _inspect(cli, tag, built, s)
-            os.chmod(built, 0o644)
-            os.replace(built, target)
-        except BaseException:
-            raise
-        finally:
-            shutil.rmtree(outdir, ignore_errors=True)
-        bar.set_description("hashing")
-        manifest.record(target, "amphora", digest,
-                        tools={"diskimage-builder": DIB_VERSION, "docker": docker_engine.engine_version(cli),
-                               "builder-image": tag},
-                        meta=meta)
-        _remember_octavia_release(lab, ws, s)
-        layer = layer_name(lab, s)
-        if layer:
-            prune_layers(cache / "dib" / "layers" / layer)
-    secs = time.monotonic() - t0
-    return [Outcome("amphora", "built", [target],
-                    detail=f"{target.name}, {target.stat().st_size / 2**20:.0f} MiB, "
-                           f"{s['base_os']} {s['release']}, octavia {meta['octavia_version']}, "
-                           f"{secs / 60:.1f} min", seconds=secs)]
-
-
-@contextlib.contextmanager
-def _docker_errors(what: str):
-    """A Docker Engine API error becomes one user line."""
-    from docker.errors import DockerException
-    try:
-        yield
-    except DockerException as exc:
-        text = getattr(exc, "explanation", None) or str(exc)
-        raise LabError(f"{what}: docker: {str(text).strip().splitlines()[-1]}") from None
-
-
-def _run_dib(cli, tag: str, lab: Lab, s: dict, cache: Path, outdir: Path, logfh, bar) -> Path:
-    stem = IMAGE_NAME
-    env = dib_environment(lab, s)
-    volumes = {"/dev": {"bind": "/dev", "mode": "rw"},
-               str(cache): {"bind": "/cache", "mode": "rw"},
-               str(outdir): {"bind": "/out", "mode": "rw"}}
-    phase = "starting"
-
-    def on_line(line: str) -> None:
-        nonlocal phase
-        m = _RUNNING.search(line)
-        if m:
-            new = f"{m.group(2)}.d {m.group(3)}"
-        elif "Creating partition" in line or "block_device" in line and "INFO" in line:
-            new = "block-device"
-        elif "Converting image using qemu-img" in line:
-            new = f"qemu-img convert to {s['image_type']}"
-        else:
-            new = None
-        if new and new != phase:
-            phase = new
-            bar.set_description(phase)
-
-    code, lines = docker_engine.run_streaming(
-        cli, tag, ["bash", "-c", build_command(s, stem)], logfh=logfh, on_line=on_line,
-        network_mode="host", environment={**proxy_environment(), **env}, volumes=volumes,
-        labels={"org.labforge.kind": "amphora-build"}, working_dir="/build", **device_access())
-    if code != 0:
-        stamp = re.compile(r"^\d{4}-\d\d-\d\d [\d:.]+ \| ")
-        tail = [t for t in (stamp.sub("", ln) for ln in lines)
-                if t.strip() and "PROFILING" not in t and "INFO diskimage_builder" not in t
-                and not t.startswith("+") and "Sourcing environment file" not in t]
-        tail = tail[-extcmd.TAIL_LINES:]
-        if any(_NOSPACE.search(ln) for ln in lines[-200:]):
-            raise LabError(f"amphora: the image ran out of space at --size {s['size']} GB; "
-                           f"give a larger --size (octavia.amphora.size); full log: {logfh.name}", tail)
-        script = failing_script(lines)
-        where = f"element script {script} failed" if script else f"disk-image-create exited {code}"
-        raise LabError(f"amphora: {where}; full log: {logfh.name}", tail)
-    ext = "qcow2" if s["image_type"] == "qcow2" else "raw"
-    built = outdir / f"{stem}.{ext}"
-    if not built.is_file():
-        raise LabError(f"amphora: disk-image-create finished but wrote no {built.name}; "
-                       f"full log: {logfh.name}")
-    return built
-
-
-# Linux capability names by bit number (capability.h)
-_CAPS = ("CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID KILL SETGID SETUID SETPCAP "
-         "LINUX_IMMUTABLE NET_BIND_SERVICE NET_BROADCAST NET_ADMIN NET_RAW IPC_LOCK IPC_OWNER "
-         "SYS_MODULE SYS_RAWIO SYS_CHROOT SYS_PTRACE SYS_PACCT SYS_ADMIN SYS_BOOT SYS_NICE "
-         "SYS_RESOURCE SYS_TIME SYS_TTY_CONFIG MKNOD LEASE AUDIT_WRITE AUDIT_CONTROL SETFCAP "
-         "MAC_OVERRIDE MAC_ADMIN SYSLOG WAKE_ALARM BLOCK_SUSPEND AUDIT_READ PERFMON BPF "
-         "CHECKPOINT_RESTORE").split()
-
-
-def device_access() -> dict:
-    """Container options for loop devices, mounts and chroots.
-
-    ``privileged`` where labforge itself holds every capability.  Inside a
-    sandbox whose bounding set lacks some (then runc cannot apply "all
-    capabilities" and the container does not start), the same access is
-    granted explicitly: the capabilities we do hold, every block and char
-    device, and no seccomp/AppArmor confinement.
-    """
-    try:
-        text = Path("/proc/self/status").read_text()
-        bnd = int(re.search(r"^CapBnd:\s*([0-9a-f]+)", text, re.M).group(1), 16)
-    except (OSError, AttributeError, ValueError):
-        return {"privileged": True}
-    if all(bnd >> bit & 1 for bit in range(len(_CAPS))):
-        return {"privileged": True}
-    # the ones every Docker engine knows (20.10 predates PERFMON, BPF, ...)
-    held = [name for bit, name in enumerate(_CAPS[:38]) if bnd >> bit & 1]
-    return {"cap_add": held, "security_opt": ["apparmor=unconfined", "seccomp=unconfined"],
-            "device_cgroup_rules": ["b *:* rwm", "c *:* rwm"]}
+    """Build the amphora image (see :class:`Amphora` for the options)."""
+    return run(AMPHORA, lab, ws, force=force, **over)
 
 
 def _inspect(cli, tag: str, built: Path, s: dict) -> dict:
-    info = json.loads(extcmd.run(["qemu-img", "info", "--output=json", built],
-                                 what="amphora: qemu-img info").stdout)
+    info = qemu_img.info(built)
     try:
         octavia_version = cli.containers.run(
             tag, ["sh", "-c", "cd /opt/labforge/src/octavia && "
@@ -682,8 +350,8 @@ def _inspect(cli, tag: str, built: Path, s: dict) -> dict:
         "format": info.get("format"),
         "base_os": s["base_os"], "release": s["release"], "arch": s["arch"],
         "octavia_version": version,
-        "octavia_lib_version": OCTAVIA_LIB_VERSION,
+        "octavia_lib_version": docker_engine.OCTAVIA_LIB_VERSION,
         "elements": elements(s),
-        "dib_version": DIB_VERSION,
+        "dib_version": docker_engine.DIB_VERSION,
         "agent": s["agent"], "ssh": s["ssh"], "size_gb": s["size"],
     }

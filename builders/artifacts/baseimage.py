@@ -17,7 +17,7 @@ Two sources, chosen by lab.yaml ``base_image.source``:
     A Debian cloud image built here with diskimage-builder (debian-minimal,
     vm, cloud-init, NoCloud/ConfigDrive/OpenStack datasources, growroot,
     openssh-server) from the machine's Debian mirror, for machines that
-    cannot download images.  See :mod:`builders.dib`.  Where DIB runs is
+    cannot download images.  See :mod:`builders.tools.dib`.  Where DIB runs is
     ``base_image.builder`` (:func:`dib_place`): on the host (``.venv-dib``)
     or in the amphora builder container (same DIB, same elements, same
     command line), ``auto`` choosing the container only when its image is
@@ -25,12 +25,14 @@ Two sources, chosen by lab.yaml ``base_image.source``:
 
 Output: ``artifacts/images/<distro>-<version>.qcow2`` (``debian-12``,
 ``ubuntu-24.04``: the name hosts use in ``image:``), recorded in the
-manifest with its sha256, virtual size and where it came from.
+manifest with its sha256, virtual size and where it came from.  The builder
+is :data:`BASE_IMAGE` (:mod:`builders.core.contract`): it declares that one
+output and produces the file; the contract's runner locks, checks, stages,
+renames and records.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -39,31 +41,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from builders.artifacts import amphora
-
-from builders.tools import dib
-
-from builders.tools import docker_engine
-
 from builders.core import extcmd
 from builders.core.console import progress
 from builders.core.errors import LabError
-from builders.core.fsutil import CHUNK, atomic_path, atomic_write, sha256_file
+from builders.core.contract import Builder, Built, Context, Output, Stage, run
+from builders.core.fsutil import atomic_path, atomic_write, sha256_file
 from builders.core.lab import Lab
-from builders.core.manifest import Manifest, input_digest
+from builders.core.manifest import input_digest
 from builders.core.outcome import Outcome
-from builders.core.workspace import BuildLock, Workspace
-
-# release -> (version used in names, codename)
-DEBIAN_RELEASES = {"11": "bullseye", "12": "bookworm", "13": "trixie"}
-UBUNTU_RELEASES = {"20.04": "focal", "22.04": "jammy", "24.04": "noble"}
-
-DEBIAN_URL = "https://cloud.debian.org/images/cloud/{codename}/latest/"
-UBUNTU_URL = "https://cloud-images.ubuntu.com/{codename}/current/"
-UBUNTU_KEYRINGS = ("/usr/share/keyrings/ubuntu-cloudimage-keyring.gpg",)
+from builders.core.workspace import Workspace
+from builders.tools import dib, distros, docker_engine, download, qemu_img
+from builders.tools.buildenv import ca_bundle
+from builders.tools.distros import Release
 
 # the DIB elements of the `build` source
-BUILD_ELEMENTS = ("debian-minimal", "vm", "cloud-init", "cloud-init-datasources",
+BUILD_ELEMENTS = (distros.DEBIAN.dib_element, "vm", "cloud-init", "cloud-init-datasources",
                   "growroot", "openssh-server")
 BUILD_PACKAGES = ("ifupdown", "isc-dhcp-client")   # cloud-init's ENI renderer brings NICs up
 
@@ -81,31 +73,15 @@ LAYER_PACKAGES = (
     *BUILD_PACKAGES,
 )
 
-RETRIES = 4          # attempts per request
-BACKOFF = 1.0        # seconds, doubled after each failed attempt
-TIMEOUT = 30         # seconds of silence before a connection counts as dropped
-
-
-@dataclass(frozen=True)
-class Release:
-    distro: str
-    version: str       # "12", "24.04"
-    codename: str      # "bookworm", "noble"
-
-    @property
-    def name(self) -> str:
-        return f"{self.distro}-{self.version}"
-
 
 def release(lab: Lab) -> Release:
     """The lab's base image release; an unknown one is a one-line error."""
     bi = lab.base_image
-    table = DEBIAN_RELEASES if bi.distro == "debian" else UBUNTU_RELEASES
-    wanted = str(bi.release).strip().lower()
-    for version, codename in table.items():
-        if wanted in (version, codename):
-            return Release(bi.distro, version, codename)
-    known = ", ".join(f"{v} ({c})" for v, c in table.items())
+    distro = distros.get(bi.distro)
+    rel = distro.release(str(bi.release), cloud=True)
+    if rel is not None:
+        return rel
+    known = ", ".join(f"{v} ({c})" for v, c in distro.known(cloud=True).items())
     raise LabError(f"{lab.source.name}: base_image.release: {bi.release!r} is not a known "
                    f"{bi.distro} release; use one of {known}")
 
@@ -114,72 +90,66 @@ def image_path(lab: Lab, ws: Workspace) -> Path:
     return ws.artifacts / "images" / f"{release(lab).name}.qcow2"
 
 
-def build_base_image(lab: Lab, ws: Workspace, *, force: bool = False) -> list[Outcome]:
-    """Make ``artifacts/images/<distro>-<version>.qcow2`` from the lab's source."""
-    rel = release(lab)
-    bi = lab.base_image
-    if bi.source == "build" and bi.distro != "debian":
-        raise LabError(f"{lab.source.name}: base_image: the build source makes Debian images; "
-                       "set base_image.distro: debian or base_image.source: download")
-    target = image_path(lab, ws)
-    step = f"base-image {rel.name}"
-    if bi.source == "download":
-        digest = input_digest("base-image/download", rel.distro, rel.version, _base_url(lab, rel))
-    else:
-        place = dib_place(lab)
-        digest = build_digest(lab, rel, place.dib_version)
-    manifest = Manifest(ws.artifacts)
-    with BuildLock(ws):
-        if not force and manifest.is_current(target, digest):
-            return [Outcome(step, "up to date", [target])]
-        start = time.monotonic()
+KIND = "base-image"
+
+
+class BaseImage(Builder):
+    """``artifacts/images/<distro>-<version>.qcow2`` from the lab's source."""
+
+    name = "base-image"
+    kind = KIND
+    help = "base cloud image"
+
+    def outputs(self, lab: Lab, ws: Workspace, **_) -> list[Output]:
+        rel = release(lab)
+        bi = lab.base_image
+        if bi.source == "build" and bi.distro != "debian":
+            raise LabError(f"{lab.source.name}: base_image: the build source makes Debian images; "
+                           "set base_image.distro: debian or base_image.source: download")
         if bi.source == "download":
-            meta = _download(lab, ws, rel, target)
-            tools = {"requests": _requests_version()}
+            inputs = _download_inputs(lab, rel)
+            plan = (rel, None)
         else:
-            meta, tools = _build(lab, ws, rel, target, digest, force, place)
-        info = qemu_info(target)
+            place = dib_place(lab)
+            inputs = _build_inputs(lab, rel, place.dib_version)
+            plan = (rel, place)
+        return [Output(image_path(lab, ws), self.kind, f"base-image {rel.name}", inputs,
+                       data=plan)]
+
+    def build(self, ctx: Context, out: Output, stage: Stage) -> Built:
+        lab, ws = ctx.lab, ctx.ws
+        rel, place = out.data
+        source = lab.base_image.source
+        start = time.monotonic()
+        tmp = stage.file(out.path)
+        if place is None:
+            meta = _download(lab, ws, rel, tmp)
+            tools = {"requests": download.requests_version()}
+        else:
+            meta, tools = _build(lab, ws, rel, tmp, out.digest(), ctx.force, place)
+        info = qemu_img.info(tmp)
         if info.get("format") != "qcow2":
-            target.unlink(missing_ok=True)
-            raise LabError(f"{target}: the {bi.source}ed image is {info.get('format')}, not qcow2")
+            raise LabError(f"{out.path}: the {source}ed image is {info.get('format')}, not qcow2")
         meta.update({"distro": rel.distro, "release": rel.version, "codename": rel.codename,
-                     "source": bi.source, "format": "qcow2",
+                     "source": source, "format": "qcow2",
                      "virtual_size": info["virtual-size"]})
-        manifest.record(target, "base-image", digest, tools=tools, meta=meta)
-        secs = time.monotonic() - start
-        size = info["virtual-size"] / 2**30
-        how = "build reused from cache/dib/images" if meta.get("reused_from_cache") else bi.source
+        how = "build reused from cache/dib/images" if meta.get("reused_from_cache") else source
         if meta.get("builder", "host") != "host" and not meta.get("reused_from_cache"):
             how = f"build in {meta['builder']}"
-        return [Outcome(step, "built", [target], f"{how}, {size:.1f} GiB virtual, "
-                        f"{secs:.0f}s", secs)]
+        return Built(f"{how}, {info['virtual-size'] / 2**30:.1f} GiB virtual, "
+                     f"{time.monotonic() - start:.0f}s", meta=meta, tools=tools)
 
 
-def qemu_info(path: Path) -> dict:
-    """``qemu-img info --output=json`` of an image (-U: works while a VM runs)."""
-    proc = extcmd.run(["qemu-img", "info", "-U", "--output=json", path],
-                      what=f"reading {path.name}")
-    return json.loads(proc.stdout)
+BASE_IMAGE = BaseImage()
 
 
-def qemu_check(path: Path, what: str) -> None:
-    """``qemu-img check`` of a qcow2 (reads only its tables, so it is quick):
-    a truncated or damaged image is a LabError ending in ``what`` (what to
-    do about it).  Leaked clusters (exit status 3) are harmless."""
-    chk = extcmd.run(["qemu-img", "check", "-U", path], check=False,
-                     what=f"checking image {Path(path).name}")
-    if chk.returncode in (0, 3):
-        return
-    out = chk.stdout + chk.stderr
-    text = out.decode(errors="replace") if isinstance(out, bytes) else out
-    found = [ln.strip() for ln in text.splitlines() if "error" in ln.lower() or "corrupt" in ln.lower()]
-    raise LabError(f"{path}: `qemu-img check` finds the image damaged "
-                   f"({found[0].rstrip('.') if found else f'exit status {chk.returncode}'}); {what}")
+def build_base_image(lab: Lab, ws: Workspace, *, force: bool = False) -> list[Outcome]:
+    """Make ``artifacts/images/<distro>-<version>.qcow2`` from the lab's source."""
+    return run(BASE_IMAGE, lab, ws, force=force)
 
 
-def _requests_version() -> str:
-    import requests
-    return requests.__version__
+def _download_inputs(lab: Lab, rel: Release) -> tuple:
+    return ("download", rel.distro, rel.version, _base_url(lab, rel))
 
 
 # --------------------------------------------------------------------------
@@ -194,20 +164,25 @@ class Place:
     tag: str | None = None         # ... this builder image
 
 
-def build_digest(lab: Lab, rel: Release, dib_version: str | None) -> str:
-    """Input digest of the ``build`` source.  Where DIB runs is not an input
-    (same DIB, same elements, same command line); the DIB version of the place
-    that runs it is, so switching between a host and a container whose DIB
+def _build_inputs(lab: Lab, rel: Release, dib_version: str | None) -> tuple:
+    """Inputs of the ``build`` source.  Where DIB runs is not one (same DIB,
+    same elements, same command line); the DIB version of the place that
+    runs it is, so switching between a host and a container whose DIB
     differs rebuilds."""
-    main, sec = dib.debian_mirrors(lab)
-    return input_digest("base-image/build", rel.distro, rel.version, lab.base_image.size,
-                        main, sec, BUILD_ELEMENTS, build_packages(lab), dib_version)
+    main, sec = distros.debian_mirrors(lab)
+    return ("build", rel.distro, rel.version, lab.base_image.size,
+            main, sec, BUILD_ELEMENTS, build_packages(lab), dib_version)
 
 
 def build_packages(lab: Lab) -> tuple[str, ...]:
     """What the `build` source installs: BUILD_PACKAGES and base_image.packages
     (the default lab bakes the brokers' ZooKeeper in; docs/kafka-lab.md)."""
     return (*BUILD_PACKAGES, *[p for p in lab.base_image.packages if p not in BUILD_PACKAGES])
+
+
+def build_digest(lab: Lab, rel: Release, dib_version: str | None) -> str:
+    """Input digest of the ``build`` source (see :func:`_build_inputs`)."""
+    return input_digest(KIND, *_build_inputs(lab, rel, dib_version))
 
 
 def dib_place(lab: Lab) -> Place:
@@ -217,23 +192,23 @@ def dib_place(lab: Lab) -> Place:
     later, by :func:`_build`, when missing).  ``auto``: the host when it has
     diskimage-builder; else the container when an engine already answers
     (dockerd is never started for this) and holds the builder image
-    ``amphora.ensure_builder`` would use for this lab; else the host, whose
-    missing DIB is then the error.
+    ``docker_engine.ensure_builder`` would use for this lab; else the host,
+    whose missing DIB is then the error.
     """
     mode = lab.base_image.builder
     if mode == "container":
-        return Place("container", amphora.DIB_VERSION)
+        return Place("container", docker_engine.DIB_VERSION)
     if mode == "auto" and not _host_has_dib():
         cli = docker_engine.reachable()
         if cli is not None:
             try:
-                with amphora._docker_errors("base-image"):
-                    tag = amphora.builder_tag(lab, cli, amphora.settings(lab))
+                with docker_engine.docker_errors("base-image"):
+                    tag = docker_engine.builder_tag(lab, cli)
             except LabError as exc:     # e.g. odd octavia.amphora settings: not our business
                 extcmd.log.debug("base-image: builder image not usable: %s", exc)
                 tag = None
             if tag is not None:
-                return Place("container", amphora.DIB_VERSION, cli, tag)
+                return Place("container", docker_engine.DIB_VERSION, cli, tag)
     return Place("host", dib.dib_version())
 
 
@@ -248,18 +223,15 @@ def _host_has_dib() -> bool:
 def _builder_container(lab: Lab, ws: Workspace, rel: Release, place: Place) -> dib.InContainer:
     """The builder image to run DIB in: the one `auto` found, else made like
     ``invoke build-amphora`` makes it (dockerd started when none runs)."""
-    with amphora._docker_errors("base-image"):
+    with docker_engine.docker_errors("base-image"):
         cli, tag = place.cli, place.tag
         if tag is None:
             cli = docker_engine.client(ws)
             logpath = ws.artifact_dir("logs") / f"base-image-{rel.name}-builder.log"
             with open(logpath, "w") as logfh, \
                     progress(f"base-image {rel.name}: builder image", None, "s") as bar:
-                tag = amphora.ensure_builder(lab, ws, cli, amphora.settings(lab), logfh, bar)
-        path = docker_engine.image_path_env(cli, tag)
-        if not dib.has_device_mapper():
-            path = f"{amphora.BUILDER_STANDIN_DIR}:{path}"
-        return dib.InContainer(cli, tag, path, amphora.device_access())
+                tag = docker_engine.ensure_builder(lab, ws, cli, None, logfh, bar)
+        return dib.in_builder(cli, tag)
 
 
 def _tools(meta: dict, dib_version: str | None, cli=None) -> dict:
@@ -273,10 +245,11 @@ def _tools(meta: dict, dib_version: str | None, cli=None) -> dict:
 
 def _build(lab: Lab, ws: Workspace, rel: Release, target: Path, digest: str,
            force: bool, place: Place) -> tuple[dict, dict]:
-    """Build with DIB where ``place`` says, or reuse the image an earlier
-    build with the same inputs left in ``cache/dib/images/`` (a CI job that
-    keeps cache/ but starts with an empty artifacts/).  ``force`` always
-    builds.  Returns (meta, tools) for the manifest."""
+    """Build with DIB where ``place`` says into ``target`` (a staged file),
+    or reuse the image an earlier build with the same inputs left in
+    ``cache/dib/images/`` (a CI job that keeps cache/ but starts with an
+    empty artifacts/).  ``force`` always builds.  Returns (meta, tools) for
+    the manifest."""
     cache_dir = ws.cache_dir("dib", "images")
     cached = cache_dir / f"{rel.name}-{digest[:16]}.qcow2"
     sidecar = cached.with_suffix(".json")
@@ -286,22 +259,22 @@ def _build(lab: Lab, ws: Workspace, rel: Release, target: Path, digest: str,
         except ValueError:
             known = {}
         if known.get("sha256") and sha256_file(cached) == known["sha256"]:
-            with atomic_path(target) as tmp:
-                shutil.copyfile(cached, tmp)
+            shutil.copyfile(cached, target)
             meta = {**known.get("meta", {}), "reused_from_cache": True}
             if not (ws.artifacts / meta.get("log", "")).is_file():
                 meta.pop("log", None)           # that build's log went with its artifacts/
             return meta, _tools(meta, place.dib_version)
     container = _builder_container(lab, ws, rel, place) if place.kind == "container" else None
     layer = _package_layer(lab, ws, rel, on_host=container is None)
-    with amphora._docker_errors("base-image"):
+    with docker_engine.docker_errors("base-image"):
         log = dib.disk_image_create(
             lab, ws, name=f"base-image-{rel.name}", elements=BUILD_ELEMENTS, output=target,
             packages=build_packages(lab), image_size=lab.base_image.size,
             env={"DIB_RELEASE": rel.codename, "DIB_GRUB_TIMEOUT": "1", **layer},
-            label=f"base-image {rel.name}", container=container)
+            label=f"base-image {rel.name}", container=container,
+            no_space=f"at {lab.base_image.size} GB; raise base_image.size")
     dib.prune_layers(Path(layer["DIB_IMAGE_CACHE"]))
-    main, sec = dib.debian_mirrors(lab)
+    main, sec = distros.debian_mirrors(lab)
     meta = {"elements": list(BUILD_ELEMENTS), "packages": list(build_packages(lab)),
             "mirror": main, "security_mirror": sec,
             "builder": container.image if container else "host",
@@ -321,7 +294,7 @@ def _package_layer(lab: Lab, ws: Workspace, rel: Release, *, on_host: bool = Tru
     The builder image carries mmdebstrap; the host needs it installed."""
     if on_host:
         extcmd.require("mmdebstrap")
-    main, sec = dib.debian_mirrors(lab)
+    main, sec = distros.debian_mirrors(lab)
     extra = [p for p in lab.base_image.packages if p not in LAYER_PACKAGES]
     name, args = dib.package_layer(rel.codename, main, sec, (*LAYER_PACKAGES, *extra))
     return {"DIB_IMAGE_CACHE": str(ws.cache_dir("dib", "layers", name)),
@@ -334,209 +307,39 @@ def _package_layer(lab: Lab, ws: Workspace, rel: Release, *, on_host: bool = Tru
 def _base_url(lab: Lab, rel: Release) -> str:
     if lab.base_image.url:
         return lab.base_image.url.rstrip("/") + "/"
-    tmpl = DEBIAN_URL if rel.distro == "debian" else UBUNTU_URL
-    return tmpl.format(codename=rel.codename)
+    return distros.get(rel.distro).image_url(rel)
 
 
 def remote_names(rel: Release) -> tuple[str, str, str]:
     """(image file, checksum file, hash algorithm) as published upstream."""
-    if rel.distro == "debian":
-        return f"debian-{rel.version}-genericcloud-amd64.qcow2", "SHA512SUMS", "sha512"
-    return f"{rel.codename}-server-cloudimg-amd64.img", "SHA256SUMS", "sha256"
-
-
-def _session():
-    import requests
-    s = requests.Session()
-    s.headers["User-Agent"] = "labforge (base-image download)"
-    return s
-
-
-def _explain(exc: Exception) -> str:
-    text = str(exc)
-    for needle, short in (("Connection refused", "connection refused"),
-                          ("Name or service not known", "host not found"),
-                          ("Temporary failure in name resolution", "host not found"),
-                          ("timed out", "timed out"), ("CERTIFICATE_VERIFY_FAILED",
-                                                       "TLS certificate not trusted")):
-        if needle in text:
-            return short
-    return type(exc).__name__
-
-
-def _get(session, url: str, what: str, *, retries: int, backoff: float, **kwargs):
-    """GET with retries and backoff; HTTP errors other than 5xx are not retried."""
-    import requests
-    delay = backoff
-    last: Exception | None = None
-    for attempt in range(retries):
-        try:
-            resp = session.get(url, timeout=TIMEOUT, **kwargs)
-        except requests.RequestException as exc:
-            last = exc
-        else:
-            if resp.status_code < 500:
-                return resp
-            last = LabError(f"HTTP {resp.status_code}")
-            resp.close()
-        if attempt < retries - 1:
-            extcmd.log.debug("%s: %s; retrying in %.0fs", what, _explain(last), delay)
-            time.sleep(delay)
-            delay *= 2
-    raise LabError(f"{what}: cannot fetch {url}: {_explain(last)} after {retries} attempts; "
-                   "check base_image.url and your network (or use base_image.source: build)")
-
-
-def fetch_checksum(session, url: str, sums_name: str, image_name: str, *, retries: int,
-                   backoff: float, algo: str = "sha512") -> tuple[str, bytes]:
-    """The expected hex digest of ``image_name`` from the checksum file at ``url``."""
-    resp = _get(session, url + sums_name, "base-image", retries=retries, backoff=backoff)
-    if resp.status_code != 200:
-        raise LabError(f"base-image: {url}{sums_name}: HTTP {resp.status_code}; "
-                       "check base_image.url and base_image.release")
-    body = resp.content
-    for line in body.decode("utf-8", "replace").splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1].lstrip("*") == image_name:
-            value = parts[0].lower()
-            if len(value) != hashlib.new(algo).digest_size * 2 or \
-                    not all(c in "0123456789abcdef" for c in value):
-                raise LabError(f"base-image: {url}{sums_name}: the entry for {image_name} is not "
-                               f"a {algo} digest ({len(value)} characters); the checksum file "
-                               "is damaged: check base_image.url or try again later")
-            return value, body
-    raise LabError(f"base-image: {url}{sums_name} lists no {image_name}; "
-                   "check base_image.url and base_image.release")
-
-
-def _verify_ubuntu_signature(session, url: str, sums: bytes, workdir: Path, *, retries: int,
-                             backoff: float) -> str:
-    """Check SHA256SUMS.gpg with gpgv when gpgv and the keyring exist."""
-    keyring = next((k for k in UBUNTU_KEYRINGS if Path(k).is_file()), None)
-    if shutil.which("gpgv") is None or keyring is None:
-        extcmd.log.info("base-image: SHA256SUMS signature not checked (needs gpgv and %s)",
-                        UBUNTU_KEYRINGS[0])
-        return "not checked"
-    resp = _get(session, url + "SHA256SUMS.gpg", "base-image", retries=retries, backoff=backoff)
-    if resp.status_code != 200:
-        raise LabError(f"base-image: {url}SHA256SUMS.gpg: HTTP {resp.status_code}; "
-                       "the checksum file cannot be authenticated")
-    (workdir / "SHA256SUMS").write_bytes(sums)
-    (workdir / "SHA256SUMS.gpg").write_bytes(resp.content)
-    extcmd.run(["gpgv", "--keyring", keyring, workdir / "SHA256SUMS.gpg", workdir / "SHA256SUMS"],
-               what="base-image: verifying SHA256SUMS")
-    return "good"
-
-
-def part_path(dest: Path, expected: str) -> Path:
-    """Where the download of ``dest`` with that published checksum accumulates."""
-    return dest.with_name(f"{dest.name}.{expected[:12].lower()}.part")
-
-
-def download(url: str, dest: Path, *, expected: str, algo: str, retries: int = RETRIES,
-             backoff: float = BACKOFF, session=None, label: str | None = None) -> Path:
-    """Download ``url`` to ``dest`` via a ``.part`` file, resuming, verified.
-
-    The ``.part`` file survives an interrupted run; the next run asks the
-    server for the rest (HTTP Range) and, if the server does not honour it,
-    starts over.  It is named after the published checksum, so a part of an
-    image the mirror has since replaced (Debian's ``latest``) is discarded
-    instead of being completed into a mismatch.  Memory use is constant
-    (1 MiB chunks).  A checksum mismatch deletes the download and raises.
-    """
-    import requests
-    session = session or _session()
-    part = part_path(dest, expected)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    for stale in dest.parent.glob(f"{dest.name}.*part"):
-        if stale != part:
-            stale.unlink(missing_ok=True)
-    delay = backoff
-    attempt = 0
-    total: int | None = None
-    with progress(label or f"downloading {dest.name}", None) as bar:
-        while True:
-            have = part.stat().st_size if part.exists() else 0
-            headers = {"Range": f"bytes={have}-"} if have else {}
-            try:
-                with session.get(url, stream=True, timeout=TIMEOUT, headers=headers) as resp:
-                    if resp.status_code == 416 and have:        # nothing left to fetch
-                        break
-                    if resp.status_code == 404:
-                        raise LabError(f"base-image: {url}: HTTP 404; check base_image.url "
-                                       "and base_image.release")
-                    if resp.status_code >= 500:
-                        raise requests.ConnectionError(f"HTTP {resp.status_code}")
-                    if resp.status_code not in (200, 206):
-                        raise LabError(f"base-image: {url}: HTTP {resp.status_code}")
-                    if resp.status_code == 200 and have:
-                        extcmd.log.info("%s: server ignored the range request; starting over",
-                                        dest.name)
-                        have = 0
-                    length = int(resp.headers.get("Content-Length", 0)) or None
-                    total = (have + length) if length else total
-                    bar.total = total
-                    bar.done = have
-                    if bar._bar is not None:
-                        bar._bar.update(bar._task, total=total, completed=have)
-                    mode = "ab" if have else "wb"
-                    with open(part, mode) as fh:
-                        for chunk in resp.iter_content(CHUNK):
-                            fh.write(chunk)
-                            bar.advance(len(chunk))
-                    got = part.stat().st_size
-                    if total is not None and got < total:
-                        raise requests.ConnectionError(f"connection closed at {got} of {total} bytes")
-                    break
-            except (requests.ConnectionError, requests.Timeout,
-                    requests.exceptions.ChunkedEncodingError) as exc:
-                attempt += 1
-                if attempt >= retries:
-                    raise LabError(f"base-image: downloading {url} failed: {_explain(exc)} after "
-                                   f"{retries} attempts; rerun to resume from "
-                                   f"{part.stat().st_size if part.exists() else 0} bytes") from None
-                extcmd.log.info("%s: %s; resuming in %.0fs", dest.name, _explain(exc), delay)
-                time.sleep(delay)
-                delay *= 2
-    h = hashlib.new(algo)
-    with open(part, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            h.update(chunk)
-    if h.hexdigest() != expected.lower():
-        part.unlink(missing_ok=True)
-        raise LabError(f"base-image: {url}: {algo} checksum mismatch (got {h.hexdigest()[:16]}..., "
-                       f"published {expected[:16]}...); the download was deleted, rerun to fetch "
-                       "it again or check base_image.url")
-    os.replace(part, dest)
-    return dest
+    d = distros.get(rel.distro)
+    return d.image_name(rel), d.checksums, d.checksum_algo
 
 
 def _download(lab: Lab, ws: Workspace, rel: Release, target: Path) -> dict:
     url = _base_url(lab, rel)
+    distro = distros.get(rel.distro)
     image_name, sums_name, algo = remote_names(rel)
-    session = _session()
-    bundle = dib.ca_bundle(lab)
-    if bundle is not None and url.startswith("https:"):
-        session.verify = str(bundle)
-    expected, sums = fetch_checksum(session, url, sums_name, image_name, algo=algo,
-                                    retries=RETRIES, backoff=BACKOFF)
+    bundle = ca_bundle(lab)
+    session = download.new_session("labforge (base-image download)",
+                                   verify=str(bundle) if bundle and url.startswith("https:") else None)
+    expected, sums = download.fetch_checksum(session, url, sums_name, image_name, algo=algo)
     cache = ws.cache_dir("downloads", rel.name)
     signature = None
-    if rel.distro == "ubuntu":
-        signature = _verify_ubuntu_signature(session, url, sums, cache,
-                                             retries=RETRIES, backoff=BACKOFF)
+    if distro.signature:
+        signature = download.verify_signature(session, url, sums_name, sums, distro.signature,
+                                              distro.keyrings, cache)
     cached = cache / image_name
     if cached.exists():                     # a verified download from an earlier run?
         cached.unlink()
-    download(url + image_name, cached, expected=expected, algo=algo, session=session,
-             label=f"base-image {rel.name}: {image_name}")
-    # move the verified file into artifacts/ atomically
-    with atomic_path(target) as tmp:
-        try:
-            os.replace(cached, tmp)
-        except OSError:
-            shutil.copyfile(cached, tmp)
-            cached.unlink()
+    download.download(url + image_name, cached, expected=expected, algo=algo, session=session,
+                      label=f"base-image {rel.name}: {image_name}")
+    # the verified file becomes the staged output (the runner renames it into place)
+    try:
+        os.replace(cached, target)
+    except OSError:
+        shutil.copyfile(cached, target)
+        cached.unlink()
     meta = {"url": url + image_name, algo: expected}
     if signature:
         meta["signature"] = signature

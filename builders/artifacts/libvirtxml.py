@@ -21,7 +21,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from builders.core import extcmd
-from builders.checks.bootcheck import detect_accel
+from builders.tools.qemu_vm import detect_accel
 from builders.core.errors import LabError
 from builders.core.contract import Builder, Built, Context, Output, Stage, run
 from builders.core.lab import Host, Lab
@@ -45,7 +45,7 @@ def _xml(root: ET.Element) -> str:
 
 
 def domain_xml(lab: Lab, host: Host, overlay: Path, seed: Path | None, accel: str) -> str:
-    net = libvirt.host_network(lab, host)
+    net = lab.host_network(host)
     root = ET.Element("domain", type="kvm" if accel == "kvm" else "qemu")
     _sub(root, "name", f"{lab.name}-{host.name}")
     _sub(root, "memory", str(host.memory), unit="MiB")

@@ -19,12 +19,10 @@ overlay has no data clusters of its own (``qemu-img map``).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from builders.core import extcmd
-from builders.artifacts.baseimage import qemu_check, qemu_info
 from builders.core.errors import LabError
 from builders.core.contract import Builder, Built, Context, Output, Stage, run
 from builders.core.fsutil import sha256_file
@@ -32,6 +30,8 @@ from builders.core.lab import Host, Lab
 from builders.core.manifest import Manifest
 from builders.core.outcome import Outcome
 from builders.core.workspace import Workspace
+from builders.tools.qemu_img import check as qemu_check, check_chain, create_overlay, written_bytes
+from builders.tools.qemu_img import info as qemu_info
 
 GiB = 1 << 30
 
@@ -43,17 +43,6 @@ def overlay_path(ws: Workspace, host: Host | str) -> Path:
 
 def base_path(ws: Workspace, host: Host) -> Path:
     return ws.artifacts / "images" / f"{host.image}.qcow2"
-
-
-def written_bytes(path: Path) -> int:
-    """Bytes of guest data stored in the overlay itself (not in its backing chain)."""
-    proc = extcmd.run(["qemu-img", "map", "-U", "--output=json", path],
-                      what=f"reading {path.name}")
-    total = 0
-    for ext in json.loads(proc.stdout):
-        if ext.get("depth") == 0 and ext.get("data"):
-            total += int(ext["length"])
-    return total
 
 
 def _check_base(lab: Lab, ws: Workspace, host: Host, manifest: Manifest,
@@ -146,8 +135,7 @@ class Overlays(Builder):
         target = out.path
         backing = os.path.relpath(base, target.parent)
         tmp = stage.file(target)
-        extcmd.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2",
-                    tmp, f"{h.disk}G"], cwd=target.parent, what=f"creating {target.name}")
+        create_overlay(tmp, backing, size=f"{h.disk}G", cwd=target.parent, what=f"creating {target.name}")
         chain = [target.name, *check_chain(tmp, base, h.disk * GiB)[1:]]
         return Built(f"{h.disk} GiB, backed by {base.name}",
                      meta={"host": h.name, "backing": backing, "backing_format": "qcow2",
@@ -162,24 +150,3 @@ def build_overlays(lab: Lab, ws: Workspace, *, hosts: list[str] | None = None,
                    force: bool = False) -> list[Outcome]:
     """Create the overlay of each host (default: all); see the module doc."""
     return run(OVERLAYS, lab, ws, force=force, hosts=hosts)
-
-
-def check_chain(overlay: Path, base: Path, size: int) -> list[str]:
-    """Confirm with ``qemu-img info --backing-chain`` that ``overlay`` is a
-    qcow2 of ``size`` bytes backed by the qcow2 ``base``; return the chain."""
-    proc = extcmd.run(["qemu-img", "info", "-U", "--backing-chain", "--output=json", overlay],
-                      what=f"checking {overlay.name}")
-    chain = json.loads(proc.stdout)
-    top = chain[0]
-    problems = []
-    if top.get("format") != "qcow2":
-        problems.append(f"format {top.get('format')}")
-    if int(top.get("virtual-size", 0)) != size:
-        problems.append(f"virtual size {top.get('virtual-size')} != {size}")
-    if top.get("backing-filename-format") != "qcow2":
-        problems.append("no explicit backing format")
-    if len(chain) < 2 or Path(chain[1]["filename"]).resolve() != base.resolve():
-        problems.append(f"backing file is {top.get('full-backing-filename')}, not {base}")
-    if problems:
-        raise LabError(f"{overlay}: qemu-img reports a wrong chain: {'; '.join(problems)}")
-    return [Path(c["filename"]).name for c in chain]

@@ -11,8 +11,9 @@ files Octavia injects, their bodies under ``openstack/content/``):
   issued by the Octavia server CA (``builders.artifacts.certs.issue_amphora_cert``),
 * ``/etc/octavia/certs/client_ca.pem``: the client CA the agent trusts.
 
-The agent port 9443 is forwarded to an ephemeral port on 127.0.0.1.  The
-check passes when ``GET /`` answers the agent's API version using
+The VM runs under :mod:`builders.tools.qemu_vm` (one NIC on QEMU user
+networking, Nova's MAC); the agent port 9443 is forwarded to an ephemeral
+port on 127.0.0.1.  The check passes when ``GET /`` answers the agent's API version using
 ``certs/octavia/client.cert-and-key.pem`` and verifying the agent's
 certificate against the server CA chain with the amphora id as host name (as
 Octavia's controller does), and when a client certificate from another CA is
@@ -21,30 +22,25 @@ refused.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
 import os
 import re
 import socket
-import subprocess
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
-from builders.tools import pki
-
-from builders.core import extcmd
-from builders.core.console import progress
-from builders.checks.bootcheck import KVM_GRACE, accel_plan, kernel_started, kvm_stalled
+from builders.core.contract import Check
 from builders.core.errors import LabError
 from builders.core.fsutil import atomic_write
 from builders.core.lab import Lab
 from builders.core.manifest import Manifest
 from builders.core.outcome import Outcome
 from builders.core.workspace import Workspace
+from builders.tools import pki, qemu_vm
+from builders.tools.qemu_vm import Drive, Nic, VmSpec
 
 log = logging.getLogger("labforge")
 
@@ -148,17 +144,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _qemu_argv(accel: str, overlay: Path, iso: Path, port: int, console: Path) -> list[str]:
-    argv = ["qemu-system-x86_64", "-accel", accel, "-M", "pc", "-m", "1024",
-            "-smp", "1" if accel == "tcg" else "2",
-            "-nodefaults", "-display", "none", "-no-reboot",
-            "-drive", f"file={overlay},format=qcow2,if=virtio,cache=unsafe",
-            "-drive", f"file={iso},format=raw,if=ide,media=cdrom,readonly=on",
-            "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:{AGENT_PORT}",
-            "-device", f"virtio-net-pci,netdev=n0,mac={MGMT_MAC}",
-            "-serial", f"file:{console}",
-            "-device", "virtio-rng-pci"]
-    return argv
+def amphora_vm(image: Path, config_drive_iso: Path, port: int) -> VmSpec:
+    """The amphora as Nova boots it: its image (through a throwaway overlay),
+    the config drive, one management NIC with the agent port forwarded to
+    127.0.0.1:``port``, and a virtio RNG."""
+    fmt = "raw" if image.suffix == ".raw" else "qcow2"
+    return VmSpec(name="labforge-amphora-check",
+                  drives=(Drive(image, fmt, throwaway=True), Drive(config_drive_iso, "raw", cdrom=True)),
+                  nics=(Nic.user(mac=MGMT_MAC, forwards=[("tcp", port, AGENT_PORT)]),),
+                  memory=1024, cpus=2, cpus_tcg=1, machine="pc", rng=True)
 
 
 # --------------------------------------------------------------------------
@@ -202,24 +196,44 @@ def foreign_client(directory: Path) -> Path:
 # --------------------------------------------------------------------------
 # the check
 # --------------------------------------------------------------------------
-def _image(ws: Workspace, image: str | None) -> Path:
+def _image(lab: Lab, ws: Workspace, image: str | None) -> Path:
+    """``--image`` (a path or a manifest name), else the amphora builder's
+    declared output (qcow2, or raw when that is what was built)."""
+    from builders.artifacts import amphora
     if image:
-        return Manifest(ws.artifacts).resolve(image, kinds=("amphora",))[0]
-    for ext in ("qcow2", "raw"):
-        p = ws.artifacts / "images" / f"amphora-x64-haproxy.{ext}"
+        return Manifest(ws.artifacts).resolve(image, kinds=(amphora.KIND,))[0]
+    declared = amphora.AMPHORA.outputs(lab, ws)[0].path
+    for p in (declared, *(amphora.artifact_path(ws, {"image_type": t}) for t in ("qcow2", "raw"))):
         if p.is_file():
             return p
-    raise LabError(f"{ws.artifacts / 'images' / 'amphora-x64-haproxy.qcow2'}: no amphora image; "
-                   "run `invoke build-amphora` first")
+    raise LabError(f"{declared}: no amphora image; run `invoke build-amphora` first")
+
+
+class AmphoraCheck(Check):
+    """``invoke amphora-check``: boot the amphora as Nova would, prove its agent."""
+
+    name = "amphora-check"
+    help = "boot the amphora with a Nova-style config drive and prove its agent (mutual TLS)"
+
+    def check(self, lab: Lab, ws: Workspace, *, image: str | None = None,
+              timeout: float = BOOT_TIMEOUT, accel: str | None = None) -> list[Outcome]:
+        return _check_amphora(lab, ws, image=image, timeout=timeout, accel=accel)
+
+
+AMPHORA_CHECK = AmphoraCheck()
 
 
 def check_amphora(lab: Lab, ws: Workspace, *, image: str | None = None,
                   timeout: float = BOOT_TIMEOUT, accel: str | None = None) -> list[Outcome]:
     """Boot the amphora with a config drive and prove its agent (see module doc)."""
+    return AMPHORA_CHECK.check(lab, ws, image=image, timeout=timeout, accel=accel)
+
+
+def _check_amphora(lab: Lab, ws: Workspace, *, image: str | None, timeout: float,
+                   accel: str | None) -> list[Outcome]:
     from builders.artifacts import certs
-    extcmd.require("qemu-system-x86_64")
-    extcmd.require("qemu-img")
-    path = _image(ws, image)
+    qemu_vm.require_tools()
+    path = _image(lab, ws, image)
     outcomes = certs.build_certs(lab, ws)
     cdir = ws.certs / "octavia"
     client_pem = cdir / "client.cert-and-key.pem"
@@ -237,103 +251,70 @@ def check_amphora(lab: Lab, ws: Workspace, *, image: str | None = None,
         "/etc/octavia/certs/client_ca.pem": client_ca,
     }
     console = ws.artifact_dir("logs") / "amphora-check-console.log"
-    fmt = "raw" if path.suffix == ".raw" else "qcow2"
     # the config drive holds a private key: build it in a private temp dir
     with tempfile.TemporaryDirectory(prefix="amphora-check.", dir=ws.cache_dir()) as td:
         tdp = Path(td)
         os.chmod(tdp, 0o700)
         iso = config_drive(tdp / "config-2.iso", amphora_id, files)
-        overlay = tdp / "overlay.qcow2"
-        extcmd.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", path, overlay],
-                   what="amphora-check: overlay")
         foreign = foreign_client(tdp)
-        accels = accel_plan(accel, ws)
-        result = None
-        for i, acc in enumerate(accels):
-            fallback = i + 1 < len(accels)
-            result = _boot_and_probe(acc, overlay, iso, console, amphora_id, client_pem, chain,
-                                     foreign, timeout, KVM_GRACE if fallback else None)
-            if result is not None:
-                break
-            kvm_stalled("amphora-check", ws)
-            extcmd.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", path, overlay],
-                       what="amphora-check: overlay")
-    acc, boot_s, version, refused = result
+        port = free_port()
+        probe = _AgentProbe(port, amphora_id, client_pem, chain, foreign)
+
+        def too_late(vm: qemu_vm.Vm, limit: float) -> LabError:
+            return LabError(f"amphora-check: the agent did not answer on 127.0.0.1:{port} "
+                            f"within {limit:.0f}s ({probe.last_err}); console: {vm.console}",
+                            qemu_vm.tail(vm.text(), 10))
+
+        watch = qemu_vm.Watch(probe, waiting_for="the agent answered", stage=_stage,
+                              timeout_error=too_late, interval=3.0)
+        booted = qemu_vm.boot(amphora_vm(path, iso, port), watch, what="amphora-check",
+                              console=console, timeout=timeout, accel=accel, ws=ws, workdir=tdp)
+    version, refused = booted.result
     return outcomes + [Outcome(
         "amphora-check", "passed", [path],
-        detail=f"{path.name}: agent API {version} answered over mutual TLS after {boot_s:.0f}s "
-               f"({acc.upper()} boot); a client certificate from another CA was refused ({refused})",
-        seconds=boot_s)]
+        detail=f"{path.name}: agent API {version} answered over mutual TLS after "
+               f"{booted.seconds:.0f}s ({booted.accel.upper()} boot); a client certificate from "
+               f"another CA was refused ({refused})",
+        seconds=booted.seconds)]
 
 
-def _boot_and_probe(accel, overlay, iso, console, amphora_id, client_pem, chain, foreign,
-                    timeout, grace):
-    import requests
-    port = free_port()
-    argv = _qemu_argv(accel, overlay, iso, port, console)
-    console.write_text("")
-    log.debug("run: %s", extcmd.display(argv))
-    t0 = time.monotonic()
-    proc = subprocess.Popen([extcmd.require(argv[0]), *argv[1:]], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    last_err = "no answer yet"
-    try:
-        with progress(f"amphora-check ({accel})", None, "s") as bar:
-            stage = None
-            while True:
-                elapsed = time.monotonic() - t0
-                if proc.poll() is not None:
-                    err = proc.stderr.read().decode(errors="replace").strip().splitlines()
-                    if grace is not None:       # KVM attempt: it aborted; TCG is next
-                        log.info("amphora-check: KVM is not usable here (%s)",
-                                 err[-1] if err else f"qemu exited {proc.returncode}")
-                        return None
-                    raise LabError(f"amphora-check: qemu exited with status {proc.returncode} "
-                                   f"after {elapsed:.0f}s; console: {console}", err[-8:] + _tail(console))
-                text = _read(console)
-                if grace is not None and elapsed > grace and not kernel_started(text):
-                    return None
-                now_stage = _stage(text)
-                if now_stage != stage:
-                    stage = now_stage
-                    bar.set_description(stage)
-                if elapsed > timeout:
-                    raise LabError(f"amphora-check: the agent did not answer on 127.0.0.1:{port} "
-                                   f"within {timeout:.0f}s ({last_err}); console: {console}",
-                                   _tail(console))
-                if kernel_started(text):
-                    try:
-                        resp = agent_get(port, amphora_id, client_pem, chain, timeout=15)
-                    except requests.exceptions.SSLError as exc:
-                        # the agent answered TLS but we refused it: that is a failure
-                        # unless the port is still the QEMU forwarder without a listener
-                        last_err = f"TLS: {_short(exc)}"
-                        if "CERTIFICATE_VERIFY_FAILED" in str(exc) or "hostname" in str(exc):
-                            raise LabError(f"amphora-check: the agent's certificate did not verify "
-                                           f"against {chain.name} for {amphora_id}: {_short(exc)}") from None
-                    except requests.RequestException as exc:
-                        last_err = _short(exc)
-                    else:
-                        boot_s = time.monotonic() - t0
-                        if resp.status_code != 200:
-                            raise LabError(f"amphora-check: GET / answered HTTP {resp.status_code}: "
-                                           f"{resp.text[:200]}")
-                        try:
-                            version = resp.json()["api_version"]
-                        except (ValueError, KeyError, TypeError):
-                            raise LabError(f"amphora-check: GET / did not answer the agent's API "
-                                           f"versions: {resp.text[:200]!r}") from None
-                        refused = _foreign_refused(port, amphora_id, foreign, chain, client_pem)
-                        return accel, boot_s, version, refused
-                time.sleep(3)
-    finally:
-        with contextlib.suppress(OSError):
-            proc.terminate()
+class _AgentProbe:
+    """Once the guest kernel runs: ask the agent for its API version as the
+    controller would; when it answers, check that a foreign client is refused."""
+
+    def __init__(self, port, amphora_id, client_pem, chain, foreign):
+        self.port, self.amphora_id = port, amphora_id
+        self.client_pem, self.chain, self.foreign = client_pem, chain, foreign
+        self.last_err = "no answer yet"
+
+    def __call__(self, vm: qemu_vm.Vm):
+        import requests
+        if not qemu_vm.kernel_started(vm.text()):
+            return None
         try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            resp = agent_get(self.port, self.amphora_id, self.client_pem, self.chain, timeout=15)
+        except requests.exceptions.SSLError as exc:
+            # the agent answered TLS but we refused it: that is a failure
+            # unless the port is still the QEMU forwarder without a listener
+            self.last_err = f"TLS: {_short(exc)}"
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc) or "hostname" in str(exc):
+                raise LabError(f"amphora-check: the agent's certificate did not verify "
+                               f"against {self.chain.name} for {self.amphora_id}: {_short(exc)}") from None
+            return None
+        except requests.RequestException as exc:
+            self.last_err = _short(exc)
+            return None
+        if resp.status_code != 200:
+            raise LabError(f"amphora-check: GET / answered HTTP {resp.status_code}: "
+                           f"{resp.text[:200]}")
+        try:
+            version = resp.json()["api_version"]
+        except (ValueError, KeyError, TypeError):
+            raise LabError(f"amphora-check: GET / did not answer the agent's API "
+                           f"versions: {resp.text[:200]!r}") from None
+        refused = _foreign_refused(self.port, self.amphora_id, self.foreign, self.chain,
+                                   self.client_pem)
+        return version, refused
 
 
 def _foreign_refused(port, amphora_id, foreign, chain, client_pem) -> str:
@@ -369,17 +350,6 @@ def _short(exc: Exception) -> str:
         if marker in text:
             text = text[text.index(marker):]
     return text.replace("\n", " ")[:160]
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except OSError:
-        return ""
-
-
-def _tail(path: Path, n: int = 10) -> list[str]:
-    return [ln for ln in _read(path).splitlines() if ln.strip()][-n:]
 
 
 def _stage(text: str) -> str:

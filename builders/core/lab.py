@@ -259,6 +259,15 @@ class Lab:
                 return n
         raise LabError(f"{self.source.name}: no network named {name!r}")
 
+    def host_network(self, host: Host) -> Network:
+        """The network a host is on: its ``network``, else the lab's first one."""
+        if host.network:
+            return self.network(host.network)
+        if not self.networks:
+            raise LabError(f"{self.source.name}: networks: the lab has no network for "
+                           f"hosts.{host.name}")
+        return self.networks[0]
+
     def brokers(self) -> tuple[Host, ...]:
         if self.kafka.brokers:
             return tuple(self.host(n) for n in self.kafka.brokers)
@@ -538,7 +547,6 @@ def _check(lab: Lab, errors: list[str]) -> None:
         errors.append(f"domain: {lab.domain!r} is not a valid DNS domain name")
     if not lab.networks and lab.hosts:
         errors.append("networks: at least one network is needed for the hosts' addresses")
-    nets = {n.name: n for n in lab.networks}
     for n in lab.networks:
         w = f"networks.{n.name}"
         if not _DNS_LABEL.match(n.name):

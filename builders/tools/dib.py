@@ -1,7 +1,9 @@
 """Run diskimage-builder (``disk-image-create``) the way labforge needs it.
 
-One function, :func:`disk_image_create`, used by the base image build and
-the amphora build.  It:
+The one way labforge runs DIB: :func:`disk_image_create`, used by the base
+image build (on the host or in the builder image) and the amphora build (in
+the builder image).  A builder gives only its elements, packages, size and
+its own settings (``env``); everything else is made here.  It:
 
 * finds ``disk-image-create`` (the project's ``.venv-dib`` made by
   ``scripts/setup.d/dib.sh``, else PATH) and puts its bin dir on PATH, so
@@ -21,17 +23,18 @@ the amphora build.  It:
   current phase (root.d, install.d, finalise.d, ...) as progress;
 * on failure raises one LabError naming the failing element script and
   the log, with DIB's last lines, and leaves no partial output behind;
-* compresses qcow2 output itself (:func:`compress_qcow2`): DIB runs with
-  ``-u`` and labforge's ``qemu-img convert -c -W`` compresses on every core,
-  where DIB's own single-threaded convert took twice as long.
+* compresses qcow2 output itself (:func:`builders.tools.qemu_img.compress_qcow2`):
+  DIB runs with ``-u`` and labforge's ``qemu-img convert -c -W`` compresses
+  on every core, where DIB's own single-threaded convert took twice as long.
 
 :func:`dib_command` is the one place the command line and environment are
 made.  With ``container=InContainer(...)`` the same command runs in a
-container (the amphora builder image, which carries the same pinned DIB)
+container (the builder image, which carries the same pinned DIB)
 instead of on the host: the workspace cache, the output directory and the CA
 bundle are mounted at their host paths so the environment stays valid, /dev
-is shared, the stand-ins are the image's copy (put first on PATH by the
-caller under the same device-mapper test), and the log, progress and
+is shared, the stand-ins are the image's copy (put first on PATH by
+:func:`in_builder` under the same device-mapper test), elements the image
+carries are added by their paths inside it, and the log, progress and
 failure line are the host run's.
 """
 
@@ -55,6 +58,8 @@ from builders.core.errors import LabError
 from builders.core.lab import Lab
 from builders.core.manifest import input_digest
 from builders.core.workspace import Workspace
+from builders.tools import distros, docker_engine, qemu_img
+from builders.tools.buildenv import ca_bundle, proxy_environment
 
 STANDIN_DIR = resources.dockerfiles("dib", "bin")
 # the checkout's diskimage-builder virtualenv (scripts/setup.d/dib.sh); None in an installed copy
@@ -64,6 +69,7 @@ DEFAULT_DATASOURCES = "NoCloud, ConfigDrive, OpenStack"
 _PHASE = re.compile(r"Running hooks from \S*/([a-z-]+)\.d\b")
 _SCRIPT = re.compile(r"dib-run-parts Running (\S+)")
 _DONE = re.compile(r"dib-run-parts (\S+) completed")
+_NOSPACE = re.compile(r"No space left on device|not enough free space", re.I)
 
 
 def has_device_mapper() -> bool:
@@ -120,93 +126,21 @@ def dib_version() -> str | None:
 
 
 # --------------------------------------------------------------------------
-# mirrors
+# the environment
 # --------------------------------------------------------------------------
-def apt_sources(root: Path = Path("/")) -> list[tuple[str, list[str]]]:
-    """(uri, suites) of every ``deb`` source of the machine's apt configuration."""
-    out: list[tuple[str, list[str]]] = []
-    listd = root / "etc/apt/sources.list.d"
-    for f in sorted(listd.glob("*.sources")) if listd.is_dir() else []:
-        try:
-            text = f.read_text()
-        except OSError:
-            continue
-        for stanza in re.split(r"\n\s*\n", text):
-            fields: dict[str, str] = {}
-            for line in stanza.splitlines():
-                if line.startswith("#") or ":" not in line or line[:1].isspace():
-                    continue
-                k, _, v = line.partition(":")
-                fields[k.strip().lower()] = v.strip()
-            if "deb" not in fields.get("types", "").split() or fields.get("enabled", "yes") == "no":
-                continue
-            for uri in fields.get("uris", "").split():
-                out.append((uri, fields.get("suites", "").split()))
-    lists = [root / "etc/apt/sources.list"]
-    lists += sorted(listd.glob("*.list")) if listd.is_dir() else []
-    for f in lists:
-        try:
-            lines = f.read_text().splitlines()
-        except OSError:
-            continue
-        for line in lines:
-            parts = re.sub(r"\[[^]]*\]", "", line.split("#", 1)[0]).split()
-            if len(parts) >= 3 and parts[0] == "deb":
-                out.append((parts[1], [parts[2]]))
-    return out
-
-
-def debian_mirrors(lab: Lab, root: Path = Path("/")) -> tuple[str, str]:
-    """(main mirror, security mirror) for Debian builds.
-
-    lab.yaml ``build.debian_mirror`` / ``build.debian_security_mirror`` win;
-    else the machine's apt sources; else deb.debian.org.  A security mirror
-    not given is the main mirror's ``-security`` sibling (the layout of
-    deb.debian.org and most mirrors), never security.debian.org, which
-    machines behind a proxy often cannot reach.
-    """
-    main = lab.build.debian_mirror
-    sec = lab.build.debian_security_mirror
-    sources = apt_sources(root)
-    if main is None:
-        for uri, suites in sources:
-            if any(not s.endswith("-security") for s in suites) and "ubuntu" not in uri:
-                main = uri
-                break
-    if sec is None:
-        for uri, suites in sources:
-            if any(s.endswith("-security") for s in suites) and "ubuntu" not in uri:
-                sec = uri
-                break
-    main = (main or "http://deb.debian.org/debian").rstrip("/")
-    if sec is None:
-        sec = main + "-security" if main.endswith("/debian") else "http://deb.debian.org/debian-security"
-    return main, sec.rstrip("/")
-
-
-def ca_bundle(lab: Lab) -> Path | None:
-    """The CA bundle builds trust (build.ca_bundle); None when unset."""
-    value = lab.build.ca_bundle
-    if not value:
-        return None
-    path = lab.path(value)
-    if not path.is_file():
-        raise LabError(f"{lab.source.name}: build.ca_bundle: {path} does not exist; "
-                       "give the CA bundle of your HTTPS proxy or set it to null")
-    return path
-
-
 def dib_env(lab: Lab, ws: Workspace, elements: Sequence[str],
-            extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment for one disk-image-create run (without PATH)."""
-    main, sec = debian_mirrors(lab)
+            extra: Mapping[str, str] | None = None, *, distro: str = "debian",
+            host_ca: bool = True, tmpfs: bool = False) -> dict[str, str]:
+    """The environment for one disk-image-create run (without PATH).
+
+    The mirrors of ``distro`` (:mod:`builders.tools.distros`).  ``host_ca``:
+    tools trust the CA bundle of build.ca_bundle by its host path (a builder
+    whose image carries the bundle itself passes False).  ``tmpfs``: let DIB
+    build in RAM (its default) instead of under the workspace cache.
+    ``extra`` (the builder's own settings) comes last and wins.
+    """
     env = {
-        "DIB_DISTRIBUTION_MIRROR": main,
-        "DIB_DEBIAN_MIRROR": main,                      # older DIB releases
-        "DIB_DEBIAN_SECURITY_MIRROR": sec,
         "DIB_IMAGE_CACHE": str(ws.cache_dir("dib", "image-cache")),
-        "TMP_DIR": str(ws.cache_dir("dib", "tmp")),
-        "DIB_NO_TMPFS": "1",                            # machines are shared: disk, not RAM
         # keep debootstrap's result in the image cache and reuse it: a warm
         # build skips debootstrap (apt's dist-upgrade brings it up to date)
         "DIB_DEBOOTSTRAP_CACHE": "1",
@@ -214,12 +148,22 @@ def dib_env(lab: Lab, ws: Workspace, elements: Sequence[str],
         "DIB_SHOW_IMAGE_USAGE": "0",
         "LANG": "C.UTF-8",
     }
+    if not tmpfs:
+        env["TMP_DIR"] = str(ws.cache_dir("dib", "tmp"))
+        env["DIB_NO_TMPFS"] = "1"                       # machines are shared: disk, not RAM
+    if distro == "debian":
+        main, sec = distros.debian_mirrors(lab)
+        env["DIB_DISTRIBUTION_MIRROR"] = main
+        env["DIB_DEBIAN_MIRROR"] = main                 # older DIB releases
+        env["DIB_DEBIAN_SECURITY_MIRROR"] = sec
+    if distros.ubuntu_mirror(lab):
+        env["DIB_UBUNTU_MIRROR"] = distros.ubuntu_mirror(lab)
+        if distro == "ubuntu":
+            env["DIB_DISTRIBUTION_MIRROR"] = distros.ubuntu_mirror(lab)
     if "cloud-init-datasources" in elements:
         env["DIB_CLOUD_INIT_DATASOURCES"] = DEFAULT_DATASOURCES
-    if lab.build.ubuntu_mirror:
-        env["DIB_UBUNTU_MIRROR"] = lab.build.ubuntu_mirror
     bundle = ca_bundle(lab)
-    if bundle is not None:
+    if bundle is not None and host_ca:
         for var in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "PIP_CERT"):
             env[var] = str(bundle)
     if lab.build.pip_index:
@@ -241,18 +185,24 @@ class DibCommand:
 
 def dib_command(lab: Lab, ws: Workspace, *, exe: str, elements: Sequence[str], workdir: Path,
                 image_type: str = "qcow2", packages: Sequence[str] = (),
-                image_size: int | None = None, elements_path: Sequence[Path] = (),
-                env: Mapping[str, str] | None = None,
-                extra_args: Sequence[str] = ()) -> DibCommand:
+                image_size: int | None = None, elements_path: Sequence[Path | str] = (),
+                env: Mapping[str, str] | None = None, extra_args: Sequence[str] = (),
+                distro: str = "debian", host_ca: bool = True, tmpfs: bool = False,
+                arch: str | None = None) -> DibCommand:
     """The one place the DIB command line is made, on the host or in a container.
 
     Only ``exe`` differs between the two: the environment names workspace
-    paths, which a container run mounts at the same paths.
+    paths, which a container run mounts at the same paths.  ``elements_path``
+    holds host paths and, for a container run, paths inside the image.
     """
-    full_env = dib_env(lab, ws, elements, env)
+    full_env = dib_env(lab, ws, elements, env, distro=distro, host_ca=host_ca, tmpfs=tmpfs)
     if elements_path:
         full_env["ELEMENTS_PATH"] = os.pathsep.join(str(p) for p in elements_path)
-    argv = [exe, "-t", image_type, "-o", str(workdir / "image"), "--no-tmpfs"]
+    argv = [exe, "-t", image_type, "-o", str(workdir / "image")]
+    if not tmpfs:
+        argv.append("--no-tmpfs")
+    if arch:
+        argv += ["-a", arch]
     if image_type == "qcow2":
         argv.append("-u")                       # compressed by disk_image_create, on every core
     if image_size:
@@ -266,31 +216,41 @@ def dib_command(lab: Lab, ws: Workspace, *, exe: str, elements: Sequence[str], w
 @dataclass(frozen=True)
 class InContainer:
     """Where a container run happens: a connected DockerClient, the image,
-    the PATH inside (stand-ins first when needed) and extra create options
-    (device access)."""
+    the PATH inside (stand-ins first when needed), extra create options
+    (device access) and the element directories the image carries (paths
+    inside it, added to ELEMENTS_PATH, never mounted)."""
     cli: Any
     image: str
     path: str
     options: Mapping[str, Any] = field(default_factory=dict)
+    elements_path: tuple[str, ...] = ()
 
 
-# proxy settings a host run inherits from the environment; a container gets them passed
-PROXY_VARS = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
+def in_builder(cli, tag: str, elements_path: Sequence[str] = ()) -> InContainer:
+    """A run in the builder image ``tag`` (see :mod:`builders.tools.docker_engine`):
+    its PATH, with the kpartx/dmsetup stand-ins first on kernels without
+    device-mapper (the container shares the host's kernel, so the host's test
+    decides), device access, and ``elements_path``: element directories inside
+    the image to search (e.g. ``docker_engine.BUILDER_ELEMENTS_PATH``)."""
+    return InContainer(cli, tag, builder_path(docker_engine.image_path_env(cli, tag)),
+                       docker_engine.device_access(), tuple(elements_path))
 
 
-def proxy_environment() -> dict[str, str]:
-    """This process's proxy variables, for a container or a docker build."""
-    return {k: os.environ[k] for k in PROXY_VARS if k in os.environ}
+def builder_path(image_path: str) -> str:
+    """The PATH of a run in the builder image whose own PATH is ``image_path``:
+    the kpartx/dmsetup stand-ins first on kernels without device-mapper."""
+    if has_device_mapper():
+        return image_path
+    return f"{docker_engine.BUILDER_STANDIN_DIR}:{image_path}"
 
 
-# --------------------------------------------------------------------------
-# the run
-# --------------------------------------------------------------------------
 def disk_image_create(lab: Lab, ws: Workspace, *, name: str, elements: Sequence[str],
                       output: Path, image_type: str = "qcow2", packages: Sequence[str] = (),
                       image_size: int | None = None, elements_path: Sequence[Path] = (),
                       env: Mapping[str, str] | None = None, extra_args: Sequence[str] = (),
-                      label: str | None = None, container: InContainer | None = None) -> Path:
+                      label: str | None = None, container: InContainer | None = None,
+                      distro: str = "debian", host_ca: bool = True, tmpfs: bool = False,
+                      arch: str | None = None, no_space: str | None = None) -> Path:
     """Build ``output`` with disk-image-create; return the log path.
 
     ``name`` names the log (``artifacts/logs/<name>.log``).  ``output`` is
@@ -298,6 +258,9 @@ def disk_image_create(lab: Lab, ws: Workspace, *, name: str, elements: Sequence[
     and the image is renamed into place only when DIB succeeded.  With
     ``container`` DIB runs in that image instead of on the host, with the
     same argv and environment (see :func:`_run_in_container`).
+    ``no_space`` ends the message when the image ran out of space (which
+    setting to raise).  See :func:`dib_env` for ``distro``, ``host_ca``
+    and ``tmpfs``.
     """
     if container is None:
         exe = str(dib_executable())
@@ -315,21 +278,25 @@ def disk_image_create(lab: Lab, ws: Workspace, *, name: str, elements: Sequence[
 
     workdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".dib", dir=output.parent))
     try:
+        search = [*elements_path, *(container.elements_path if container else ())]
         cmd = dib_command(lab, ws, exe=exe, elements=elements, workdir=workdir,
                           image_type=image_type, packages=packages, image_size=image_size,
-                          elements_path=elements_path, env=env, extra_args=extra_args)
+                          elements_path=search, env=env, extra_args=extra_args,
+                          distro=distro, host_ca=host_ca, tmpfs=tmpfs, arch=arch)
         with progress(label or f"{name}: diskimage-builder", None, unit="phase") as bar:
             if container is None:
                 code = _run_on_host(cmd, log_path, bar, what)
             else:
-                code = _run_in_container(container, cmd, lab, ws, output, log_path, bar)
+                code = _run_in_container(container, cmd, lab, ws, output, log_path, bar,
+                                         elements_path)
         if code != 0 or not cmd.built.exists():
-            raise _failure(what, log_path, code)
+            raise _failure(what, log_path, code, no_space)
         built = cmd.built
         if image_type == "qcow2":
             with progress(f"{what}: compressing", None, unit="s"):
-                compress_qcow2(built, workdir / "compressed.qcow2", what=what)
+                qemu_img.compress_qcow2(built, workdir / "compressed.qcow2", what=what)
             built = workdir / "compressed.qcow2"
+        os.chmod(built, 0o644)
         os.replace(built, output)
     finally:
         # DIB's own temp dirs are under TMP_DIR (cache/dib/tmp) and removed by
@@ -385,17 +352,6 @@ def prune_layers(current: Path) -> None:
     for other in current.parent.glob(f"{codename}-*"):
         if other != current and other.is_dir():
             shutil.rmtree(other, ignore_errors=True)
-
-
-def compress_qcow2(src: Path, dst: Path, *, what: str) -> None:
-    """Write ``src`` (any qcow2/raw image) to ``dst`` as a zlib-compressed qcow2.
-
-    The same format DIB's ``qemu-img convert -c`` writes (readable by every
-    QEMU), but with out-of-order writes and 16 requests in flight, so the
-    compression runs on every core instead of one.
-    """
-    extcmd.run(["qemu-img", "convert", "-c", "-W", "-m", "16", "-O", "qcow2", src, dst],
-               what=f"{what}: qemu-img convert -c")
 
 
 def _run_on_host(cmd: DibCommand, log_path: Path, bar, what: str) -> int:
@@ -455,16 +411,14 @@ def container_mounts(lab: Lab, ws: Workspace, output: Path,
 
 
 def _run_in_container(c: InContainer, cmd: DibCommand, lab: Lab, ws: Workspace, output: Path,
-                      log_path: Path, bar) -> int:
+                      log_path: Path, bar, elements_path: Sequence[Path] = ()) -> int:
     """disk-image-create in ``c.image``: privileged-equivalent device access,
     host network, the workspace paths mounted where they are on the host;
     its output streams to the log and drives the phase shown.  Ctrl-C kills
     the container (its mounts die with its mount namespace)."""
-    from builders.tools import docker_engine
     env = proxy_environment()
     env.update(cmd.env)
     env["PATH"] = c.path
-    elements_path = [Path(p) for p in cmd.env.get("ELEMENTS_PATH", "").split(os.pathsep) if p]
     tracker = Phases()
 
     def on_line(line: str) -> None:
@@ -479,7 +433,7 @@ def _run_in_container(c: InContainer, cmd: DibCommand, lab: Lab, ws: Workspace, 
         code, _ = docker_engine.run_streaming(
             c.cli, c.image, list(cmd.argv), logfh=fh, on_line=on_line, keep=200,
             environment=env, network_mode="host", working_dir="/",
-            volumes=container_mounts(lab, ws, output, elements_path),
+            volumes=container_mounts(lab, ws, output, [Path(p) for p in elements_path]),
             labels={"org.labforge.kind": "dib-build"}, **dict(c.options))
     return code
 
@@ -547,12 +501,15 @@ def failing_script(lines: Sequence[str]) -> str | None:
     return f"{p.parent.name}/{p.name}"
 
 
-def _failure(what: str, log_path: Path, code: int) -> LabError:
+def _failure(what: str, log_path: Path, code: int, no_space: str | None = None) -> LabError:
     lines = _read_tail(log_path)
-    script = failing_script(lines)
     stamp = re.compile(r"^\d{4}-\d\d-\d\d [\d:.]+ \| ")
-    tail = [stamp.sub("", ln.rstrip()) for ln in lines
-            if ln.strip() and "PROFILING" not in ln and "INFO diskimage_builder" not in ln]
+    tail = [t for t in (stamp.sub("", ln.rstrip()) for ln in lines)
+            if t.strip() and "PROFILING" not in t and "INFO diskimage_builder" not in t
+            and not t.startswith("+") and "Sourcing environment file" not in t]
     tail = tail[-extcmd.TAIL_LINES:]
+    if no_space and any(_NOSPACE.search(ln) for ln in lines[-200:]):
+        return LabError(f"{what}: the image ran out of space {no_space}; full log: {log_path}", tail)
+    script = failing_script(lines)
     where = f"element script {script} failed" if script else f"disk-image-create exited {code}"
     return LabError(f"{what}: {where}; full log: {log_path}", tail)

@@ -57,11 +57,6 @@ def bridge_name(net: Network) -> str:
     return f"{BRIDGE_PREFIX}{net.name[:keep]}-{tag}"
 
 
-def host_network(lab: Lab, host: Host) -> Network:
-    """The lab network a host is on: hosts.X.network, else the first network."""
-    return lab.network(host.network) if host.network else lab.networks[0]
-
-
 def gateway(lab: Lab, net: Network) -> IPv4Address:
     """The host side address of the network's bridge."""
     if net.gateway is not None:

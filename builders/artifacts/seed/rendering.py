@@ -165,7 +165,7 @@ def _nics_config(lab: Lab, h: Host) -> dict:
 def network_config(lab: Lab, h: Host) -> dict:
     if len(h.nics) > 1:
         return _nics_config(lab, h)
-    net = lab.network(h.network) if h.network else lab.networks[0]
+    net = lab.host_network(h)
     lab_nic: dict[str, Any] = {}
     if h.mac:
         # matched by MAC and renamed: cloud-init writes the rename (udev rule /

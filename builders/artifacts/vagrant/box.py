@@ -21,10 +21,10 @@ import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from builders.artifacts.baseimage import qemu_check
+from builders.tools import qemu_img
+from builders.tools.qemu_img import check as qemu_check
 from builders.core.console import log, progress
 from builders.core.errors import LabError
-from builders.core.extcmd import run
 from builders.core.manifest import Manifest
 from builders.core.workspace import Workspace
 
@@ -82,12 +82,7 @@ def image_info(path: Path) -> dict:
         raise LabError(f"{path}: no such image file; build the image first") from None
     except OSError as exc:
         raise LabError(f"{path}: cannot read the image: {exc.strerror}") from None
-    proc = run(["qemu-img", "info", "--output=json", "-U", path],
-               what=f"reading image {path.name}")
-    try:
-        info = json.loads(proc.stdout)
-    except ValueError:
-        raise LabError(f"{path}: qemu-img info printed no JSON; is it an image?") from None
+    info = qemu_img.info(path)
     fmt = info.get("format")
     if magic != QCOW2_MAGIC or fmt != "qcow2":
         raise LabError(f"{path}: is a {fmt or 'unknown'} image, not qcow2; vagrant-libvirt boxes "
@@ -109,12 +104,7 @@ def image_info(path: Path) -> dict:
 
 
 def backing_chain(path: Path) -> list[Path]:
-    proc = run(["qemu-img", "info", "--output=json", "-U", "--backing-chain", path],
-               what=f"reading image {path.name}")
-    try:
-        chain = json.loads(proc.stdout)
-    except ValueError:
-        return [path]
+    chain = qemu_img.backing_chain(path)
     return [Path(i["filename"]) for i in chain if i.get("filename")]
 
 
@@ -255,8 +245,7 @@ def make_box(img: Path, info: dict, box: Path, out: Path, name: str,
             flat = box.parent / f".{box.name}.flat.part"
             log.info("vagrant-box: %s has a backing file; flattening it with qemu-img convert",
                      img.name)
-            run(["qemu-img", "convert", "-U", "-O", "qcow2", img, flat],
-                what=f"flattening {img.name}")
+            qemu_img.convert(img, flat, what=f"flattening {img.name}")
             src = flat
         meta = json.dumps(box_metadata(info["virtual-size"]), indent=2).encode() + b"\n"
         members: list[tuple[str, bytes | Path]] = [

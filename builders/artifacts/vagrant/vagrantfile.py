@@ -14,7 +14,7 @@ from builders.artifacts import seed
 from builders.artifacts.vagrant.catalog import catalog_path
 from builders.core.lab import Host, Lab, Nic
 from builders.core.workspace import Workspace
-from builders.tools.libvirt import host_network
+from builders.tools.qemu_vm import detect_accel
 
 VAGRANTFILE_KIND = "vagrantfile"
 
@@ -80,7 +80,6 @@ def vagrant_driver(lab: Lab, ws: Workspace) -> str:
     KVM runs a guest here and qemu (TCG) where it cannot, as boot-check decides."""
     if lab.vagrant.driver != "auto":
         return lab.vagrant.driver
-    from builders.checks.bootcheck import detect_accel
     return "kvm" if detect_accel(ws) == "kvm" else "qemu"
 
 
@@ -136,7 +135,7 @@ def render_vagrantfile(lab: Lab, ws: Workspace, *, with_catalog: bool = False) -
         for nic in h.nics:
             if nic is mgmt:
                 continue
-            net = lab.network(nic.network) if nic.network else host_network(lab, h)
+            net = lab.network(nic.network) if nic.network else lab.host_network(h)
             opts = [f"ip: {_rb(str(nic.ip))}", f"netmask: {_rb(str(net.cidr.netmask))}",
                     f"libvirt__network_name: {_rb(net.name)}",
                     f"libvirt__dhcp_enabled: {_rb(net.dhcp)}",

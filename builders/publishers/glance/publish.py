@@ -24,6 +24,7 @@ from builders.core.lab import Lab
 from builders.core.manifest import Manifest
 from builders.core.outcome import Outcome
 from builders.core.workspace import BuildLock, Workspace
+from builders.tools import distros, qemu_img
 
 from .client import ROTATION, SHA256, Cloud, connect
 from .rotation import rotate
@@ -39,9 +40,7 @@ _RESERVED = {"id", "name", "status", "checksum", "os_hash_algo", "os_hash_value"
              "locations", "direct_url", "tags", "visibility", "disk_format", "container_format",
              "min_disk", "min_ram", "protected", "os_hidden", "stores"}
 
-_DEBIAN = {"buster": "10", "bullseye": "11", "bookworm": "12", "trixie": "13", "forky": "14"}
-_UBUNTU = {"focal": "20.04", "jammy": "22.04", "noble": "24.04", "plucky": "25.04"}
-_ARCH = {"amd64": "x86_64", "arm64": "aarch64"}
+_ARCH = distros.ARCHES
 
 
 def upload_image(lab: Lab, ws: Workspace, *, image: str, name: str | None = None,
@@ -84,8 +83,7 @@ def upload_image(lab: Lab, ws: Workspace, *, image: str, name: str | None = None
     fmt = disk_format or detect_disk_format(src.path)
     if fmt == "qcow2" and shutil.which("qemu-img"):
         # before contacting the cloud: a truncated image must not become a Glance image
-        from builders.artifacts.baseimage import qemu_check
-        qemu_check(src.path, "rebuild it before uploading")
+        qemu_img.check(src.path, "rebuild it before uploading")
     all_tags = list(dict.fromkeys([*tags, *([rotate_tag] if rotate_tag else [])]))
     attrs: dict[str, Any] = {"name": name, "disk_format": fmt, "container_format": "bare",
                              "visibility": visibility, "tags": all_tags, **props}
@@ -169,7 +167,7 @@ def amphora_properties(lab: Lab) -> dict[str, str]:
     in Glance's common image properties)."""
     amp = lab.octavia.amphora
     release = amp.release
-    version = (_DEBIAN if amp.base_os == "debian" else _UBUNTU).get(release, release)
+    version = distros.get(amp.base_os).version(release)
     return {"hw_architecture": _ARCH.get(amp.arch, amp.arch), "hw_rng_model": "virtio",
             "os_distro": amp.base_os, "os_version": version}
 

@@ -22,11 +22,9 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import hashlib
-import json
 import logging
 import os
 import queue
-import shutil
 import signal
 import socket
 import threading
@@ -38,10 +36,11 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from builders.core.console import progress
 from builders.core.errors import LabError
-from builders.core.extcmd import run
 from builders.core.fsutil import CHUNK
 from builders.core.manifest import Manifest
 from builders.core.workspace import Workspace
+from builders.tools import qemu_img
+from builders.tools.qemu_img import virtual_size  # noqa: F401 - part of this package's API
 
 from .client import OWNER, SHA256, UPLOAD_ID, Cloud, first_line, glance_message, reason, \
     same_value
@@ -71,33 +70,9 @@ GLANCE_DISK_FORMATS = ("ami", "ari", "aki", "vhd", "vhdx", "vmdk", "raw", "qcow2
 # local file: format, size, streaming hash
 # --------------------------------------------------------------------------
 def detect_disk_format(path: Path) -> str:
-    """Glance disk_format of a file: qemu-img's answer when it is installed,
-    magic bytes otherwise; an ISO 9660 file (qemu-img says raw) is ``iso``."""
-    with open(path, "rb") as fh:
-        head = fh.read(64)
-        fh.seek(0x8001)
-        iso = fh.read(5) == b"CD001"
-    if iso:
-        return "iso"
-    if shutil.which("qemu-img"):
-        proc = run(["qemu-img", "info", "--output=json", str(path)], what="qemu-img info")
-        fmt = json.loads(proc.stdout).get("format", "raw")
-        return _DISK_FORMATS.get(fmt, "raw")
-    if head.startswith(b"QFI\xfb"):
-        return "qcow2"
-    if head.startswith(b"KDMV"):
-        return "vmdk"
-    if head.startswith(b"vhdxfile"):
-        return "vhdx"
-    return "raw"
-
-
-def virtual_size(path: Path) -> int | None:
-    """Virtual disk size in bytes (qemu-img), None when unknown."""
-    if not shutil.which("qemu-img"):
-        return None
-    proc = run(["qemu-img", "info", "--output=json", str(path)], what="qemu-img info")
-    return json.loads(proc.stdout).get("virtual-size")
+    """Glance disk_format of a file (qemu-img's format, ``iso`` for ISO 9660)."""
+    fmt = qemu_img.detect_format(path)
+    return "iso" if fmt == "iso" else _DISK_FORMATS.get(fmt, "raw")
 
 
 def file_hash(path: Path, algo: str, label: str) -> str:
