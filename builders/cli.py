@@ -224,6 +224,28 @@ def libvirt_xml(c, lab=None, host=None, force=False, verbose=False):
     _print(build_libvirt_xml(*_lab_ws(lab, "libvirt-xml"), hosts=host or None, force=force))
 
 
+@labtask(help={"lab": LAB_HELP,
+               "ssh_config": "reach the nodes as this ssh_config says (`vagrant ssh-config > "
+                             "FILE`; default: each host's first NIC address with the lab key)",
+               "wait": "retry failing checks for up to this many seconds (a lab just up may "
+                       "still be electing its leader; default 0)",
+               "json": "print one JSON document on stdout (the table goes to stderr)"})
+def lab_check(c, lab=None, ssh_config=None, wait=0, json=False):
+    """Check a lab that is up: names, the ZooKeeper ensemble over TLS, client certificates."""
+    from builders.checks import labcheck
+    lb, ws = _lab_ws(lab)
+    outcomes = labcheck.lab_check(lb, ws, ssh_config=ssh_config,
+                                  wait=_seconds(wait, "--wait", zero=True))
+    print(labcheck.table(outcomes), file=sys.stderr if json else sys.stdout)
+    if json:
+        import json as _json
+        print(_json.dumps(labcheck.to_json(lb, ws, outcomes), indent=2))
+    failed = [o.step for o in outcomes if o.status != "passed"]
+    if failed:
+        raise LabError(f"lab-check: {len(failed)} of {len(outcomes)} checks failed "
+                       f"({', '.join(failed)}); see the table")
+
+
 # ---- amphora ---------------------------------------------------------------
 @labtask(help={"lab": LAB_HELP, "force": "rebuild the base image even when it is current"})
 def builder_base(c, lab=None, force=False):
@@ -381,16 +403,18 @@ def _int(value, option: str, minimum: int | None = None):
     return n
 
 
-def _seconds(value, option: str):
-    """An option's positive number of seconds (None when not given)."""
+def _seconds(value, option: str, zero: bool = False):
+    """An option's positive (or, with zero, non-negative) number of seconds;
+    None when not given."""
     if value is None:
         return None
     try:
         n = float(str(value).strip())
     except (TypeError, ValueError):
         raise LabError(f"{option} {value}: expected a number of seconds") from None
-    if not 0 < n < float("inf"):
-        raise LabError(f"{option} {value}: expected a positive number of seconds")
+    if not (0 <= n if zero else 0 < n) or n == float("inf"):
+        raise LabError(f"{option} {value}: expected a {'non-negative' if zero else 'positive'} "
+                       "number of seconds")
     return n
 
 # ---- whole lab, manifest ----------------------------------------------------

@@ -14,6 +14,7 @@ import pytest
 from builders.core import lab as labmod
 from builders.core.workspace import Workspace
 from helpers import INVOKE, ROOT
+from openstack_services import openstack_services  # noqa: F401 (session fixture for main_job)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -41,9 +42,8 @@ def default_lab() -> labmod.Lab:
     return labmod.load(ROOT / "lab.yaml")
 
 
-@pytest.fixture
-def cli(ws: Workspace):
-    """Run `invoke ARGS...` as a user would, in the test's workspace."""
+def cli_in(ws: Workspace):
+    """A function that runs `invoke ARGS...` as a user would, in workspace ``ws``."""
     def run(*args: str, env: dict | None = None, check: bool | None = None,
             timeout: float = 1800) -> subprocess.CompletedProcess:
         full_env = dict(os.environ, LABFORGE_WORKDIR=str(ws.root))
@@ -54,6 +54,31 @@ def cli(ws: Workspace):
             assert proc.returncode == 0, proc.stderr
         return proc
     return run
+
+
+@pytest.fixture
+def cli(ws: Workspace):
+    """Run `invoke ARGS...` as a user would, in the test's workspace."""
+    return cli_in(ws)
+
+
+@pytest.fixture(scope="session")
+def main_job(tmp_path_factory, openstack_services):
+    """The README's main job, once per session: `invoke all --json` of the
+    default lab in its own workspace, publishing to the session's Keystone +
+    Glance.  The main-job test checks it; the Kafka lab's acceptance test
+    boots what it built (the base image is built once per run)."""
+    import time
+    from types import SimpleNamespace
+    if not openstack_services.glance.running:
+        openstack_services.start_glance()
+    ws = Workspace(tmp_path_factory.mktemp("main-job") / "ws")
+    env = {k: "" for k in os.environ if k.startswith("OS_")}
+    env.update(openstack_services.os_env(), OS_CLIENT_CONFIG_FILE=str(ws.root / "no-clouds.yaml"))
+    run = cli_in(ws)
+    first = run("all", "--json", env=env, timeout=3600)
+    return SimpleNamespace(ws=ws, env=env, cli=run, first=first, done=time.monotonic(),
+                           services=openstack_services)
 
 
 @pytest.fixture

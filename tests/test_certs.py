@@ -88,7 +88,8 @@ def test_certificates_say_what_the_lab_says(built: Workspace, default_lab):
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     assert (ca.not_valid_after_utc - ca.not_valid_before_utc).days == 3650
     b2 = x509.load_pem_x509_certificate((k / "broker2.crt").read_bytes())
-    assert pki.sans_of(b2) == ["DNS:broker2", "DNS:broker2.lab.internal", "IP:10.100.0.12"]
+    assert pki.sans_of(b2) == ["DNS:broker2", "DNS:broker2.lab.internal", "IP:192.168.100.12",
+                               "IP:10.100.0.12"]
     eku = b2.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(eku) == [pki.SERVER_AUTH, pki.CLIENT_AUTH]
     assert b2.public_key().key_size == 2048
@@ -111,7 +112,8 @@ def test_properties_reference_the_stores(built: Workspace):
     assert props["ssl.keystore.location"] == "/etc/kafka/ssl/broker1.keystore.p12"
     assert props["ssl.truststore.location"] == "/etc/kafka/ssl/truststore.p12"
     assert props["ssl.keystore.password"] == props["ssl.truststore.password"] == pw
-    assert props["advertised.listeners"] == "SSL://broker1.lab.internal:9093"
+    assert props["advertised.listeners"] == \
+        "PLAINTEXT://broker1.lab.internal:9092,SSL://192.168.100.11:9093"
     client = (k / "client-ssl.properties").read_text()
     assert "security.protocol=SSL" in client and "kafka-client.keystore.p12" in client
     # the stores open with that password and hold what they should
@@ -123,26 +125,30 @@ def test_properties_reference_the_stores(built: Workspace):
 
 def test_adding_a_broker_issues_only_that_broker(built: Workspace, tmp_path):
     before = tree_snapshot(built.certs, mtimes=True)
-    lab4 = lab_from(tmp_path / "lab4", **{"hosts.broker4": {"ip": "10.100.0.14"}})
+    lab4 = lab_from(tmp_path / "lab4", **{"hosts.broker4": {"nics": [
+        {"network": "public", "ip": "192.168.100.14", "mac": "52:54:00:10:00:0e"},
+        {"network": "private", "ip": "10.100.0.14", "mac": "52:54:00:64:00:0e"}]}})
     out = {o.step: o for o in build_certs(lab4, built)}
     assert "issued broker4" in out["certs kafka"].detail
     assert "CA" not in out["certs kafka"].detail
     diff = changed(before, tree_snapshot(built.certs, mtimes=True))
+    # the other brokers' server.properties name the ensemble, broker4 now in it
+    others = {f"kafka/server-broker{i}.properties" for i in (1, 2, 3)}
     assert diff == {"kafka/broker4.crt", "kafka/broker4.key", "kafka/broker4-chain.pem",
                     "kafka/broker4.keystore.p12", "kafka/broker4.keystore.jks",
-                    "kafka/server-broker4.properties", "state.json"}
+                    "kafka/server-broker4.properties", "state.json", *others}
     ca = x509.load_pem_x509_certificate((built.certs / "kafka" / "ca.crt").read_bytes())
     b4 = x509.load_pem_x509_certificate((built.certs / "kafka" / "broker4.crt").read_bytes())
     b4.verify_directly_issued_by(ca)
     # a lab that stops naming it keeps its key material, and says so
     after_add = tree_snapshot(built.certs, mtimes=True)
     out = {o.step: o for o in build_certs(lab_from(tmp_path / "lab3"), built)}
-    assert changed(after_add, tree_snapshot(built.certs, mtimes=True)) == set()
-    assert out["certs kafka"].status == "up to date"
+    # broker4's key material stays; the others' server.properties drop it from the ensemble
+    assert changed(after_add, tree_snapshot(built.certs, mtimes=True)) <= {"state.json", *others}
     assert "kept broker4, no longer in the lab; `certs --prune` removes them" in out["certs kafka"].detail
     # --prune removes exactly its material, listed, reported as a change
     out = {o.step: o for o in build_certs(lab_from(tmp_path / "lab3"), built, prune=True)}
-    assert changed(before, tree_snapshot(built.certs, mtimes=True)) == {"state.json"}
+    assert changed(before, tree_snapshot(built.certs, mtimes=True)) == {"state.json", *others}
     assert (out["certs kafka"].status, out["certs kafka"].detail) == (
         "built", "pruned broker4: broker4.crt, broker4.key, broker4-chain.pem, "
         "broker4.keystore.p12, broker4.keystore.jks, server-broker4.properties")
@@ -155,7 +161,8 @@ def test_changing_one_ip_reissues_exactly_that_broker(built: Workspace, tmp_path
     build_certs(lab, built)
     diff = changed(before, tree_snapshot(built.certs, mtimes=True))
     assert diff == {"kafka/broker2.crt", "kafka/broker2.key", "kafka/broker2-chain.pem",
-                    "kafka/broker2.keystore.p12", "kafka/broker2.keystore.jks", "state.json"}
+                    "kafka/broker2.keystore.p12", "kafka/broker2.keystore.jks", "state.json",
+                    "kafka/server-broker2.properties"}          # its PLAINTEXT listener
     b2 = x509.load_pem_x509_certificate((built.certs / "kafka" / "broker2.crt").read_bytes())
     assert "IP:10.100.0.22" in pki.sans_of(b2)
 

@@ -76,7 +76,8 @@ def test_openssl_verifies_an_amphora_cert(lab_ws, tmp_path):
 def test_openssl_text_shows_sans_and_ekus(lab_ws):
     k = lab_ws.certs / "kafka"
     text = sh("openssl", "x509", "-noout", "-text", "-in", k / "broker3.crt").stdout
-    assert "DNS:broker3, DNS:broker3.lab.internal, IP Address:10.100.0.13" in text
+    assert ("DNS:broker3, DNS:broker3.lab.internal, IP Address:192.168.100.13, "
+            "IP Address:10.100.0.13") in text
     assert "TLS Web Server Authentication, TLS Web Client Authentication" in text
     assert "CA:FALSE" in text and "sha256WithRSAEncryption" in text
     assert "Public-Key: (2048 bit)" in text

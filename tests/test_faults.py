@@ -37,7 +37,7 @@ LAB_CASES = [
     ("memory-too-small", lab_text(**{"hosts.broker1.memory": 64}), "hosts.broker1.memory"),
     ("bad-mac", lab_text(**{"hosts.broker1.mac": "zz:54:00:00:00:01"}), "hosts.broker1.mac"),
     ("duplicate-mac", lab_text(**{"hosts.broker2.mac": "52:54:00:64:00:0b"}), "already used by host broker1"),
-    ("unknown-network-ref", lab_text(**{"hosts.broker1.network": "public"}), "no network named 'public'"),
+    ("unknown-network-ref", lab_text(**{"hosts.broker1.network": "dmz"}), "no network named 'dmz'"),
     ("unknown-broker-ref", lab_text(**{"kafka.brokers": ["broker1", "kafka9"]}), "kafka.brokers[1]"),
     ("weak-rsa", lab_text(**{"pki.rsa_bits": 1024}), "pki.rsa_bits: 1024"),
     ("leaf-longer-than-ca", lab_text(**{"pki.leaf_days": 5000}), "pki.leaf_days"),

@@ -479,7 +479,7 @@ def test_libvirt_xml_is_valid_and_points_at_the_artifacts(ws, default_lab):
     from builders.artifacts import seed as seeds
     from builders.artifacts.libvirtxml import build_libvirt_xml
     outs = build_libvirt_xml(default_lab, ws, accel="tcg")    # validated by virt-xml-validate
-    assert {o.status for o in outs} == {"built"} and len(outs) == 1 + 2 * 3
+    assert {o.status for o in outs} == {"built"} and len(outs) == 2 + 2 * 3   # 2 networks
     d = ET.parse(ws.artifacts / "libvirt" / "broker1.xml").getroot()
     assert d.get("type") == "qemu" and d.findtext("name") == "kafka-lab-broker1"
     assert d.find("devices/disk[@device='disk']/source").get("file") == \
@@ -487,9 +487,9 @@ def test_libvirt_xml_is_valid_and_points_at_the_artifacts(ws, default_lab):
     assert d.find("devices/disk[@device='disk']/driver").get("type") == "qcow2"
     assert d.find("devices/disk[@device='cdrom']/source").get("file") == \
         str(seeds.seed_path(default_lab, ws, "broker1").resolve())
-    nic = d.find("devices/interface")
-    assert nic.find("source").get("network") == "private"
-    assert nic.find("mac").get("address") == "52:54:00:64:00:0b"
+    nics = [(n.find("source").get("network"), n.find("mac").get("address"))
+            for n in d.findall("devices/interface")]               # every NIC, in lab order
+    assert nics == [("public", "52:54:00:10:00:0b"), ("private", "52:54:00:64:00:0b")]
     v = ET.parse(ws.artifacts / "libvirt" / "broker1-volume.xml").getroot()
     assert v.findtext("backingStore/path").endswith("images/debian-12.qcow2")
     assert v.find("backingStore/format").get("type") == "qcow2"

@@ -121,7 +121,7 @@ def test_labforge_checks_a_lab_and_the_embedded_one(labforge, small_lab):
     bad = small_lab.with_name("bad.yaml")
     bad.write_text(small_lab.read_text().replace("10.100.0.12", "10.200.0.12"))
     assert_one_line_error(labforge("check-lab", "--lab", str(bad)),
-                          "hosts.broker2.ip: 10.200.0.12 is not in network private")
+                          "hosts.broker2.nics[1].ip: 10.200.0.12 is not in network private")
 
 
 def test_labforge_all_writes_beside_the_lab_file(labforge, small_lab):
@@ -129,8 +129,9 @@ def test_labforge_all_writes_beside_the_lab_file(labforge, small_lab):
     assert proc.returncode == 0, proc.stderr
     beside = small_lab.parent
     assert (beside / "certs" / "kafka" / "ca.crt").is_file()
-    assert (beside / "artifacts" / "seed" / "broker1.iso").is_file()
-    assert (beside / "artifacts" / "manifest.json").is_file()
+    assert (beside / "certs" / "seed" / "broker1.iso").is_file()
+    # the brokers' seeds are secret (they ship keystores): nothing to publish
+    assert not (beside / "artifacts" / "seed").exists()
     assert not (beside / "certs" / "octavia").exists()
     assert sorted(p.name for p in labforge.home.iterdir()) == []    # nothing in the cwd
     again = labforge("all", "--lab", str(small_lab), "--only", "certs", "--only", "seed-iso")
@@ -144,7 +145,7 @@ def test_labforge_workdir_wins(labforge, small_lab, tmp_path):
                     LABFORGE_WORKDIR=str(work))
     assert proc.returncode == 0, proc.stderr
     assert (work / "certs" / "kafka" / "ca.crt").is_file()
-    assert (work / "artifacts" / "seed" / "broker1.iso").is_file()
+    assert (work / "certs" / "seed" / "broker1.iso").is_file()
     assert sorted(p.name for p in small_lab.parent.iterdir()) == ["lab.yaml"]
 
 
@@ -155,6 +156,6 @@ def test_embedded_lab_of_an_installed_copy_builds_in_the_current_directory(labfo
     assert proc.returncode == 0, proc.stderr
     assert (labforge.home / "certs" / "ssh").is_dir()
     assert labforge("seed-iso", "--host", "broker1").returncode == 0
-    assert (labforge.home / "artifacts" / "seed" / "broker1.iso").is_file()
+    assert (labforge.home / "certs" / "seed" / "broker1.iso").is_file()
     [data] = venv.glob("lib/python*/site-packages/builders/_data")
     assert sorted(p.name for p in data.iterdir()) == ["dockerfiles", "lab.yaml"]

@@ -54,7 +54,7 @@ def test_ip_outside_network_names_field_and_network():
     ({"networks.private.cidr": "10.100.0.1/24"}, "networks.private.cidr:"),
     ({"hosts.Broker_4": {"ip": "10.100.0.14"}}, "hosts.Broker_4: 'Broker_4' is not a valid hostname"),
     ({"hosts.broker2.ip": "10.100.0.11"}, "hosts.broker2.ip: 10.100.0.11 is already used by host broker1"),
-    ({"hosts.broker1.network": "public"}, "hosts.broker1.network: no network named 'public'"),
+    ({"hosts.broker1.network": "dmz"}, "hosts.broker1.network: no network named 'dmz'"),
     ({"hosts.broker1.mac": "52:54:00"}, "hosts.broker1.mac:"),
     ({"pki.rsa_bits": 1024}, "pki.rsa_bits: 1024"),
     ({"pki.key_type": "dsa"}, "pki.key_type: 'dsa' is not one of rsa, ecdsa"),

@@ -53,7 +53,9 @@ def test_all_builds_the_lab_then_everything_is_up_to_date(ws, cli, quick_lab):
                              "glance": "skipped"}
     assert doc["ok"] is True
     paths = {a["path"] for a in doc["artifacts"]}
-    assert {"seed/broker1.iso", "images/debian-12.qcow2", "vms/broker3.qcow2"} <= paths
+    assert {"images/debian-12.qcow2", "vms/broker3.qcow2"} <= paths
+    # the brokers' seeds carry their keystores: secret, under certs/, not published
+    assert (ws.certs / "seed" / "broker1.iso").is_file() and "seed/broker1.iso" not in paths
     assert any(p.endswith(".box") for p in paths)
     for a in doc["artifacts"]:
         assert hashlib.sha256((ws.artifacts / a["path"]).read_bytes()).hexdigest() == a["sha256"]
@@ -78,28 +80,32 @@ def test_changing_broker2_ip_rebuilds_exactly_broker2(tmp_path, ws, cli, quick_l
     certs_after = tree_snapshot(ws.certs, hidden=False)
     assert set(certs_after) == set(certs_before), set(certs_after) ^ set(certs_before)
     changed_certs = {p for p in certs_after if certs_before.get(p) != certs_after[p]}
-    # broker2's identity and its files; state.json records its new serial
-    assert changed_certs - {"state.json"} and all(
+    # broker2's identity and its files; state.json records its new serial; the
+    # (secret) seeds of every broker, whose /etc/hosts lists broker2's address
+    seeds = {p for p in changed_certs if p.startswith("seed/")}
+    assert {"seed/broker1.iso", "seed/broker2.iso", "seed/broker3.iso"} <= seeds, changed_certs
+    assert changed_certs - {"state.json"} - seeds and all(
         p.startswith(("kafka/broker2.", "kafka/broker2-", "kafka/server-broker2"))
-        for p in changed_certs - {"state.json"}), changed_certs
+        for p in changed_certs - {"state.json"} - seeds), changed_certs
     # every rebuilt outcome across all steps: broker2's certificate (in the
-    # kafka set), seed and overlay, and the Vagrantfile, which lists broker2's
-    # address; nothing else (the octavia and ssh sets, other hosts, base, box)
+    # kafka set), the seeds and broker2's overlay, and the Vagrantfile, which
+    # lists broker2's address; nothing else (octavia and ssh sets, base, box)
     built = {o["step"]: o["detail"] for s in doc["steps"] for o in s["outcomes"]
              if o["status"] == "built"}
-    assert set(built) == {"certs kafka", "seed-iso broker2", "overlay broker2",
+    assert set(built) == {"certs kafka", "seed-iso broker1", "seed-iso broker2",
+                          "seed-iso broker3", "overlay broker2",
                           "vagrantfile vagrant/Vagrantfile"}, built
     assert "broker2" in built["certs kafka"] and "broker1" not in built["certs kafka"] \
         and "broker3" not in built["certs kafka"], built["certs kafka"]
     assert {s["name"]: s["status"] for s in doc["steps"]} == {
         "certs": "built", "seed-iso": "built", "base-image": "up to date", "overlays": "built",
         "amphora": "skipped", "vagrant": "built", "glance": "skipped"}
-    # on disk: broker2's seed changed, and the Vagrantfile; nothing else did
+    # on disk under artifacts/: the Vagrantfile changed; nothing else did
     art_after = tree_snapshot(ws.artifacts, hidden=False)
     changed = {p for p in art_after if art_before.get(p) != art_after[p]} - {"manifest.json"}
-    assert changed == {"seed/broker2.iso", "vagrant/Vagrantfile"}, changed
+    assert changed == {"vagrant/Vagrantfile"}, changed
     rebuilt = {a["path"] for a in doc["artifacts"] if a["status"] == "built"}
-    assert rebuilt == {"seed/broker2.iso", "vms/broker2.qcow2", "vagrant/Vagrantfile"}, rebuilt
+    assert rebuilt == {"vms/broker2.qcow2", "vagrant/Vagrantfile"}, rebuilt
 
 
 def test_only_seed_iso_builds_just_the_seeds(ws, cli, quick_lab):
@@ -108,17 +114,17 @@ def test_only_seed_iso_builds_just_the_seeds(ws, cli, quick_lab):
     assert proc.returncode == 0, proc.stderr
     seed = next(s for s in json.loads(proc.stdout)["steps"] if s["name"] == "seed-iso")
     assert seed["status"] == "skipped" and "needs certs (not in --only)" in seed["detail"], seed
-    assert not (ws.artifacts / "seed").exists()
+    assert not (ws.artifacts / "seed").exists() and not (ws.certs / "seed").exists()
 
     cli("certs", "--lab", str(quick_lab), check=True)
     _, doc = run_all(cli, quick_lab, "--only", "seed-iso")
     assert statuses(doc) == {"certs": "skipped", "seed-iso": "built", "base-image": "skipped",
                              "overlays": "skipped", "amphora": "skipped", "vagrant": "skipped",
                              "glance": "skipped"}
-    assert {a["path"] for a in doc["artifacts"]} == {"seed/broker1.iso", "seed/broker2.iso",
-                                                      "seed/broker3.iso"}
-    assert {p.name for p in ws.artifacts.iterdir() if not p.name.startswith(".")} == \
-        {"seed", "manifest.json"}
+    # the brokers' seeds carry keystores: secret, in certs/seed/, never in artifacts/
+    assert {p.name for p in (ws.certs / "seed").glob("*.iso")} == {
+        "broker1.iso", "broker2.iso", "broker3.iso"}
+    assert doc["artifacts"] == [] and not (ws.artifacts / "seed").exists()
 
 
 def test_manifest_prints_it_and_verify_reports_drift(ws, cli, quick_lab):
@@ -129,16 +135,16 @@ def test_manifest_prints_it_and_verify_reports_drift(ws, cli, quick_lab):
     ok = cli("verify", check=True)
     assert f"all {n} artifacts verify" in ok.stdout
     before = (ws.artifacts / "manifest.json").read_bytes()
-    seed = ws.artifacts / "seed" / "broker2.iso"
+    seed = ws.artifacts / "vagrant" / "networks" / "private.xml"
     data = bytearray(seed.read_bytes())
-    data[40000] ^= 0xFF                                   # same size, other content
+    data[-3] ^= 0x01                                      # same size, other content
     seed.write_bytes(bytes(data))
     (ws.artifacts / "vms" / "broker3.qcow2").unlink()
     proc = cli("verify")
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.splitlines()
-    assert "seed/broker2.iso: sha256 differs from the manifest" in lines, proc.stderr
+    assert "vagrant/networks/private.xml: sha256 differs from the manifest" in lines, proc.stderr
     assert "vms/broker3.qcow2: missing" in lines, proc.stderr
     errors = [ln for ln in lines if ln.startswith("error: ")]
     assert len(errors) == 1 and f"2 of {n} artifacts drifted" in errors[0], proc.stderr

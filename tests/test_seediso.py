@@ -23,7 +23,7 @@ from builders.core.manifest import Manifest, SecretLedger
 from builders.artifacts.seed import build_seed_isos, read_seed, seed_marker, seed_path
 from builders.core.workspace import Workspace
 
-from helpers import assert_one_line_error, write_lab
+from helpers import assert_one_line_error, lab_file, write_lab
 
 
 def make_pubkey(path: Path, comment: str = "labforge") -> str:
@@ -82,9 +82,7 @@ def test_xorriso_isoinfo_blkid_see_a_cidata_volume(tmp_path, ws, lab_key):
     Ridge and Joliet) show exactly the four names; broker2 has the three."""
     from helpers import ROOT
     (tmp_path / "vendor.yaml").write_text("#cloud-config\npackages: [jq]\n")
-    text = (ROOT / "lab.yaml").read_text().replace(
-        '    mac: "52:54:00:64:00:0b"\n', '    mac: "52:54:00:64:00:0b"\n    vendor_data: vendor.yaml\n')
-    lab = labmod.load(write_lab(tmp_path, text))
+    lab = labmod.load(lab_file(tmp_path, **{"hosts.broker1.vendor_data": "vendor.yaml"}))
     build_seed_isos(lab, ws, hosts=["broker1", "broker2"])
     four = ["meta-data", "network-config", "user-data", "vendor-data"]
     for host, names in (("broker1", four), ("broker2", [n for n in four if n != "vendor-data"])):
@@ -128,7 +126,11 @@ def test_contents_round_trip_through_xorriso(tmp_path, ws, lab_key):
     assert marker == f"labforge-seed-ok broker1 {meta['instance-id']}"
     assert meta["local-hostname"] == "broker1" and meta["instance-id"].startswith("iid-broker1-")
     assert ud["hostname"] == "broker1" and ud["fqdn"] == "broker1.lab.test"
-    assert ud["manage_etc_hosts"] is True
+    # /etc/hosts names every lab host (cloud-init's would map broker1 to 127.0.1.1)
+    assert ud["manage_etc_hosts"] is False
+    hosts = base64.b64decode(next(w["content"] for w in ud["write_files"]
+                                  if w["path"] == "/etc/hosts")).decode()
+    assert "10.100.0.12\tbroker2.lab.test broker2" in hosts and "127.0.1.1" not in hosts
     assert ud["user"]["name"] == "debian" and ud["ssh_authorized_keys"] == [lab_key]
     assert ud["packages"] == ["openjdk-17-jre-headless"]
     assert ud["runcmd"][0] == "echo hello > /tmp/hello"

@@ -33,8 +33,9 @@ hosts:
       - {path: /etc/kafka/ssl/truststore.p12, source: "certs:kafka/truststore.p12"}
       - {path: /etc/kafka/ssl/server.properties, source: "certs:kafka/server-broker1.properties",
          permissions: "0600"}
-  broker2:
+  broker2:                    # not a broker: no Kafka node configuration
     ip: 10.100.0.12
+    roles: []
 """
 
 
@@ -50,11 +51,19 @@ def test_seeds_carry_the_certs_and_the_lab_key(tmp_path, ws):
     ud = yaml.safe_load(read_seed(secret)["user-data"])
     shipped = {w["path"]: base64.b64decode(w["content"]) for w in ud["write_files"]}
     kafka = ws.certs / "kafka"
-    assert shipped == {
+    own = {
         "/etc/kafka/ssl/broker1.keystore.p12": (kafka / "broker1.keystore.p12").read_bytes(),
         "/etc/kafka/ssl/truststore.p12": (kafka / "truststore.p12").read_bytes(),
         "/etc/kafka/ssl/server.properties": (kafka / "server-broker1.properties").read_bytes(),
     }
+    # the host's own files (which win over the node configuration's at the
+    # same path), then the node configuration: names, password, properties,
+    # ZooKeeper
+    assert {p: shipped[p] for p in own} == own
+    assert list(shipped)[:3] == list(own)
+    assert shipped["/etc/kafka/ssl/store.password"] == (kafka / "store.password").read_bytes()
+    assert shipped["/etc/kafka/server.properties"] == own["/etc/kafka/ssl/server.properties"]
+    assert {"/etc/hosts", "/etc/zookeeper/conf.lab/zoo.cfg"} <= set(shipped)
     lab_key = (ws.certs / "ssh" / "lab_ed25519.pub").read_text().strip()
     assert ud["ssh_authorized_keys"] == [lab_key]
 

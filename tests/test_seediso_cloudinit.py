@@ -97,7 +97,7 @@ def test_nocloud_reads_the_seed_and_renders_the_network(kafka_lab, ws, tmp_path)
     (cfg,) = got["cloud_config"]
     assert cfg["hostname"] == "broker1" and cfg["fqdn"] == "broker1.lab.test"
     assert [w["path"] for w in cfg["write_files"]] == ["/etc/kafka/ssl/broker1.keystore.jks",
-                                                       "/etc/labforge/hello.txt"]
+                                                       "/etc/labforge/hello.txt", "/etc/hosts"]
     assert marker in cfg["runcmd"][-1][-1]
     r = got["render"]
     eni = r["eni:etc/network/interfaces.d/50-cloud-init"]

@@ -171,7 +171,13 @@ def _build_inputs(lab: Lab, rel: Release, dib_version: str | None) -> tuple:
     differs rebuilds."""
     main, sec = distros.debian_mirrors(lab)
     return ("build", rel.distro, rel.version, lab.base_image.size,
-            main, sec, BUILD_ELEMENTS, BUILD_PACKAGES, dib_version)
+            main, sec, BUILD_ELEMENTS, build_packages(lab), dib_version)
+
+
+def build_packages(lab: Lab) -> tuple[str, ...]:
+    """What the `build` source installs: BUILD_PACKAGES and base_image.packages
+    (the default lab bakes the brokers' ZooKeeper in; docs/kafka-lab.md)."""
+    return (*BUILD_PACKAGES, *[p for p in lab.base_image.packages if p not in BUILD_PACKAGES])
 
 
 def build_digest(lab: Lab, rel: Release, dib_version: str | None) -> str:
@@ -263,13 +269,14 @@ def _build(lab: Lab, ws: Workspace, rel: Release, target: Path, digest: str,
     with docker_engine.docker_errors("base-image"):
         log = dib.disk_image_create(
             lab, ws, name=f"base-image-{rel.name}", elements=BUILD_ELEMENTS, output=target,
-            packages=BUILD_PACKAGES, image_size=lab.base_image.size,
+            packages=build_packages(lab), image_size=lab.base_image.size,
             env={"DIB_RELEASE": rel.codename, "DIB_GRUB_TIMEOUT": "1", **layer},
             label=f"base-image {rel.name}", container=container,
             no_space=f"at {lab.base_image.size} GB; raise base_image.size")
     dib.prune_layers(Path(layer["DIB_IMAGE_CACHE"]))
     main, sec = distros.debian_mirrors(lab)
-    meta = {"elements": list(BUILD_ELEMENTS), "mirror": main, "security_mirror": sec,
+    meta = {"elements": list(BUILD_ELEMENTS), "packages": list(build_packages(lab)),
+            "mirror": main, "security_mirror": sec,
             "builder": container.image if container else "host",
             "log": str(log.relative_to(ws.artifacts))}
     # keep a copy for the next build with these inputs; only the newest per release
@@ -288,7 +295,8 @@ def _package_layer(lab: Lab, ws: Workspace, rel: Release, *, on_host: bool = Tru
     if on_host:
         extcmd.require("mmdebstrap")
     main, sec = distros.debian_mirrors(lab)
-    name, args = dib.package_layer(rel.codename, main, sec, LAYER_PACKAGES)
+    extra = [p for p in lab.base_image.packages if p not in LAYER_PACKAGES]
+    name, args = dib.package_layer(rel.codename, main, sec, (*LAYER_PACKAGES, *extra))
     return {"DIB_IMAGE_CACHE": str(ws.cache_dir("dib", "layers", name)),
             "DIB_MMDEBSTRAP_EXTRA_ARGS": args}
 

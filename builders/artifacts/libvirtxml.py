@@ -71,11 +71,12 @@ def domain_xml(lab: Lab, host: Host, overlay: Path, seed: Path | None, accel: st
         _sub(cd, "source", file=str(seed))
         _sub(cd, "target", dev="hdc", bus="ide")
         _sub(cd, "readonly")
-    nic = _sub(dev, "interface", type="network")
-    if host.mac:
-        _sub(nic, "mac", address=host.mac.lower())
-    _sub(nic, "source", network=net.name)
-    _sub(nic, "model", type="virtio")
+    for lab_nic in host.nics or ():          # every lab NIC, in the host's order
+        nic = _sub(dev, "interface", type="network")
+        if lab_nic.mac:
+            _sub(nic, "mac", address=lab_nic.mac.lower())
+        _sub(nic, "source", network=lab_nic.network or net.name)
+        _sub(nic, "model", type="virtio")
     serial = _sub(dev, "serial", type="pty")
     _sub(serial, "target", port="0")
     console = _sub(dev, "console", type="pty")
@@ -114,7 +115,7 @@ class LibvirtXml(Builder):
         accel = accel or detect_accel(ws)     # domain type kvm or qemu
         out_dir = ws.artifacts / "libvirt"
         outs: list[Output] = []
-        used_nets = {lab.host_network(h).name for h in chosen}
+        used_nets = {n.network for h in chosen for n in h.nics}
         for net in lab.networks:
             if net.name in used_nets:
                 text = libvirt.network_xml(lab, net)

@@ -79,7 +79,10 @@ def _boot_check(lab: Lab, ws: Workspace, host: str, *, timeout: float, expect: S
     step = f"boot-check {h.name}"
     spec = VmSpec(name=f"labforge-boot-{h.name}",
                   drives=(Drive(overlay, throwaway=True), Drive(seed, "raw", cdrom=True)),
-                  nics=(Nic.user(mac=h.mac),),
+                  # one user-mode NIC per lab NIC, with its MAC: the seed's
+                  # network-config matches NICs by MAC
+                  nics=tuple(Nic.user(mac=n.mac) for n in h.nics) if len(h.nics) > 1
+                  else (Nic.user(mac=h.mac),),
                   memory=min(memory, h.memory), cpus=min(h.cpus, os.cpu_count() or 1, 2))
     wanted = [marker, *expect]
     final_at: list[float] = []

@@ -82,11 +82,31 @@ class WriteFile:
 
 
 @dataclass(frozen=True)
+class Nic:
+    """One NIC of a host: on a named lab network, with its address and MAC.
+
+    On a network with ``dhcp: true`` the address is a DHCP reservation for
+    the MAC (libvirt's network XML) and the guest asks DHCP for it; on
+    other networks the guest sets it statically.  network-config matches
+    the NIC by MAC."""
+    network: str = ""                      # a lab network's name
+    ip: IPv4Address = IPv4Address("0.0.0.0")
+    mac: str | None = None                 # required when a host has several NICs
+    name: str | None = None                # interface name set in the guest (set-name)
+
+
+@dataclass(frozen=True)
 class Host:
     name: str = ""
+    # one NIC, the short way: ip, network, mac, interface (see nics for several)
     ip: IPv4Address = IPv4Address("0.0.0.0")
     network: str = ""                      # default: the lab's first network
     mac: str | None = None                 # lab NIC MAC; network-config matches on it
+    # several NICs, in the order the VM gets them (the first is the one
+    # Vagrant manages and SSH reaches); after loading, every host has nics,
+    # and ip/mac are those of its NIC on `network` (its lab address)
+    nics: tuple[Nic, ...] = ()
+    zookeeper_id: int | None = None        # myid, broker.id / node.id; default: position in the brokers
     cpus: int = 2
     memory: int = 2048                     # MiB
     disk: int = 20                         # GiB
@@ -129,6 +149,17 @@ class Kafka:
     password_file: str | None = None       # store/key password; default: generated
     ssl_dir: str = "/etc/kafka/ssl"        # where the stores live on the hosts (.properties)
     store_type: Literal["PKCS12", "JKS"] = "PKCS12"  # store type the .properties use
+    mode: Literal["zookeeper", "kraft"] = "zookeeper"  # metadata: a ZooKeeper ensemble or KRaft
+    # the networks Kafka uses (default: the lab's first network): the TLS
+    # listener (clients, port) and the PLAINTEXT one that carries inter-broker
+    # and ZooKeeper (or KRaft controller) traffic (plaintext_port)
+    tls_network: str | None = None
+    internal_network: str | None = None
+    plaintext_port: int = 9092
+    controller_port: int = 9094            # kraft: the controller listener
+    zookeeper_port: int = 2281             # ZooKeeper's TLS client port (client auth required)
+    cluster_id: str | None = None          # kraft: 22 characters base64url; default: from the lab name
+    log_dirs: str = "/var/lib/kafka/data"
 
 
 @dataclass(frozen=True)
@@ -171,6 +202,7 @@ class BaseImage:
     release: str = "12"                    # debian 12 / bookworm, ubuntu 24.04 / noble
     url: str | None = None                 # mirror directory holding the image and SUMS
     size: int = 4                          # GB, for the `build` source
+    packages: tuple[str, ...] = ()         # more Debian packages baked in (`build` source)
     # where the `build` source runs diskimage-builder: auto = in the amphora
     # builder container when that image already exists locally (never builds
     # it, never starts dockerd), else on the host; host; container = always in
@@ -197,6 +229,9 @@ class Vagrant:
     box: str = "labforge/debian-12"
     management_network: str = "vagrant-libvirt"
     ssh_private_key: str | None = None     # key `vagrant ssh` uses; default: the one key in certs/ssh/
+    # libvirt domain type: auto = kvm where KVM runs guests here, else qemu
+    # (TCG), decided as boot-check decides
+    driver: Literal["auto", "kvm", "qemu"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -262,6 +297,40 @@ class Lab:
         if self.kafka.brokers:
             return tuple(self.host(n) for n in self.kafka.brokers)
         return tuple(h for h in self.hosts if "kafka-broker" in h.roles)
+
+    def nic_on(self, host: Host, network: str) -> Nic | None:
+        """The host's NIC on the named network, if it has one."""
+        return next((n for n in host.nics if n.network == network), None)
+
+    def kafka_network(self, role: Literal["tls", "internal"]) -> Network:
+        """The network of Kafka's TLS listener, or the internal one (PLAINTEXT,
+        inter-broker, ZooKeeper); default: the lab's first network."""
+        name = self.kafka.tls_network if role == "tls" else self.kafka.internal_network
+        return self.network(name) if name else self.networks[0]
+
+    def kafka_address(self, host: Host, role: Literal["tls", "internal"]) -> IPv4Address:
+        """The host's address on the Kafka network of ``role``."""
+        nic = self.nic_on(host, self.kafka_network(role).name)
+        if nic is None:
+            raise LabError(f"{self.source.name}: hosts.{host.name}: no NIC on network "
+                           f"{self.kafka_network(role).name} (kafka.{role}_network)")
+        return nic.ip
+
+    def zookeeper_id(self, host: Host) -> int:
+        """The host's ZooKeeper myid, also its broker.id / node.id."""
+        if host.zookeeper_id is not None:
+            return host.zookeeper_id
+        return [b.name for b in self.brokers()].index(host.name) + 1
+
+    def kafka_cluster_id(self) -> str:
+        """KRaft's cluster id: kafka.cluster_id, else one derived from the lab
+        name (the same lab always gets the same id, as a UUID in base64url)."""
+        if self.kafka.cluster_id:
+            return self.kafka.cluster_id
+        import base64
+        import hashlib
+        raw = hashlib.sha256(f"labforge-kafka-cluster:{self.name}".encode()).digest()[:16]
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
     def fqdn(self, host: Host) -> str:
         return f"{host.name}.{self.domain}" if self.domain else host.name
@@ -436,6 +505,7 @@ def from_dict(data: Any, source: Path = DEFAULT_LAB) -> Lab:
     lab = _convert(Lab, work, "", errors)
     if lab is not None:
         lab = dataclasses.replace(lab, source=source, raw=_plain(data))
+        lab = _with_nics(lab, errors)
         # cross-field checks run too, except on fields already reported
         # (a field that failed to convert holds its default)
         reported = {e.split(":", 1)[0] for e in errors}
@@ -593,7 +663,6 @@ def _check(lab: Lab, errors: list[str]) -> None:
         errors.append(f"domain: {lab.domain!r} is not a valid DNS domain name")
     if not lab.networks and lab.hosts:
         errors.append("networks: at least one network is needed for the hosts' addresses")
-    nets = {n.name: n for n in lab.networks}
     for n in lab.networks:
         w = f"networks.{n.name}"
         if not _DNS_LABEL.match(n.name):
@@ -605,45 +674,12 @@ def _check(lab: Lab, errors: list[str]) -> None:
     for a, b in _pairs(lab.networks):
         if a.cidr.overlaps(b.cidr):
             errors.append(f"networks.{b.name}.cidr: {b.cidr} overlaps network {a.name} ({a.cidr})")
-    seen_ip: dict[IPv4Address, str] = {}
-    seen_mac: dict[str, str] = {}
+    _check_nics(lab, errors)
     for h in lab.hosts:
         w = f"hosts.{h.name}"
         if not _DNS_LABEL.match(h.name):
             errors.append(f"{w}: {h.name!r} is not a valid hostname (a DNS label: a-z, 0-9, "
                           "'-', not at either end, at most 63 characters)")
-        try:
-            net = lab.host_network(h)
-        except LabError:
-            net = None                  # reported below (unknown name) or above (no networks)
-        if h.network and net is None:
-            errors.append(f"{w}.network: no network named {h.network!r} (networks: "
-                          f"{', '.join(nets) or 'none'})")
-        if h.ip == IPv4Address("0.0.0.0"):
-            errors.append(f"{w}.ip: missing; give the host's address on its lab network")
-        elif net is not None:
-            if h.ip not in net.cidr:
-                errors.append(f"{w}.ip: {h.ip} is not in network {net.name} ({net.cidr})")
-            elif h.ip in (net.cidr.network_address, net.cidr.broadcast_address):
-                errors.append(f"{w}.ip: {h.ip} is the network or broadcast address of {net.cidr}")
-            elif net.gateway is not None and h.ip == net.gateway:
-                errors.append(f"{w}.ip: {h.ip} is the gateway of network {net.name}")
-        if h.ip in seen_ip and h.ip != IPv4Address("0.0.0.0"):
-            errors.append(f"{w}.ip: {h.ip} is already used by host {seen_ip[h.ip]}")
-        seen_ip.setdefault(h.ip, h.name)
-        if h.mac is not None:
-            if not _MAC.match(h.mac.lower()):
-                errors.append(f"{w}.mac: {h.mac!r} is not a MAC address like 52:54:00:12:34:56")
-            elif int(h.mac[:2], 16) & 1:
-                errors.append(f"{w}.mac: {h.mac} is a multicast address (the first byte is odd); "
-                              "a NIC needs a unicast one like 52:54:00:12:34:56")
-            elif h.mac.lower() == "00:00:00:00:00:00":
-                errors.append(f"{w}.mac: {h.mac} is all zeros; give a unicast address like "
-                              "52:54:00:12:34:56 or leave mac out")
-            elif h.mac.lower() in seen_mac:
-                errors.append(f"{w}.mac: {h.mac} is already used by host {seen_mac[h.mac.lower()]}")
-            else:
-                seen_mac[h.mac.lower()] = h.name
         if not 1 <= h.cpus <= 256:
             errors.append(f"{w}.cpus: {h.cpus} is out of range (1-256)")
         if not 128 <= h.memory <= 4 * 1024 * 1024:
@@ -677,8 +713,7 @@ def _check(lab: Lab, errors: list[str]) -> None:
     if not _CN.match(lab.kafka.client):
         errors.append(f"kafka.client: {lab.kafka.client!r} is not a valid identity name "
                       "(letters, digits, '.', '_', '-')")
-    if not 1 <= lab.kafka.port <= 65535:
-        errors.append(f"kafka.port: {lab.kafka.port} is not a TCP port")
+    _check_kafka(lab, errors)
     if lab.kafka.client in names:
         errors.append(f"kafka.client: {lab.kafka.client!r} is also a host name; the client "
                       "identity needs its own name")
@@ -728,6 +763,9 @@ def _check(lab: Lab, errors: list[str]) -> None:
         errors.append(f"vagrant.box: {lab.vagrant.box!r} is not ORG/NAME")
     if not 1 <= lab.glance.timeout <= 86400:
         errors.append(f"glance.timeout: {lab.glance.timeout} is out of range (1-86400 seconds)")
+    for i, pkg in enumerate(lab.base_image.packages):
+        if not re.match(r"^[a-z0-9][a-z0-9+.-]+$", pkg):
+            errors.append(f"base_image.packages[{i}]: {pkg!r} is not a Debian package name")
     if lab.glance.keep is not None and lab.glance.keep < 1:
         errors.append(f"glance.keep: {lab.glance.keep} keeps no image; use 1 or more (the new one counts)")
     if not errors:
@@ -870,6 +908,202 @@ def _read_some(p: Path, limit: int) -> bytes:
         return read_regular(p, "the file", limit)
     except (OSError, LabError):
         return b""
+
+
+# --------------------------------------------------------------------------
+# NICs
+# --------------------------------------------------------------------------
+def _raw_host(lab: Lab, h: Host) -> dict:
+    """The host's mapping as lab.yaml wrote it, with the defaults under it."""
+    raw = lab.raw if isinstance(lab.raw, dict) else {}
+    hosts, defaults = raw.get("hosts"), raw.get("defaults")
+    body = hosts.get(h.name) if isinstance(hosts, dict) else None
+    return {**(defaults if isinstance(defaults, dict) else {}),
+            **(body if isinstance(body, dict) else {})}
+
+
+_SHORT = ("ip", "mac", "interface", "network")
+
+
+def _short_form(lab: Lab, h: Host) -> bool:
+    """True when lab.yaml gives the host one NIC the short way (ip, network,
+    mac, interface) instead of a nics list."""
+    return "nics" not in _raw_host(lab, h)
+
+
+def _lab_nic_index(lab: Lab, h: Host) -> int | None:
+    """Which NIC the short fields name: the one on hosts.X.network (default:
+    the lab's first network)."""
+    target = h.network or (lab.networks[0].name if lab.networks else "")
+    return next((i for i, n in enumerate(h.nics) if n.network == target), None)
+
+
+def _with_nics(lab: Lab, errors: list[str]) -> Lab:
+    """Every host with its NICs.  The short form (ip, network, mac, interface)
+    is one NIC; with a nics list, the short fields, when given, set the NIC
+    on hosts.X.network (default: the lab's first network), adding it if
+    there is none.  Either way ip and mac end up as that NIC's: the host's
+    address on its lab network, which code that knows one address uses."""
+    first = lab.networks[0].name if lab.networks else ""
+    hosts = []
+    for h in lab.hosts:
+        target = h.network or first
+        if _short_form(lab, h):
+            nic = Nic(network=target, ip=h.ip, mac=h.mac, name=h.interface)
+            hosts.append(dataclasses.replace(h, nics=(nic,)))
+            continue
+        if not h.nics:
+            errors.append(f"hosts.{h.name}.nics: empty; give at least one NIC "
+                          "(network, ip, mac)")
+            hosts.append(h)
+            continue
+        nics = list(h.nics)
+        raw = _raw_host(lab, h)
+        if target not in {n.name for n in lab.networks}:
+            errors.append(f"hosts.{h.name}.network: no network named {target!r} (networks: "
+                          f"{', '.join(n.name for n in lab.networks) or 'none'})")
+        elif any(k in raw for k in _SHORT):
+            i = next((i for i, n in enumerate(nics) if n.network == target), None)
+            base = nics[i] if i is not None else Nic(network=target)
+            nic = dataclasses.replace(
+                base,
+                ip=h.ip if "ip" in raw else base.ip,
+                mac=h.mac if "mac" in raw else base.mac,
+                name=h.interface if "interface" in raw else base.name)
+            if i is None:
+                nics.append(nic)
+            else:
+                nics[i] = nic
+        lab_nic = next((n for n in nics if n.network == target), nics[0])
+        hosts.append(dataclasses.replace(h, nics=tuple(nics), ip=lab_nic.ip, mac=lab_nic.mac))
+    return dataclasses.replace(lab, hosts=tuple(hosts))
+
+
+def _check_nics(lab: Lab, errors: list[str]) -> None:
+    """Each NIC on an existing network, with a free address in it; MACs unique
+    over every NIC of the lab; several NICs need a MAC each and one network each."""
+    nets = {n.name: n for n in lab.networks}
+    seen_ip: dict[IPv4Address, str] = {}
+    seen_mac: dict[str, str] = {}
+    for h in lab.hosts:
+        raw = _raw_host(lab, h)
+        short_i = 0 if _short_form(lab, h) else \
+            (_lab_nic_index(lab, h) if any(k in raw for k in _SHORT) else None)
+        on_net: dict[str, str] = {}
+        for i, nic in enumerate(h.nics):
+            short = i == short_i
+            w = f"hosts.{h.name}" if short else f"hosts.{h.name}.nics[{i}]"
+            owner = f"host {h.name}" if short or len(h.nics) == 1 else \
+                f"host {h.name} (nics[{i}])"
+            net = nets.get(nic.network)
+            if net is None and (nic.network or not short):
+                what = f"no network named {nic.network!r}" if nic.network else "missing"
+                errors.append(f"{w}.network: {what} (networks: {', '.join(nets) or 'none'})")
+            if nic.ip == IPv4Address("0.0.0.0"):
+                errors.append(f"{w}.ip: missing; give the host's address on its lab network")
+            elif net is not None:
+                if nic.ip not in net.cidr:
+                    errors.append(f"{w}.ip: {nic.ip} is not in network {net.name} ({net.cidr})")
+                elif nic.ip in (net.cidr.network_address, net.cidr.broadcast_address):
+                    errors.append(f"{w}.ip: {nic.ip} is the network or broadcast address of "
+                                  f"{net.cidr}")
+                elif net.gateway is not None and nic.ip == net.gateway:
+                    errors.append(f"{w}.ip: {nic.ip} is the gateway of network {net.name}")
+            if nic.ip in seen_ip and nic.ip != IPv4Address("0.0.0.0"):
+                errors.append(f"{w}.ip: {nic.ip} is already used by {seen_ip[nic.ip]}")
+            seen_ip.setdefault(nic.ip, owner)
+            if nic.mac is not None:
+                if not _MAC.match(nic.mac.lower()):
+                    errors.append(f"{w}.mac: {nic.mac!r} is not a MAC address like "
+                                  "52:54:00:12:34:56")
+                elif int(nic.mac[:2], 16) & 1:
+                    errors.append(f"{w}.mac: {nic.mac} is a multicast address (the first byte is "
+                                  "odd); a NIC needs a unicast one like 52:54:00:12:34:56")
+                elif nic.mac.lower() == "00:00:00:00:00:00":
+                    errors.append(f"{w}.mac: {nic.mac} is all zeros; give a unicast address like "
+                                  "52:54:00:12:34:56 or leave mac out")
+                elif nic.mac.lower() in seen_mac:
+                    errors.append(f"{w}.mac: {nic.mac} is already used by "
+                                  f"{seen_mac[nic.mac.lower()]}; every NIC needs its own MAC")
+                else:
+                    seen_mac[nic.mac.lower()] = owner
+            elif len(h.nics) > 1:
+                errors.append(f"{w}.mac: missing; a host with several NICs needs a MAC on each "
+                              "(network-config matches NICs by MAC, as the guest names them "
+                              "unpredictably)")
+            if nic.name is not None and not short and \
+                    not re.match(r"^[A-Za-z0-9_.-]{1,15}$", nic.name):
+                errors.append(f"{w}.name: {nic.name!r} is not a Linux interface name "
+                              "(letters, digits, '_', '.', '-', at most 15)")
+            if nic.network in on_net:
+                errors.append(f"{w}.network: {h.name} already has a NIC on {nic.network} "
+                              f"({on_net[nic.network]}); one NIC per network")
+            on_net.setdefault(nic.network, w)
+
+
+# --------------------------------------------------------------------------
+# Kafka
+# --------------------------------------------------------------------------
+_CLUSTER_ID = re.compile(r"^[A-Za-z0-9_-]{22}$")
+
+
+def _check_kafka(lab: Lab, errors: list[str]) -> None:
+    """The listener networks exist and every broker has an address on them;
+    ZooKeeper ids are unique; ports and the KRaft cluster id are sane."""
+    k = lab.kafka
+    nets = {n.name for n in lab.networks}
+    roles = {"tls": "Kafka's TLS listener", "internal": "Kafka's inter-broker and "
+             + ("ZooKeeper" if k.mode == "zookeeper" else "KRaft controller") + " traffic"}
+    usable = []
+    for role, what in roles.items():
+        name = getattr(k, f"{role}_network")
+        if name is not None and name not in nets:
+            errors.append(f"kafka.{role}_network: no network named {name!r} (networks: "
+                          f"{', '.join(sorted(nets)) or 'none'}); name the network that carries "
+                          f"{what}")
+        elif lab.networks:
+            usable.append(role)
+    names = {h.name for h in lab.hosts}
+    brokers = [h for h in lab.hosts if h.name in k.brokers] if k.brokers else \
+        [h for h in lab.hosts if "kafka-broker" in h.roles]
+    brokers = [h for h in brokers if h.name in names]
+    for h in brokers:
+        if any(e.startswith((f"hosts.{h.name}.", f"hosts.{h.name}:")) for e in errors):
+            continue            # the host is reported already
+        for role in usable:
+            net = lab.kafka_network(role)
+            if lab.nic_on(h, net.name) is None:
+                errors.append(f"hosts.{h.name}: broker {h.name} has no address on network "
+                              f"{net.name}, which carries {roles[role]} (kafka.{role}_network); "
+                              f"add a NIC on {net.name}")
+    seen: dict[int, str] = {}
+    for h in lab.hosts:
+        if h.zookeeper_id is None:
+            continue
+        if not 1 <= h.zookeeper_id <= 255:
+            errors.append(f"hosts.{h.name}.zookeeper_id: {h.zookeeper_id} is out of range (1-255)")
+    for pos, h in enumerate(brokers, start=1):
+        zid = h.zookeeper_id if h.zookeeper_id is not None else pos
+        if zid in seen:
+            errors.append(f"hosts.{h.name}.zookeeper_id: {zid} is also broker {seen[zid]}'s "
+                          "ZooKeeper id; give each broker its own")
+        else:
+            seen[zid] = h.name
+    ports = {"port": k.port, "plaintext_port": k.plaintext_port,
+             "controller_port": k.controller_port, "zookeeper_port": k.zookeeper_port}
+    used: dict[int, str] = {}
+    for key, port in ports.items():
+        if not 1 <= port <= 65535:
+            errors.append(f"kafka.{key}: {port} is not a TCP port")
+        elif port in used and key != "port":
+            errors.append(f"kafka.{key}: {port} is also kafka.{used[port]}; give each "
+                          "listener its own port")
+        used.setdefault(port, key)
+    if k.cluster_id is not None and not _CLUSTER_ID.match(k.cluster_id):
+        errors.append(f"kafka.cluster_id: {k.cluster_id!r} is not a Kafka cluster id (22 "
+                      "characters of base64url, as `kafka-storage.sh random-uuid` prints)")
+    if not k.log_dirs.startswith("/"):
+        errors.append(f"kafka.log_dirs: {k.log_dirs!r} must be an absolute path on the hosts")
 
 
 def _check_seed_host(h: Host, w: str, errors: list[str]) -> None:

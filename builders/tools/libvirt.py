@@ -22,7 +22,8 @@ The rules:
   the network's first address, which then must not be a host's address.
 - **DHCP** only with ``dhcp: true``: the upper half of the network (from
   the middle address to the one before broadcast), which must hold no
-  host's static address.
+  host's static address, and a reservation (``<host mac name ip>``) of
+  each NIC's lab address for its MAC.
 - **Forward**: ``nat`` or none (isolated); an isolated network without DHCP
   runs no dnsmasq at all (``<dns enable="no"/>``).
 """
@@ -37,7 +38,7 @@ from pathlib import Path
 
 from builders.core import extcmd
 from builders.core.errors import LabError
-from builders.core.lab import Host, Lab, Network
+from builders.core.lab import Host, Lab, Network, Nic
 
 NETWORK_KIND = "libvirt-network"       # manifest kind of a network XML file, whoever writes it
 IFNAMSIZ = 15                          # Linux interface names: at most 15 characters
@@ -61,10 +62,10 @@ def gateway(lab: Lab, net: Network) -> IPv4Address:
     if net.gateway is not None:
         return net.gateway
     gw = next(net.cidr.hosts())
-    users = [h.name for h in lab.hosts if h.ip == gw]
+    users = [f for f, ip in addresses_on(lab, net) if ip == gw]
     if users:
         raise LabError(f"{lab.source.name}: networks.{net.name}.gateway: not given, and the "
-                       f"default {gw} is host {users[0]}'s address; set networks.{net.name}.gateway")
+                       f"default {gw} is {users[0]}; set networks.{net.name}.gateway")
     return gw
 
 
@@ -73,12 +74,32 @@ def dhcp_range(lab: Lab, net: Network) -> tuple[IPv4Address, IPv4Address]:
     cidr: IPv4Network = net.cidr
     start = cidr.network_address + cidr.num_addresses // 2
     end = cidr.broadcast_address - 1
-    for h in lab.hosts:
-        if lab.host_network(h).name == net.name and start <= h.ip <= end:
-            raise LabError(f"{lab.source.name}: hosts.{h.name}.ip: {h.ip} is in the DHCP range "
+    for field, ip in addresses_on(lab, net):
+        if start <= ip <= end:
+            raise LabError(f"{lab.source.name}: {field}: {ip} is in the DHCP range "
                            f"{start}-{end} of network {net.name}; use an address below {start} "
                            "or dhcp: false")
     return start, end
+
+
+def nics_on(lab: Lab, net: Network) -> list[tuple[Host, int, Nic]]:
+    """(host, index, NIC) of every NIC on the network, in lab order."""
+    return [(h, i, n) for h in lab.hosts for i, n in enumerate(h.nics) if n.network == net.name]
+
+
+def addresses_on(lab: Lab, net: Network) -> list[tuple[str, IPv4Address]]:
+    """(field, address) of every NIC on the network: none may be the default
+    gateway or in the DHCP range."""
+    return [(f"hosts.{h.name}.ip" if len(h.nics) == 1 else f"hosts.{h.name}.nics[{i}].ip", n.ip)
+            for h, i, n in nics_on(lab, net)]
+
+
+def dhcp_hosts(lab: Lab, net: Network) -> list[tuple[str, str, IPv4Address]]:
+    """(mac, host name, address): a DHCP network reserves each NIC's lab
+    address for its MAC."""
+    if not net.dhcp:
+        return []
+    return [(n.mac.lower(), h.name, n.ip) for h, _, n in nics_on(lab, net) if n.mac]
 
 
 def check_networks(lab: Lab) -> None:
@@ -117,7 +138,10 @@ def network_xml(lab: Lab, net: Network) -> str:
     ip = _sub(root, "ip", address=str(gateway(lab, net)), netmask=str(net.cidr.netmask))
     if net.dhcp:
         start, end = dhcp_range(lab, net)
-        _sub(_sub(ip, "dhcp"), "range", start=str(start), end=str(end))
+        dhcp = _sub(ip, "dhcp")
+        _sub(dhcp, "range", start=str(start), end=str(end))
+        for mac, name, addr in dhcp_hosts(lab, net):
+            _sub(dhcp, "host", mac=mac, name=name, ip=str(addr))
     ET.indent(root)
     # no names in the comment: a DNS label may hold "--", which ends an XML comment
     return ("<!-- a lab network made by labforge: define it with `virsh net-define FILE`,\n"

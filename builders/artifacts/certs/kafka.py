@@ -7,7 +7,8 @@ Files (``<id>`` is a broker's host name or the client name):
     <id>.keystore.p12, <id>.keystore.jks key + chain (2 certificates), alias <id>
     truststore.p12, truststore.jks       the CA as a trusted certificate entry (alias ca)
     store.password                       store and key password (0600)
-    server-<host>.properties             ready-to-include broker TLS settings
+    server-<host>.properties             the broker's server.properties (listeners, ZooKeeper or
+                                         KRaft, TLS), installed by its seed
     client-ssl.properties                the same for clients (kafka-console-*, ...)
     client-bundle.pem                    client cert + CA + client key, for Python clients
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from builders.artifacts import kafka_node
 from builders.tools import pki
 from builders.artifacts.certs.common import (PUBLIC, SECRET, Plan, ca_due, cert_record, exists,
                                              leaf_due, read_bytes, time_left)
@@ -45,10 +47,18 @@ def identities(lab: Lab) -> list[dict]:
 
 
 def broker_sans(lab: Lab, h: Host) -> list[str]:
+    """Every name and address a client uses for the broker: its name, FQDN and
+    the address of each NIC (the TLS listener's network for Kafka clients and
+    ZooKeeper's client port; the internal one, which ZooKeeper's quorum
+    checks a peer's certificate against), then extra_sans."""
     sans = [h.name]
     if lab.domain:
         sans.append(lab.fqdn(h))
-    sans.append(str(h.ip))
+    for nic in h.nics or ():
+        if str(nic.ip) not in sans:
+            sans.append(str(nic.ip))
+    if str(h.ip) not in sans:
+        sans.append(str(h.ip))
     sans += [s for s in h.extra_sans if s not in sans]
     return sans
 
@@ -298,21 +308,8 @@ def _store(lab: Lab, base: str) -> tuple[str, str]:
 
 
 def server_properties(lab: Lab, h: Host, password: str) -> str:
-    kind, ks = _store(lab, f"{h.name}.keystore")
-    _, ts = _store(lab, "truststore")
-    return "\n".join([
-        f"# labforge: TLS settings of Kafka broker {h.name} (lab {lab.name}).",
-        "# Include in server.properties; copy the stores to "
-        f"{lab.kafka.ssl_dir}. Holds the store password: keep it private.",
-        f"listeners=SSL://:{lab.kafka.port}",
-        f"advertised.listeners=SSL://{lab.fqdn(h)}:{lab.kafka.port}",
-        "security.inter.broker.protocol=SSL",
-        *_store_settings(kind, ks, ts, password),
-        "ssl.client.auth=required",
-        "ssl.endpoint.identification.algorithm=https",
-        "ssl.enabled.protocols=TLSv1.3,TLSv1.2",
-        "",
-    ])
+    """The broker's whole server.properties (builders.artifacts.kafka_node)."""
+    return kafka_node.server_properties(lab, h, password)
 
 
 def _store_settings(kind: str, keystore: str, truststore: str, password: str) -> list[str]:

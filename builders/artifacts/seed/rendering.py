@@ -29,6 +29,7 @@ from builders.artifacts.seed.validate import (CERTS_PREFIX, SSH_KEY, certs_sourc
                                               check_source_place,
                                               check_size, is_secret, public_keys, read_source,
                                               validate_network_config, validate_user_data, where)
+from builders.artifacts import kafka_node
 from builders.core.errors import LabError
 from builders.core.lab import Host, Lab
 from builders.core.manifest import input_digest
@@ -132,7 +133,41 @@ def _marker_cmd(marker: str) -> list[str]:
     return ["sh", "-c", script]
 
 
+def _nic_name(i: int, nic) -> str:
+    """A NIC's name in the guest: hosts.X.nics[i].name, else its network's
+    name when that is a valid interface name, else lab<i>."""
+    if nic.name:
+        return nic.name
+    return nic.network if len(nic.network) <= 15 else f"lab{i}"
+
+
+def _nics_config(lab: Lab, h: Host) -> dict:
+    """network-config of a host with several NICs: each matched by MAC (the
+    guest names NICs ens5, ens6, ... in PCI order, which a seed cannot know)
+    and renamed; DHCP on a network with DHCP (its address is the network's
+    reservation for the MAC: Vagrant finds the VM by that lease), static
+    elsewhere."""
+    ethernets: dict[str, Any] = {}
+    for i, nic in enumerate(h.nics):
+        net = lab.network(nic.network)
+        cfg: dict[str, Any] = {"match": {"macaddress": nic.mac.lower()},
+                               "set-name": _nic_name(i, nic)}
+        if net.dhcp:
+            cfg["dhcp4"] = True
+        else:
+            cfg["dhcp4"] = False
+            cfg["addresses"] = [f"{nic.ip}/{net.cidr.prefixlen}"]
+            if net.forward == "nat" and net.gateway is not None:
+                cfg["routes"] = [{"to": "0.0.0.0/0", "via": str(net.gateway), "metric": 200}]
+                cfg["nameservers"] = {"addresses": [str(net.gateway)],
+                                      **({"search": [lab.domain]} if lab.domain else {})}
+        ethernets[_nic_name(i, nic)] = cfg
+    return {"version": 2, "ethernets": ethernets}
+
+
 def network_config(lab: Lab, h: Host) -> dict:
+    if len(h.nics) > 1:
+        return _nics_config(lab, h)
     net = lab.host_network(h)
     lab_nic: dict[str, Any] = {}
     if h.mac:
@@ -163,7 +198,9 @@ def _user_data(lab: Lab, ws: Workspace, h: Host) -> dict:
     fqdn = lab.fqdn(h)
     if fqdn != h.name:
         cfg["fqdn"] = fqdn
-    cfg["manage_etc_hosts"] = True
+    # the node configuration writes /etc/hosts with every lab host (and the
+    # node's own name at its lab address, never 127.0.1.1)
+    cfg["manage_etc_hosts"] = not any(wf.path == "/etc/hosts" for wf in h.write_files)
     user: dict[str, Any] = {"name": lab.user.name, "lock_passwd": True, "shell": "/bin/bash"}
     if lab.user.sudo:
         user["sudo"] = "ALL=(ALL) NOPASSWD:ALL"
@@ -196,7 +233,12 @@ def _schema_check(lab: Lab, ws: Workspace, h: Host, data: bytes, name: str) -> N
 def render(lab: Lab, ws: Workspace, host: Host | str) -> Seed:
     """Render and validate one host's seed files; raise LabError on bad input."""
     h = host_of(lab, host)
-    warnings: list[str] = []
+    kafka_warning = []
+    if h.user_data is None and h in lab.brokers() and kafka_node.missing_certs(lab, ws, h):
+        kafka_warning.append(f"{h.name}: no Kafka stores in certs/kafka/ yet (run `invoke "
+                             "certs` first): the seed configures neither ZooKeeper nor Kafka")
+    h = kafka_node.with_node_config(lab, h, ws)
+    warnings: list[str] = kafka_warning
     supplied: dict[str, bytes] = {}
     for name, attr in (("user-data", "user_data"), ("network-config", "network_config"),
                        ("vendor-data", "vendor_data")):

@@ -16,6 +16,7 @@ import os
 import re
 from pathlib import Path, PurePosixPath
 
+from builders.artifacts import kafka_node
 from builders.core.errors import LabError
 from builders.core.fsutil import read_regular
 from builders.core.lab import SOURCE_FILE_LIMIT, Host, Lab, parse_yaml
@@ -93,8 +94,10 @@ def is_secret(lab: Lab, ws: Workspace, host: Host) -> bool:
 def secret_why(lab: Lab, ws: Workspace, host: Host) -> str | None:
     """Why the host's seed is secret (see :func:`is_secret`; also key
     material in any file or inline content, and hard links), or None."""
-    for i, wf in enumerate(host.write_files):
-        at = f"hosts.{host.name}.write_files[{i}]"
+    node_files = kafka_node.node_config(lab, host, ws)[0]
+    for i, wf in enumerate((*host.write_files, *node_files)):
+        at = (f"hosts.{host.name}.write_files[{i}]" if i < len(host.write_files)
+              else f"hosts.{host.name}: the Kafka node file {wf.path}")
         if wf.source is None:
             what = keymaterial.key_material((wf.content or "").encode())
             if what:

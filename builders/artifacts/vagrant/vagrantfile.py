@@ -12,8 +12,9 @@ from typing import Any
 
 from builders.artifacts import seed
 from builders.artifacts.vagrant.catalog import catalog_path
-from builders.core.lab import Host, Lab
+from builders.core.lab import Host, Lab, Nic
 from builders.core.workspace import Workspace
+from builders.tools.qemu_vm import detect_accel
 
 VAGRANTFILE_KIND = "vagrantfile"
 
@@ -65,9 +66,27 @@ def _seed_where(lab: Lab, ws: Workspace, host: Host) -> str:
     return f"{base}/seed/{host.name}.iso"
 
 
+def management_nic(lab: Lab, h: Host) -> Nic | None:
+    """The host's NIC that is Vagrant's management NIC: its first NIC when the
+    host has several and that one's network has DHCP (the default lab's NAT
+    network); None: Vagrant's own management network."""
+    if len(h.nics) < 2 or not h.nics[0].mac:
+        return None
+    return h.nics[0] if lab.network(h.nics[0].network).dhcp else None
+
+
+def vagrant_driver(lab: Lab, ws: Workspace) -> str:
+    """libvirt's domain type for Vagrant: vagrant.driver, or (auto) kvm where
+    KVM runs a guest here and qemu (TCG) where it cannot, as boot-check decides."""
+    if lab.vagrant.driver != "auto":
+        return lab.vagrant.driver
+    return "kvm" if detect_accel(ws) == "kvm" else "qemu"
+
+
 def render_vagrantfile(lab: Lab, ws: Workspace, *, with_catalog: bool = False) -> str:
     """The Vagrantfile; ``config.vm.box_url`` names the box catalog when it
     exists or is being built in the same run (``with_catalog``)."""
+    driver = vagrant_driver(lab, ws)
     box = lab.vagrant.box
     cat = catalog_path(ws, box)
     key = ssh_private_key(lab, ws)
@@ -75,12 +94,20 @@ def render_vagrantfile(lab: Lab, ws: Workspace, *, with_catalog: bool = False) -
         f"# Vagrantfile of lab {lab.name}, made by labforge from {lab.source.name}.",
         "# Do not edit: change lab.yaml and run `invoke vagrantfile`.",
         "#",
-        "# Before `vagrant up --provider=libvirt`, define and start the lab networks",
-        "# (once per libvirt host):",
+        "# Bring the lab up, in this directory (the host needs vagrant, vagrant-libvirt,",
+        "# libvirt-daemon-system, dnsmasq-base and a storage pool named default):",
     ]
     for net in lab.networks:
         out.append(f"#   virsh net-define networks/{net.name}.xml && virsh net-start {net.name}")
     out += [
+        "#   vagrant up --provider=libvirt",
+        "#   invoke lab-check --wait 300       # labforge: names, ZooKeeper over TLS, client auth",
+        "# and down: `vagrant destroy -f` removes the machines, their volumes and the",
+        "# networks above (define them again before the next `vagrant up`).",
+        f"# libvirt.driver {driver!r}: "
+        + ("vagrant.driver in lab.yaml" if lab.vagrant.driver != "auto" else
+           "KVM runs guests where this file was made" if driver == "kvm" else
+           "KVM cannot run guests where this file was made (TCG); vagrant.driver overrides"),
         "",
         'Vagrant.configure("2") do |config|',
         f"  config.vm.box = {_rb(box)}",
@@ -97,31 +124,49 @@ def render_vagrantfile(lab: Lab, ws: Workspace, *, with_catalog: bool = False) -
     out += [
         "",
         "  config.vm.provider :libvirt do |libvirt|",
-        "    libvirt.driver = \"kvm\"",
+        f"    libvirt.driver = {_rb(driver)}",
         f"    libvirt.management_network_name = {_rb(lab.vagrant.management_network)}",
         "  end",
     ]
     for h in lab.hosts:
-        net = lab.host_network(h)
         seed = seed_iso_path(lab, ws, h).resolve()
-        opts = [f"ip: {_rb(str(h.ip))}", f"netmask: {_rb(str(net.cidr.netmask))}",
-                f"libvirt__network_name: {_rb(net.name)}",
-                f"libvirt__dhcp_enabled: {_rb(net.dhcp)}",
-                f"libvirt__forward_mode: {_rb(net.forward)}"]
-        if h.mac:
-            opts.append(f"mac: {_rb(h.mac.lower())}")
-        # the seed ISO's network-config sets the lab address; Vagrant configures
-        # the NIC itself only when there is no seed
-        opts.append("auto_config: !File.exist?(seed)")
+        mgmt = management_nic(lab, h)
+        nets = []
+        for nic in h.nics:
+            if nic is mgmt:
+                continue
+            net = lab.network(nic.network) if nic.network else lab.host_network(h)
+            opts = [f"ip: {_rb(str(nic.ip))}", f"netmask: {_rb(str(net.cidr.netmask))}",
+                    f"libvirt__network_name: {_rb(net.name)}",
+                    f"libvirt__dhcp_enabled: {_rb(net.dhcp)}",
+                    f"libvirt__forward_mode: {_rb(net.forward)}"]
+            if nic.mac:
+                opts.append(f"mac: {_rb(nic.mac.lower())}")
+            # the seed ISO's network-config sets the lab address; Vagrant configures
+            # the NIC itself only when there is no seed
+            opts.append("auto_config: !File.exist?(seed)")
+            nets += ["    m.vm.network :private_network,",
+                     *[f"      {o}," for o in opts[:-1]], f"      {opts[-1]}"]
+        provider = []
+        if mgmt is not None:
+            # Vagrant's management NIC is the host's first lab NIC: that network,
+            # found by its subnet, this MAC (the seed matches the NIC by it; the
+            # network's DHCP reserves the lab address for it)
+            mnet = lab.network(mgmt.network)
+            provider = [f"      libvirt.management_network_name = {_rb(mnet.name)}",
+                        f"      libvirt.management_network_address = {_rb(str(mnet.cidr))}",
+                        f"      libvirt.management_network_mac = {_rb(mgmt.mac.lower())}"]
         out += [
             "",
             f"  config.vm.define {_rb(h.name)} do |m|",
             f"    seed = {_rb(str(seed))}",
-            f"    m.vm.hostname = {_rb(lab.fqdn(h) if lab.domain else h.name)}",
-            "    m.vm.network :private_network,",
-            *[f"      {o}," for o in opts[:-1]],
-            f"      {opts[-1]}",
+            # the seed names the machine (and writes /etc/hosts); Vagrant's own
+            # hostname change would map the name to 127.0.1.1 and restart NICs
+            f"    m.vm.hostname = {_rb(lab.fqdn(h) if lab.domain else h.name)} "
+            "unless File.exist?(seed)",
+            *nets,
             "    m.vm.provider :libvirt do |libvirt|",
+            *provider,
             f"      libvirt.cpus = {h.cpus}",
             f"      libvirt.memory = {h.memory}",
             f"      libvirt.machine_virtual_size = {h.disk}",
