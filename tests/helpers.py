@@ -116,6 +116,20 @@ def lab_file(where: Path, *, filename: str = "lab.yaml", **changes: Any) -> Path
     return write_lab(where, lab_text(**changes), filename)
 
 
+def broker_nics(n: int) -> dict:
+    """A broker's NICs as the default lab gives them (public, then private),
+    for a host added to it: ``lab_file(p, **{"hosts.b4": broker_nics(14)})``."""
+    return {"nics": [{"network": "public", "ip": f"192.168.100.{n}", "mac": f"52:54:00:10:00:{n:02x}"},
+                     {"network": "private", "ip": f"10.100.0.{n}", "mac": f"52:54:00:64:00:{n:02x}"}]}
+
+
+def plain_host(n: int) -> dict:
+    """A host that is not a broker (one NIC on private, no roles): its seed
+    takes nothing from certs/, so it is public, under artifacts/seed/."""
+    return {"roles": [], "nics": [{"network": "private", "ip": f"10.100.0.{n}",
+                                   "mac": f"52:54:00:64:00:{n:02x}"}]}
+
+
 def lab_from(where: Path, *, filename: str = "lab.yaml", **changes: Any) -> labmod.Lab:
     """:func:`lab_file`, loaded: a Lab as if read from ``where``/``filename``."""
     return labmod.load(lab_file(where, filename=filename, **changes))
@@ -124,7 +138,7 @@ def lab_from(where: Path, *, filename: str = "lab.yaml", **changes: Any) -> labm
 # --------------------------------------------------------------------------
 # file trees
 # --------------------------------------------------------------------------
-LOCKS = (".lock", ".manifest.lock")     # lock files: held, not content
+LOCKS = (".lock", ".manifest.lock", ".ledger.lock")     # lock files: held, not content
 
 
 def tree_snapshot(root: Path, *, mtimes: bool = False, hidden: bool = True) -> dict[str, tuple]:

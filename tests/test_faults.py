@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import (ROOT, assert_one_line_error, lab_file, lab_text, make_qcow2, tree_snapshot,
-                     write_lab)
+from helpers import (ROOT, assert_one_line_error, broker_nics, lab_file, lab_text, make_qcow2,
+                     plain_host, tree_snapshot, write_lab)
 from imagetools import publish_debian
 
 DEFAULT = (ROOT / "lab.yaml").read_text()
@@ -57,11 +57,11 @@ LAB_CASES = [
     ("write-file-both", lab_text(**{"hosts.broker1.write_files": [{"path": "/etc/x", "content": "x", "source": "f"}]}),
      "give exactly one of source or content"),
     # output names that would land on another output's file
-    ("name-broker-ca", lab_text(**{"hosts.ca": {"ip": "10.100.0.20"}}),
+    ("name-broker-ca", lab_text(**{"hosts.ca": broker_nics(20)}),
      "hosts.ca: the name would make broker ca write certs/kafka/ca.crt, the file of the Kafka CA"),
-    ("name-host-net-xml", lab_text(**{"hosts.net-private": {"ip": "10.100.0.20"}}),
+    ("name-host-net-xml", lab_text(**{"hosts.net-private": broker_nics(20)}),
      "artifacts/libvirt/net-private.xml, the file of network private"),
-    ("name-host-volume-xml", lab_text(**{"hosts.broker1-volume": {"ip": "10.100.0.20"}}),
+    ("name-host-volume-xml", lab_text(**{"hosts.broker1-volume": broker_nics(20)}),
      "artifacts/libvirt/broker1-volume.xml, the file of host broker1"),
     ("name-amp-key-octavia-file", lab_text(**{"octavia.amp_ssh_key_name": "server_ca.key.pem"}),
      "is the name of another file in certs/octavia/"),
@@ -404,7 +404,7 @@ def _empty_lab_over_existing_certs(tmp_path, ws, cli):
 
 def _broker_ca_over_existing_certs(tmp_path, ws, cli):
     assert cli("certs").returncode == 0
-    return ["certs", "--lab", str(lab_file(tmp_path, **{"hosts.ca": {"ip": "10.100.0.20"}}))]
+    return ["certs", "--lab", str(lab_file(tmp_path, **{"hosts.ca": broker_nics(20)}))]
 
 
 def _option(*args):
@@ -458,8 +458,9 @@ def _file_key(where: str, kind: str):
 
 def _verify_manifest(state: str):
     def prepare(tmp_path, ws, cli):
-        assert cli("certs").returncode == 0
-        assert cli("seed-iso").returncode == 0
+        lab = str(lab_file(tmp_path, **{"hosts.web": plain_host(30)}))
+        assert cli("certs", "--lab", lab).returncode == 0
+        assert cli("seed-iso", "--lab", lab).returncode == 0     # web's seed is public
         m = ws.artifacts / "manifest.json"
         if state == "missing":
             m.unlink()
@@ -468,17 +469,18 @@ def _verify_manifest(state: str):
         else:
             m.unlink()
             m.mkdir()
-        return ["verify"]
+        return ["verify", "--lab", lab]
     return prepare
 
 
 def _seed_dir_dangling_symlink(tmp_path, ws, cli):
     import shutil
-    assert cli("certs").returncode == 0
-    assert cli("seed-iso").returncode == 0          # fills cache/ (cloud-init's schema)
+    lab = str(lab_file(tmp_path, **{"hosts.web": plain_host(30)}))
+    assert cli("certs", "--lab", lab).returncode == 0
+    assert cli("seed-iso", "--lab", lab).returncode == 0    # fills cache/ (cloud-init's schema)
     shutil.rmtree(ws.artifacts / "seed")
     (ws.artifacts / "seed").symlink_to(tmp_path / "gone")
-    return ["seed-iso"]
+    return ["seed-iso", "--lab", lab]
 
 
 _NO_OS_ENV = {"OS_CLOUD": "", "OS_AUTH_URL": "", "OS_USERNAME": "", "OS_PASSWORD": "",

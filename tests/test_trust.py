@@ -14,7 +14,7 @@ import pytest
 
 from builders.core import lab as labmod
 from builders.core.errors import LabError
-from helpers import ROOT, lab_file
+from helpers import LOCKS, ROOT, lab_file, plain_host
 
 
 # --------------------------------------------------------------------------
@@ -143,7 +143,8 @@ def test_output_names_cover_what_the_builders_write(tmp_path, ws, cli, default_l
     for sub in ("certs/kafka", "certs/octavia", "certs/ssh", "certs/seed", "artifacts/seed"):
         d = ws.root / sub
         if d.is_dir():
-            written |= {f"{sub}/{p.name}" for p in d.iterdir() if p.is_file()}
+            written |= {f"{sub}/{p.name}" for p in d.iterdir()
+                        if p.is_file() and p.name not in LOCKS}
     assert written and written <= known, sorted(written - known)
 
 
@@ -204,11 +205,11 @@ def test_secret_scan_finds_keys_in_base64_and_plain(tmp_path):
 
 @pytest.mark.integration
 def test_public_artifacts_hold_no_secrets(tmp_path, ws, cli):
-    """A lab whose broker1 seed carries a keystore from certs/ (a secret seed,
-    under certs/seed/) and whose others are public: artifacts/ holds no
-    private key, keystore or secret of the lab."""
+    """A lab whose brokers' seeds carry keystores from certs/ (secret seeds,
+    under certs/seed/) and whose web host's seed is public: artifacts/ holds
+    no private key, keystore or secret of the lab."""
     from secret_scan import scan, secrets_of
-    lab = lab_file(tmp_path, **{"hosts.broker1": {
+    lab = lab_file(tmp_path, **{"hosts.web": plain_host(30), "hosts.broker1": {
         "write_files": [{"path": "/etc/kafka/ssl/broker1.keystore.p12",
                          "source": "certs:kafka/broker1.keystore.p12", "permissions": "0600"},
                         {"path": "/etc/kafka/ssl/broker1.key", "source": "certs:kafka/broker1.key",
@@ -218,7 +219,8 @@ def test_public_artifacts_hold_no_secrets(tmp_path, ws, cli):
         assert proc.returncode == 0, proc.stderr
     assert cli("seed-iso", "--lab", str(lab), "--format", "vfat").returncode == 0
     assert (ws.certs / "seed" / "broker1.iso").is_file()
-    assert (ws.artifacts / "seed" / "broker2.iso").is_file()
+    assert (ws.certs / "seed" / "broker2.iso").is_file()      # its Kafka keystores
+    assert (ws.artifacts / "seed" / "web.iso").is_file()
     secrets = secrets_of(ws.certs)
     assert len(secrets) >= 2
     assert scan(ws.artifacts, secrets) == []

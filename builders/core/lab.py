@@ -805,7 +805,8 @@ def outputs(lab: Lab) -> list[tuple[str, str]]:
     out += [(f"certs/octavia/{key}", "octavia.amp_ssh_key_name"),
             (f"certs/octavia/{key}.pub", "octavia.amp_ssh_key_name")]
     out += [("certs/ssh/lab_ed25519", "the lab SSH key"), ("certs/ssh/lab_ed25519.pub", "the lab SSH key")]
-    out += [("certs/seed/state.json", "the seed state")]
+    out += [("certs/seed/state.json", "the seed state"),
+            ("certs/seed/ledger.json", "the secret seeds' ledger")]
     for h in lab.hosts:
         what = f"host {h.name}"
         for ext in (".iso", ".img"):
