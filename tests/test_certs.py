@@ -353,6 +353,37 @@ def test_jks_password_check_agrees_with_pyjks(built: Workspace):
             pki.open_jks(data, pw + "x")
 
 
+@pytest.mark.parametrize("key_type,bits", [("rsa", 4096), ("ecdsa", 0)])
+def test_jks_written_by_labforge_reads_back_with_pyjks(key_type, bits):
+    """The JKS writer against an independent reader: the key decrypts to the
+    same PKCS#8 (keys of any length: the XOR stream spans several SHA-1
+    blocks), the chain and aliases are kept, a wrong password fails."""
+    from cryptography.hazmat.primitives import serialization
+    key = pki.new_key(key_type, bits or 2048)
+    ca_key = pki.new_key("ecdsa")
+    ca = pki.new_ca(ca_key, pki.name("t CA"), 30)
+    cert = pki.issue(ca, ca_key, key, pki.name("Node1"), 30, ["node1"], [pki.SERVER_AUTH])
+    store = pki.open_jks(pki.jks_keystore("Node1", key, cert, [ca], "pw-1"), "pw-1")
+    entry = store.private_keys["node1"]             # Java lower-cases aliases
+    assert entry.pkey_pkcs8 == key.private_bytes(pki.DER, serialization.PrivateFormat.PKCS8,
+                                                 serialization.NoEncryption())
+    assert [c[1] for c in entry.cert_chain] == [c.public_bytes(pki.DER) for c in (cert, ca)]
+    trust = pki.open_jks(pki.jks_truststore([("ca", ca), ("Other", cert)], "pw-2"), "pw-2")
+    assert sorted(trust.certs) == ["ca", "other"]
+    with pytest.raises(ValueError):
+        pki.open_jks(pki.jks_truststore([("ca", ca)], "pw-2"), "pw-3")
+
+
+def test_key_supply_makes_distinct_keys_and_stops_when_closed():
+    with pki.KeySupply(3, "rsa", 2048) as keys:
+        made = [keys.take() for _ in range(4)]      # one more than planned: made on demand
+    assert len({k.public_key().public_numbers().n for k in made}) == 4
+    left = pki.KeySupply(8, "rsa", 2048)
+    left.take()
+    left.close()                                     # the rest are cancelled, not awaited
+    assert left.take().key_size == 2048              # and a closed supply still serves
+
+
 def test_lost_state_keeps_the_ca_and_reissues_leaves(built: Workspace, default_lab):
     k = built.certs / "kafka"
     ca_before = (k / "ca.crt").read_bytes()

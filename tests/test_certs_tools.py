@@ -132,6 +132,22 @@ def test_keytool_lists_keystores_and_truststores(lab_ws, ext):
     assert "Keystore type: " + ("PKCS12" if ext == "p12" else "JKS") in out
 
 
+def test_the_jvm_decrypts_the_jks_key_labforge_wrote(lab_ws, tmp_path):
+    """labforge writes JKS itself: keytool takes the private key out of the
+    JKS with the store password (into a PKCS#12), and it is broker1.key."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key, pkcs12
+    k = lab_ws.certs / "kafka"
+    out = tmp_path / "out.p12"
+    sh("keytool", "-importkeystore", "-noprompt", "-srckeystore", k / "broker1.keystore.jks",
+       "-srcstorepass:file", k / "store.password", "-srckeypass:file", k / "store.password",
+       "-srcalias", "broker1", "-destkeystore", out, "-deststoretype", "PKCS12",
+       "-deststorepass", "exported", "-destkeypass", "exported")
+    got = pkcs12.load_key_and_certificates(out.read_bytes(), b"exported")
+    want = load_pem_private_key((k / "broker1.key").read_bytes(), None)
+    assert got[0].private_numbers() == want.private_numbers()
+    assert got[1].subject.rfc4514_string().startswith("CN=broker1.")
+
+
 # --------------------------------------------------------------------------
 # mutual TLS: a JVM, and Python ssl
 # --------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """PKI primitives: keys, CAs, leaf certificates, PEM/PKCS12/JKS stores, SSH keys.
 
-Pure functions over cryptography and pyjks objects; nothing here touches
-the workspace.  The sets of ``builders.artifacts.certs`` (kafka, octavia,
+Pure functions over cryptography objects (JKS files: :mod:`javastore`,
+read back with pyjks); nothing here touches the workspace.  The sets of ``builders.artifacts.certs`` (kafka, octavia,
 ssh) decide *what* to issue; the package's ``build_certs`` decides *when*
 and writes the files.
 """
@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from builders.core.errors import LabError
+from builders.tools import javastore
 
 PEM = serialization.Encoding.PEM
 DER = serialization.Encoding.DER
@@ -54,6 +55,47 @@ def new_key(key_type: str = "rsa", rsa_bits: int = 2048) -> PrivateKey:
     if key_type == "ecdsa":
         return ec.generate_private_key(ec.SECP256R1())
     return rsa.generate_private_key(public_exponent=65537, key_size=rsa_bits)
+
+
+class KeySupply:
+    """``n`` new keys, generated on every core while the caller goes on.
+
+    RSA key generation is almost all of a fresh certificate set's time, and
+    OpenSSL's generator runs without the GIL, so threads make keys in
+    parallel (a process pool measured slower: it pays for the start-up and
+    for pickling keys; benchmarks/bench_certs.py --keygen compares them).
+    ECDSA keys take a millisecond and are made on :meth:`take`.  A supply
+    left early (an error while planning) cancels the keys not yet started
+    when closed; leaving its ``with`` block closes it.
+    """
+
+    def __init__(self, n: int, key_type: str = "rsa", rsa_bits: int = 2048):
+        self.key_type, self.rsa_bits = key_type, rsa_bits
+        self._pool = None
+        self._ahead: list = []
+        if n > 1 and key_type == "rsa":
+            import os
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(min(n, os.cpu_count() or 1),
+                                            thread_name_prefix="keygen")
+            self._ahead = [self._pool.submit(new_key, key_type, rsa_bits) for _ in range(n)]
+
+    def take(self) -> PrivateKey:
+        """The next key (waiting for it if it is still being made)."""
+        if self._ahead:
+            return self._ahead.pop(0).result()
+        return new_key(self.key_type, self.rsa_bits)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool, self._ahead = None, []
+
+    def __enter__(self) -> "KeySupply":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def key_pem(key, passphrase: str | None = None) -> bytes:
@@ -232,7 +274,8 @@ def p12_truststore(entries: Sequence[tuple[str, x509.Certificate]], password: st
 
 
 def _jks():
-    """pyjks, imported lazily (it pulls in pyasn1 and friends); missing, one line."""
+    """pyjks, to read a JKS (``certs-check``; labforge writes them itself:
+    :mod:`builders.tools.javastore`), imported only then; missing, one line."""
     try:
         import jks
     except ImportError:
@@ -243,19 +286,14 @@ def _jks():
 
 def jks_keystore(alias: str, key, cert: x509.Certificate, chain: Sequence[x509.Certificate],
                  password: str) -> bytes:
-    jks = _jks()
     der_key = key.private_bytes(DER, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
-    entry = jks.PrivateKeyEntry.new(alias, [c.public_bytes(DER) for c in (cert, *chain)],
-                                    der_key, "pkcs8")
-    entry.encrypt(password)
-    return jks.KeyStore.new("jks", [entry]).saves(password)
+    return javastore.keystore(alias, der_key, [c.public_bytes(DER) for c in (cert, *chain)],
+                              password)
 
 
 def jks_truststore(entries: Sequence[tuple[str, x509.Certificate]], password: str) -> bytes:
-    jks = _jks()
-    items = [jks.TrustedCertEntry.new(alias, c.public_bytes(DER)) for alias, c in entries]
-    return jks.KeyStore.new("jks", items).saves(password)
+    return javastore.truststore([(alias, c.public_bytes(DER)) for alias, c in entries], password)
 
 
 def open_p12(data: bytes, password: str) -> pkcs12.PKCS12KeyAndCertificates:
@@ -275,16 +313,8 @@ def open_jks(data: bytes, password: str):
 
 
 def jks_password_opens(data: bytes, password: str) -> bool:
-    """Whether ``password`` is the store password of a JKS, without loading it.
-
-    A JKS ends with SHA-1(password as UTF-16BE + b"Mighty Aphrodite" + the
-    rest of the file); keytool checks exactly this.  One hash instead of
-    importing pyjks keeps an up-to-date run fast.
-    """
-    if len(data) < 24 or data[:4] != b"\xfe\xed\xfe\xed":
-        return False
-    digest = hashlib.sha1(password.encode("utf-16-be") + b"Mighty Aphrodite" + data[:-20]).digest()
-    return digest == data[-20:]
+    """Whether ``password`` is the store password of a JKS, without loading it."""
+    return javastore.password_opens(data, password)
 
 
 # --------------------------------------------------------------------------

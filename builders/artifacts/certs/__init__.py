@@ -93,14 +93,17 @@ class Certs(Builder):
             sets[name] = (notes, [p for p in plan.writes if p not in writes_before],
                           plan.removes[first_remove:])
 
-        planned("ssh", ssh.plan, lab, ws, old.get("ssh"), "ssh" in rotate, plan, new)
-        planned("kafka", kafka.plan, lab, ws, old.get("kafka"), "kafka" in rotate,
-                ctx.force, plan, new, shared["prune"])
-        if lab.octavia.enabled:
-            planned("octavia", octavia.plan, lab, ws, old.get("octavia"),
-                    "octavia" in rotate, ctx.force, plan, new)
-        elif "octavia" in old:
-            new["octavia"] = old["octavia"]  # disabled: keep what exists, untouched
+        try:
+            planned("ssh", ssh.plan, lab, ws, old.get("ssh"), "ssh" in rotate, plan, new)
+            planned("kafka", kafka.plan, lab, ws, old.get("kafka"), "kafka" in rotate,
+                    ctx.force, plan, new, shared["prune"])
+            if lab.octavia.enabled:
+                planned("octavia", octavia.plan, lab, ws, old.get("octavia"),
+                        "octavia" in rotate, ctx.force, plan, new)
+            elif "octavia" in old:
+                new["octavia"] = old["octavia"]  # disabled: keep what exists, untouched
+        finally:
+            plan.close()        # keys made ahead and not needed (a set refused) stop here
         plan.put(state_path(ws), json.dumps(new, indent=2, sort_keys=True) + "\n", PUBLIC)
         shared["plan"], shared["sets"] = plan, sets
         # state.json goes with a set that changes anyway, so that a set whose

@@ -73,9 +73,21 @@ class Plan:
     ws: Workspace
     writes: dict[Path, tuple[bytes, int]] = field(default_factory=dict)
     removes: list[Path] = field(default_factory=list)
+    supplies: list[pki.KeySupply] = field(default_factory=list)
 
     def put(self, path: Path, data: bytes | str, mode: int = SECRET) -> None:
         self.writes[path] = (data.encode() if isinstance(data, str) else data, mode)
+
+    def keys(self, n: int, key_type: str, rsa_bits: int) -> pki.KeySupply:
+        """A set's ``n`` new keys, made in parallel from now on (see
+        :class:`pki.KeySupply`); :meth:`close` stops what was not needed."""
+        supply = pki.KeySupply(n, key_type, rsa_bits)
+        self.supplies.append(supply)
+        return supply
+
+    def close(self) -> None:
+        for supply in self.supplies:
+            supply.close()
 
 
 def read_bytes(path: Path, what: str, hint: str = "run `invoke certs`") -> bytes:

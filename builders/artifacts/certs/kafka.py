@@ -179,8 +179,10 @@ def plan(lab: Lab, ws: Workspace, st: dict | None, rotate: bool, force: bool, pl
                        "every Kafka certificate")
     # the key is written before its certificate (the plan writes in order):
     # a run stopped in between leaves a pair _load_ca refuses with one line
-    if ca_new:
-        ca_key = pki.new_key(pk.key_type, pk.rsa_bits)
+    idents = identities(lab)
+    if ca_new:              # a new CA re-issues every identity: all their keys at once
+        keys = plan_.keys(1 + len(idents), pk.key_type, pk.rsa_bits)
+        ca_key = keys.take()
         ca = pki.new_ca(ca_key, pki.name(ca_cn, lab.name), pk.ca_days)
         notes.append("new CA" + (" (rotated)" if rotate else ""))
         plan_.put(ca_key_p, pki.key_pem(ca_key), SECRET)
@@ -207,10 +209,17 @@ def plan(lab: Lab, ws: Workspace, st: dict | None, rotate: bool, force: bool, pl
     issued: list[str] = []
     renewed: list[str] = []
     client_pair = None
-    for ident in identities(lab):
+    # which identities keep their key and certificate, which need new ones
+    kept: dict[str, tuple] = {}
+    renewing: set[str] = set()
+    digests: dict[str, str] = {}
+    files: dict[str, dict[str, Path]] = {}
+    for ident in idents:
         n = ident["name"]
-        f = {k: d / t.format(n=n) for k, t in zip(("crt", "key", "chain", "p12", "jks"), LEAF_FILES)}
-        digest = input_digest("kafka-leaf", ident, pk.key_type, pk.rsa_bits, pk.leaf_days, ca_fp)
+        f = files[n] = {k: d / t.format(n=n)
+                        for k, t in zip(("crt", "key", "chain", "p12", "jks"), LEAF_FILES)}
+        digest = digests[n] = input_digest("kafka-leaf", ident, pk.key_type, pk.rsa_bits,
+                                           pk.leaf_days, ca_fp)
         cert = key = None
         rec = old_leaves.get(n)
         if rec and rec.get("digest") == digest and exists(f["crt"]) and exists(f["key"]):
@@ -222,26 +231,32 @@ def plan(lab: Lab, ws: Workspace, st: dict | None, rotate: bool, force: bool, pl
             if cert is not None and (pki.fingerprint(cert) != rec.get("fingerprint_sha256")
                                      or not pki.same_public_key(key, cert)):
                 cert = key = None
-        renewing = False
         if cert is not None:
             due = leaf_due(cert, ca)
             if due == "renew":
                 renewed.append(f"{n} ({time_left(cert)})")
-                renewing = True
+                renewing.add(n)
                 cert = key = None
             elif due == "ca":
                 notes.append(f"{n} has {time_left(cert)} and ends with the CA: run "
                              "`invoke certs --rotate kafka`")
-        fresh = cert is None
+        if cert is not None:
+            kept[n] = (cert, key)
+    if not ca_new:
+        keys = plan_.keys(len(idents) - len(kept), pk.key_type, pk.rsa_bits)
+    for ident in idents:
+        n, f = ident["name"], files[ident["name"]]
+        fresh = n not in kept
         if fresh:
-            key = pki.new_key(pk.key_type, pk.rsa_bits)
+            key = keys.take()
             cert = pki.issue(ca, ca_key, key, pki.name(ident["cn"], lab.name), pk.leaf_days,
                              ident["sans"], [_EKU[e] for e in ident["eku"]])
-            if not renewing:
+            if n not in renewing:
                 issued.append(n)
             plan_.put(f["key"], pki.key_pem(key), SECRET)
             plan_.put(f["crt"], pki.cert_pem(cert), PUBLIC)
         else:
+            cert, key = kept[n]
             plan_.put(f["key"], f["key"].read_bytes(), SECRET)
             plan_.put(f["crt"], f["crt"].read_bytes(), PUBLIC)
         plan_.put(f["chain"], pki.cert_pem(cert, ca), PUBLIC)
@@ -250,7 +265,7 @@ def plan(lab: Lab, ws: Workspace, st: dict | None, rotate: bool, force: bool, pl
         if fresh or not exists(f["jks"]):
             plan_.put(f["jks"], pki.jks_keystore(n, key, cert, [ca], password), SECRET)
         paths += list(f.values())
-        leaves[n] = cert_record(cert, digest, kind=ident["kind"])
+        leaves[n] = cert_record(cert, digests[n], kind=ident["kind"])
         if ident["kind"] == "client":
             client_pair = (cert, key)
     if issued:

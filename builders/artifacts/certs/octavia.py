@@ -132,6 +132,11 @@ def plan(lab: Lab, ws: Workspace, st: dict | None, rotate: bool, force: bool, pl
     paths += [ssh_priv, ssh_pub]
 
     # -- the two CAs ---------------------------------------------------------
+    # a new CA needs a key, a new client CA also one for the client certificate:
+    # all of them made at once (a CA that is kept never needs one here)
+    new_cas = [role for role in ("server", "client")
+               if rotate or not (exists(d / F[f"{role}_ca"]) and exists(d / F[f"{role}_ca_key"]))]
+    keys = plan_.keys(len(new_cas) + ("client" in new_cas), pk.key_type, pk.rsa_bits)
     cas = {}
     for role, cn in (("server", f"{lab.name} Octavia server CA"),
                      ("client", f"{lab.name} Octavia client CA")):
@@ -153,7 +158,7 @@ def plan(lab: Lab, ws: Workspace, st: dict | None, rotate: bool, force: bool, pl
             raise LabError(f"{missing}: missing while the Octavia {role} CA is in use; restore it "
                            "or run `invoke certs --rotate octavia` to replace both CAs")
         else:
-            key = pki.new_key(pk.key_type, pk.rsa_bits)
+            key = keys.take()
             cert = pki.new_ca(key, pki.name(cn, lab.name), pk.ca_days)
             fresh = True
             notes.append(f"new {role} CA" + (" (rotated)" if rotate else ""))
@@ -192,7 +197,7 @@ def plan(lab: Lab, ws: Workspace, st: dict | None, rotate: bool, force: bool, pl
             notes.append(f"the controller client certificate has {time_left(cert)} and ends "
                          "with its CA: run `invoke certs --rotate octavia`")
     if cert is None:
-        key = pki.new_key(pk.key_type, pk.rsa_bits)
+        key = keys.take()
         cert = pki.issue(client_ca, client_ca_key, key, pki.name(CLIENT_CN, lab.name),
                          pk.leaf_days, [CLIENT_CN], [pki.CLIENT_AUTH])
         plan_.put(cp, pki.key_pem(key) + pki.cert_pem(cert), SECRET)
