@@ -181,6 +181,23 @@ def test_cloudinit_schema_from_the_package(tmp_path):
             cis.validate(doc, schema, "user-data", version)
         assert needle in str(err.value) and "cloud-init" in str(err.value)
 
+    # the schema cut to a document's keys judges it as the whole schema does
+    from jsonschema import Draft4Validator
+    from jsonschema.exceptions import best_match
+    full = Draft4Validator(schema)
+    for doc in ({"packages": 5}, {"packages": ["x"], "runcmd": [["ls", 1]], "users": "x"},
+                {"write_files": [{"path": "/x", "permissions": 420}], "ssh_pwauth": "maybe"},
+                {"hostname": "h", "fqdn": 3, "manage_etc_hosts": "sure", "unknown_key": 1},
+                {"apt": {"sources": 1}, "bootcmd": "x"}):
+        cut = cis.for_keys(schema, frozenset(doc))
+        assert len(cut["allOf"]) < len(schema["allOf"]) / 2
+        want = sorted((list(e.absolute_path), e.message) for e in full.iter_errors(doc))
+        got = sorted((list(e.absolute_path), e.message)
+                     for e in Draft4Validator(cut).iter_errors(doc))
+        assert want and got == want, (doc, want, got)
+        assert best_match(Draft4Validator(cut).iter_errors(doc)).message == \
+            best_match(full.iter_errors(doc)).message
+
 
 # --------------------------------------------------------------------------
 # secrets never reach artifacts/

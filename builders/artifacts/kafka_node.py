@@ -66,7 +66,20 @@ def etc_hosts(lab: Lab) -> str:
     (ZooKeeper's quorum checks a peer's certificate against the name its
     address maps back to, which must be one the certificate holds).  The
     node's own name is never 127.0.1.1: ZooKeeper would bind its quorum
-    port there."""
+    port there.  Made once per lab object: every host's seed holds it."""
+    hit = _ETC_HOSTS.get(id(lab))
+    if hit is not None and hit[0] is lab:
+        return hit[1]
+    text = _etc_hosts(lab)
+    _ETC_HOSTS.clear()                  # one lab at a time is enough
+    _ETC_HOSTS[id(lab)] = (lab, text)
+    return text
+
+
+_ETC_HOSTS: dict[int, tuple[Lab, str]] = {}
+
+
+def _etc_hosts(lab: Lab) -> str:
     lines = ["# /etc/hosts of lab {} (labforge: the lab's names on its internal network)"
              .format(lab.name),
              "127.0.0.1\tlocalhost",

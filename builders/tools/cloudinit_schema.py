@@ -56,9 +56,17 @@ def load_schema(cache: Path, distro: str, codename: str, mirror: str | None = No
     if not (d / CLOUD_CONFIG).is_file() or not (d / "VERSION").is_file():
         _fetch(d, distro, codename, mirror)
     try:
-        return json.loads((d / CLOUD_CONFIG).read_text()), (d / "VERSION").read_text().strip()
+        key = (str(d), (d / CLOUD_CONFIG).stat().st_mtime_ns, (d / "VERSION").stat().st_mtime_ns)
+        if key not in _LOADED:          # read once per process: a lab has many hosts
+            _LOADED.clear()
+            _LOADED[key] = (json.loads((d / CLOUD_CONFIG).read_text()),
+                            (d / "VERSION").read_text().strip())
+        return _LOADED[key]
     except (OSError, ValueError) as exc:
         raise LabError(f"{d / CLOUD_CONFIG}: unreadable ({exc}); remove {d} and rerun") from None
+
+
+_LOADED: dict[tuple, tuple[dict, str]] = {}
 
 
 def _fetch(d: Path, distro: str, codename: str, mirror: str | None) -> None:
@@ -104,10 +112,16 @@ def _private_apt(t: Path, distro: str, codename: str, mirror: str | None) -> lis
             "-o", f"Dir::State::status={t / 'status'}", "-o", "Debug::NoLocking=1"]
 
 
-def validate(doc: Any, schema: dict, name: str, version: str) -> None:
-    """Raise LabError naming the first place cloud-init's schema rejects ``doc``."""
+_VALIDATORS: dict[int, Any] = {}       # id(schema) -> (schema, its validator), per process
+
+
+def _validator(schema: dict):
+    """One validator per schema, made once: building it (and its reference
+    registry) costs more than checking one host's user-data."""
+    hit = _VALIDATORS.get(id(schema))
+    if hit is not None and hit[0] is schema:
+        return hit[1]
     from jsonschema import Draft4Validator, FormatChecker
-    from jsonschema.exceptions import best_match
     from jsonschema.validators import extend
 
     def is_string(checker, instance):
@@ -116,7 +130,44 @@ def validate(doc: Any, schema: dict, name: str, version: str) -> None:
     validator_cls = extend(Draft4Validator,
                            type_checker=Draft4Validator.TYPE_CHECKER.redefine("string", is_string))
     validator = validator_cls(schema, format_checker=FormatChecker())
-    err = best_match(validator.iter_errors(doc))
+    _VALIDATORS[id(schema)] = (schema, validator)
+    return validator
+
+
+def for_keys(schema: dict, keys: frozenset[str]) -> dict:
+    """The schema with only the parts that can judge a mapping holding
+    ``keys``.  cloud-config's schema is an ``allOf`` of one part per module,
+    most of them only ``type: object`` and ``properties``: such a part can
+    reject a mapping only through a key it names, so one naming none of
+    ``keys`` is left out (any other part is kept).  A host's user-data uses
+    a few of the ~56 modules; checking the rest costs most of the time."""
+    cached = _REDUCED.get((id(schema), keys))
+    if cached is not None and cached[0] is schema:
+        return cached[1]
+    defs = schema.get("$defs", {})
+    kept = []
+    for part in schema.get("allOf", ()):
+        ref = part.get("$ref", "") if set(part) == {"$ref"} else ""
+        target = defs.get(ref[len("#/$defs/"):]) if ref.startswith("#/$defs/") else None
+        if (isinstance(target, dict) and set(target) <= {"properties", "type"}
+                and target.get("type", "object") == "object"
+                and not keys & set(target.get("properties", {}))):
+            continue
+        kept.append(part)
+    reduced = {**schema, "allOf": kept} if "allOf" in schema else schema
+    _REDUCED[(id(schema), keys)] = (schema, reduced)
+    return reduced
+
+
+_REDUCED: dict[tuple, tuple[dict, dict]] = {}
+
+
+def validate(doc: Any, schema: dict, name: str, version: str) -> None:
+    """Raise LabError naming the first place cloud-init's schema rejects ``doc``."""
+    from jsonschema.exceptions import best_match
+    if isinstance(doc, dict) and all(isinstance(k, str) for k in doc):
+        schema = for_keys(schema, frozenset(doc))
+    err = best_match(_validator(schema).iter_errors(doc))
     if err is None:
         return
     where = ".".join(str(p) for p in err.absolute_path) or "top level"
@@ -128,6 +179,7 @@ def validate(doc: Any, schema: dict, name: str, version: str) -> None:
 def clear(cache: Path) -> None:
     """Forget every fetched schema (tests)."""
     shutil.rmtree(cache / "cloud-init", ignore_errors=True)
+    _LOADED.clear()
 
 
 def check_cloud_config(data: bytes, where: str, cache: Path, distro: str, codename: str,
@@ -140,7 +192,7 @@ def check_cloud_config(data: bytes, where: str, cache: Path, distro: str, codena
     if not text.startswith("#cloud-config") or text.startswith("#cloud-config-"):
         return
     try:
-        doc = yaml.safe_load(text)
+        doc = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # libyaml
     except yaml.YAMLError:
         return                  # reported with its line by the seed builder's own check
     if not isinstance(doc, dict):
