@@ -14,6 +14,7 @@ are present and intact, and are skipped, saying so, when they are not.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import time
@@ -22,14 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from builders.artifacts.amphora import AMPHORA
-from builders.artifacts.baseimage import BASE_IMAGE
-from builders.artifacts.certs import CERTS
-from builders.artifacts.overlays import OVERLAYS
-from builders.artifacts.seed import SEEDS
-from builders.artifacts.vagrant import VAGRANT
 from builders.core import contract
-from builders.publishers.glance import GLANCE
 from builders.core.contract import Builder, Publisher
 from builders.core.errors import LabError
 from builders.core.lab import Lab
@@ -48,9 +42,34 @@ def run_step(step: Step, lab: Lab, ws: Workspace, force: bool) -> list[Outcome]:
     return contract.run(step, lab, ws, force=force)
 
 
-STEPS: tuple[Step, ...] = (CERTS, SEEDS, BASE_IMAGE, OVERLAYS, AMPHORA, VAGRANT, GLANCE)
-BY_NAME = {s.name: s for s in STEPS}
-KINDS = tuple(s.name for s in STEPS)
+# Every step in dependency order: its name and the object that is it.  The
+# objects are imported on first use (:func:`all_steps`), so that a single task
+# (`labforge certs`) does not import every builder; a test checks that each
+# object's name is the one given here.
+HOMES: tuple[tuple[str, str, str], ...] = (
+    ("certs", "builders.artifacts.certs", "CERTS"),
+    ("seed-iso", "builders.artifacts.seed", "SEEDS"),
+    ("base-image", "builders.artifacts.baseimage", "BASE_IMAGE"),
+    ("overlays", "builders.artifacts.overlays", "OVERLAYS"),
+    ("amphora", "builders.artifacts.amphora", "AMPHORA"),
+    ("vagrant", "builders.artifacts.vagrant", "VAGRANT"),
+    ("glance", "builders.publishers.glance", "GLANCE"),
+)
+KINDS = tuple(name for name, _, _ in HOMES)
+
+
+def all_steps() -> tuple[Step, ...]:
+    """The pipeline's steps (builder and publisher objects), in order."""
+    return tuple(getattr(importlib.import_module(module), attr) for _, module, attr in HOMES)
+
+
+def __getattr__(name: str):
+    """``pipeline.STEPS`` and ``pipeline.BY_NAME``, made on first use."""
+    if name == "STEPS":
+        return all_steps()
+    if name == "BY_NAME":
+        return {s.name: s for s in all_steps()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -70,8 +89,9 @@ def _status(outcomes: list[Outcome]) -> str:
     return "skipped" if statuses else "up to date"
 
 
-def check_kinds(values: tuple[str, ...], option: str, steps: tuple[Step, ...] = STEPS) -> None:
-    names = [s.name for s in steps]
+def check_kinds(values: tuple[str, ...], option: str, steps: tuple[Step, ...] | None = None
+                ) -> None:
+    names = [s.name for s in steps] if steps is not None else list(KINDS)
     for v in values:
         if v not in names:
             raise LabError(f"{option} {v}: unknown step; steps are {', '.join(names)}")
@@ -110,12 +130,13 @@ def _blocked(lab: Lab, ws: Workspace, step: Step, state: dict[str, str],
 
 def run_all(lab: Lab, ws: Workspace, *, only: tuple[str, ...] = (), skip: tuple[str, ...] = (),
             force: bool = False, on_step: Callable[[StepReport], None] | None = None,
-            steps: tuple[Step, ...] = STEPS) -> list[StepReport]:
-    """Run the lab's steps (default: :data:`STEPS`, in order); never raises
+            steps: tuple[Step, ...] | None = None) -> list[StepReport]:
+    """Run the lab's steps (default: :func:`all_steps`, in order); never raises
     for a step's failure (it is reported).
 
     A step that fails (a LabError, an OSError, a bug) is reported "failed"
     with one line; the steps that need it are skipped; the others run."""
+    steps = all_steps() if steps is None else steps
     check_kinds(only, "--only", steps)
     check_kinds(skip, "--skip", steps)
     by_name = {s.name: s for s in steps}
@@ -157,8 +178,9 @@ def _run_step(lab: Lab, ws: Workspace, step: Step, state: dict[str, str],
 
 
 def to_json(lab: Lab, ws: Workspace, reports: list[StepReport],
-            steps: tuple[Step, ...] = STEPS) -> dict:
+            steps: tuple[Step, ...] | None = None) -> dict:
     """The machine-readable result (validated by schemas/run.schema.json)."""
+    steps = all_steps() if steps is None else steps
     manifest = Manifest(ws.artifacts)
     entries = manifest.entries() if manifest.path.exists() else {}
     # an artifact's status is what the step that produced it did: publishers

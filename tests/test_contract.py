@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 
 import jsonschema
@@ -162,6 +163,22 @@ def test_a_left_out_step_is_ready_from_its_declared_outputs(default_lab, ws):
 def test_unknown_steps_are_named_from_the_steps_in_use(default_lab, ws):
     with pytest.raises(LabError, match="steps are greeting, reply"):
         pipeline.run_all(default_lab, ws, steps=(Greeting(), Reply()), only=("overlays",))
+
+
+def test_the_pipeline_names_each_step_as_the_step_does():
+    """pipeline.KINDS (known without importing any builder) are the steps' own names."""
+    assert tuple(s.name for s in pipeline.all_steps()) == pipeline.KINDS
+
+
+def test_a_single_task_imports_only_its_builder():
+    """`labforge certs` does not pay for importing every builder."""
+    code = ("import sys, builders.cli, builders.artifacts.certs; "
+            "print(sorted(m for m in sys.modules if m.startswith('builders.')))")
+    mods = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, cwd=ROOT).stdout
+    for heavy in ("builders.artifacts.amphora", "builders.artifacts.vagrant",
+                  "builders.publishers.glance", "builders.tools.dib"):
+        assert heavy not in mods, heavy
 
 
 def test_every_contract_step_declares_what_it_records(default_lab, ws):

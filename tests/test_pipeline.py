@@ -390,9 +390,9 @@ def test_amphora_skip_gives_the_real_reason(ws, tmp_path):
     from helpers import lab_from
     from builders import pipeline
     off = lab_from(tmp_path, filename="off.yaml", octavia={"enabled": False})
-    assert pipeline.AMPHORA.skip_reason(off, ws) == "lab.yaml octavia.enabled is false"
+    assert pipeline.BY_NAME["amphora"].skip_reason(off, ws) == "lab.yaml octavia.enabled is false"
     nobuild = lab_from(tmp_path, filename="nobuild.yaml", octavia={"amphora": {"build": False}})
-    assert pipeline.AMPHORA.skip_reason(nobuild, ws) == "lab.yaml octavia.amphora.build is false"
+    assert pipeline.BY_NAME["amphora"].skip_reason(nobuild, ws) == "lab.yaml octavia.amphora.build is false"
 
 
 def test_a_step_gives_its_own_skip_reason_before_its_needs(ws, cli, quick_lab):
