@@ -33,7 +33,7 @@ BENCHMARKS = {
     "vagrant": ("bench_vagrant.py", "vagrant.json", []),
     "images": ("bench_images.py", "bench_images.json", ["--skip-build"]),
     "glance": ("bench_glance.py", "glance.json", ["--size-mb", "200", "--runs", "1"]),
-    "amphora": ("bench_amphora.py", "amphora.json", ["--skip-upstream"]),
+    "amphora": ("bench_amphora.py", "amphora.json", ["--skip-upstream", "--cold-runs", "1"]),
 }
 
 
