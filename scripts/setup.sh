@@ -45,8 +45,6 @@ if [ "$MODE" = test ]; then
 else
   .venv/bin/python -m pip install -q --disable-pip-version-check -e .
 fi
-# without their dependencies, so no compiler is needed: see the file's comment
-.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -r scripts/requirements-nodeps.txt
 
 for hook in scripts/setup.d/*.sh; do
   [ -e "$hook" ] || continue

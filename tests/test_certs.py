@@ -341,7 +341,7 @@ def test_check_certs_without_certs(ws, default_lab):
         check_certs(default_lab, ws)
 
 
-def test_jks_password_check_agrees_with_pyjks(built: Workspace):
+def test_jks_password_check_agrees_with_the_reader(built: Workspace):
     k = built.certs / "kafka"
     pw = (k / "store.password").read_text().strip()
     for n in ("truststore.jks", "broker1.keystore.jks"):
@@ -354,20 +354,21 @@ def test_jks_password_check_agrees_with_pyjks(built: Workspace):
 
 
 @pytest.mark.parametrize("key_type,bits", [("rsa", 4096), ("ecdsa", 0)])
-def test_jks_written_by_labforge_reads_back_with_pyjks(key_type, bits):
-    """The JKS writer against an independent reader: the key decrypts to the
-    same PKCS#8 (keys of any length: the XOR stream spans several SHA-1
-    blocks), the chain and aliases are kept, a wrong password fails."""
+def test_jks_written_by_labforge_reads_back(key_type, bits):
+    """Writer and reader round trip: the key opens to the same PKCS#8 (keys
+    of any length: the XOR stream spans several SHA-1 blocks), the chain and
+    aliases are kept, a wrong password fails.  keytool, the independent
+    reader and writer, is in test_certs_tools."""
     from cryptography.hazmat.primitives import serialization
     key = pki.new_key(key_type, bits or 2048)
     ca_key = pki.new_key("ecdsa")
     ca = pki.new_ca(ca_key, pki.name("t CA"), 30)
     cert = pki.issue(ca, ca_key, key, pki.name("Node1"), 30, ["node1"], [pki.SERVER_AUTH])
     store = pki.open_jks(pki.jks_keystore("Node1", key, cert, [ca], "pw-1"), "pw-1")
-    entry = store.private_keys["node1"]             # Java lower-cases aliases
-    assert entry.pkey_pkcs8 == key.private_bytes(pki.DER, serialization.PrivateFormat.PKCS8,
-                                                 serialization.NoEncryption())
-    assert [c[1] for c in entry.cert_chain] == [c.public_bytes(pki.DER) for c in (cert, ca)]
+    pkcs8, chain = store.keys["node1"]              # Java lower-cases aliases
+    assert pkcs8 == key.private_bytes(pki.DER, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption())
+    assert chain == [c.public_bytes(pki.DER) for c in (cert, ca)]
     trust = pki.open_jks(pki.jks_truststore([("ca", ca), ("Other", cert)], "pw-2"), "pw-2")
     assert sorted(trust.certs) == ["ca", "other"]
     with pytest.raises(ValueError):

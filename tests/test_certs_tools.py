@@ -148,6 +148,34 @@ def test_the_jvm_decrypts_the_jks_key_labforge_wrote(lab_ws, tmp_path):
     assert got[1].subject.rfc4514_string().startswith("CN=broker1.")
 
 
+def test_labforge_reads_the_jks_keytool_wrote(lab_ws, tmp_path):
+    """certs-check reads JKS itself: a keystore keytool writes (from the
+    broker's PKCS#12) opens to broker1.key and its chain, and a truststore
+    keytool writes holds the CA; a wrong password is refused."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from builders.tools import pki
+    k = lab_ws.certs / "kafka"
+    pw = (k / "store.password").read_text().strip()
+    jks, trust = tmp_path / "k.jks", tmp_path / "t.jks"
+    sh("keytool", "-importkeystore", "-noprompt", "-srckeystore", k / "broker1.keystore.p12",
+       "-srcstoretype", "PKCS12", "-srcstorepass:file", k / "store.password",
+       "-destkeystore", jks, "-deststoretype", "JKS",
+       "-deststorepass:file", k / "store.password", "-destkeypass:file", k / "store.password")
+    sh("keytool", "-importcert", "-noprompt", "-alias", "labca", "-file", k / "ca.crt",
+       "-keystore", trust, "-storetype", "JKS", "-storepass:file", k / "store.password")
+    store = pki.open_jks(jks.read_bytes(), pw)
+    pkcs8, chain = store.keys["broker1"]
+    want = serialization.load_pem_private_key((k / "broker1.key").read_bytes(), None)
+    assert serialization.load_der_private_key(pkcs8, None).private_numbers() == \
+        want.private_numbers()
+    assert len(chain) == 2
+    assert pki.open_jks(trust.read_bytes(), pw).certs["labca"] == \
+        x509.load_pem_x509_certificate((k / "ca.crt").read_bytes()).public_bytes(pki.DER)
+    with pytest.raises(ValueError):
+        pki.open_jks(jks.read_bytes(), pw + "x")
+
+
 # --------------------------------------------------------------------------
 # mutual TLS: a JVM, and Python ssl
 # --------------------------------------------------------------------------

@@ -43,12 +43,6 @@ def venv(tmp_path_factory) -> Path:
                            "--disable-pip-version-check", str(src)],
                           capture_output=True, text=True, env=_clean_env(), timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    # pyjks without its twofish requirement (a C extension), as the README says
-    proc = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
-                           "--disable-pip-version-check", "--no-deps", "-r",
-                           str(src / "scripts" / "requirements-nodeps.txt")],
-                          capture_output=True, text=True, env=_clean_env(), timeout=900)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
     shutil.rmtree(src)                   # the command must not need the source tree
     return venv
 

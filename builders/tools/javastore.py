@@ -14,11 +14,12 @@ A private key is protected the way ``sun.security.provider.KeyProtector``
 does it: a 20-byte random salt, the PKCS#8 key XORed with the SHA-1 chain
 ``d1 = SHA-1(pw + salt), d2 = SHA-1(pw + d1), ...``, and SHA-1(pw + key) to
 check it; salt + XORed key + check go into an EncryptedPrivateKeyInfo under
-Sun's OID 1.3.6.1.4.1.42.2.17.1.1.  keytool and the JVM's KeyStore read it
-(the tests open every store with keytool; pyjks reads them for
-``certs-check``).  Writing it here instead of importing pyjks saves a
-fresh ``invoke certs`` about a fifth of its time (pyjks pulls in
-pycryptodome and pyasn1 for this).
+Sun's OID 1.3.6.1.4.1.42.2.17.1.1.  keytool and the JVM's KeyStore read
+what :func:`keystore` and :func:`truststore` write, and :func:`read` opens
+what keytool writes (both shown by the tests).  Doing it here instead of
+with pyjks saves a fresh ``invoke certs`` about a fifth of its time (pyjks
+pulls in pycryptodome and pyasn1) and a dependency that needs a C
+extension to install.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import hashlib
 import os
 import struct
 import time
+from dataclasses import dataclass, field
 from typing import Sequence
 
 MAGIC = 0xFEEDFEED
@@ -100,3 +102,89 @@ def password_opens(data: bytes, password: str) -> bool:
     if len(data) < 32 or struct.unpack(">I", data[:4])[0] != MAGIC:
         return False
     return hashlib.sha1(_password(password) + b"Mighty Aphrodite" + data[:-20]).digest() == data[-20:]
+
+
+@dataclass
+class Store:
+    """A JKS as read: private key entries (alias -> PKCS#8 DER and the chain
+    as DER) and trusted certificates (alias -> DER)."""
+    keys: dict[str, tuple[bytes, list[bytes]]] = field(default_factory=dict)
+    certs: dict[str, bytes] = field(default_factory=dict)
+
+
+def unprotect_key(info: bytes, password: str) -> bytes:
+    """The PKCS#8 key inside a JKS EncryptedPrivateKeyInfo; ValueError when
+    ``password`` is not the one it was protected with."""
+    body = _der_body(info, 0x30)
+    alg = _der_body(body, 0x30)                     # AlgorithmIdentifier
+    if not alg.startswith(_PROTECTOR_ALG[2:14]):    # the OID, NULL parameter or none
+        raise ValueError("the key is not protected with the JKS key protector")
+    blob = _der_body(body[2 + len(alg):], 0x04)
+    if len(blob) < 40:
+        raise ValueError("protected key too short")
+    pw = _password(password)
+    salt, hidden, check = blob[:20], blob[20:-20], blob[-20:]
+    stream, digest = bytearray(), salt
+    while len(stream) < len(hidden):
+        digest = hashlib.sha1(pw + digest).digest()
+        stream += digest
+    plain = bytes(a ^ b for a, b in zip(hidden, stream))
+    if hashlib.sha1(pw + plain).digest() != check:
+        raise ValueError("the key does not open with this password")
+    return plain
+
+
+def read(data: bytes, password: str) -> Store:
+    """Parse a JKS, check its trailer against ``password`` and open its keys
+    with the same password (Kafka's default); ValueError on any mismatch."""
+    if not password_opens(data, password):
+        raise ValueError("not a JKS, or the store password does not open it")
+    store, pos = Store(), 12
+    try:
+        _magic, version, count = struct.unpack_from(">III", data, 0)
+        if version not in (1, 2):
+            raise ValueError(f"JKS version {version}")
+
+        def take(n: int) -> bytes:
+            nonlocal pos
+            if pos + n > len(data) - 20:
+                raise ValueError("truncated")
+            out = data[pos:pos + n]
+            pos += n
+            return out
+
+        def utf() -> str:
+            return take(struct.unpack(">H", take(2))[0]).decode("utf-8", "replace")
+
+        def cert() -> bytes:
+            if version == 2:
+                utf()                                           # "X.509"
+            return take(struct.unpack(">I", take(4))[0])
+
+        for _ in range(count):
+            tag = struct.unpack(">I", take(4))[0]
+            alias = utf()
+            take(8)                                             # creation time
+            if tag == _PRIVATE:
+                info = take(struct.unpack(">I", take(4))[0])
+                chain = [cert() for _ in range(struct.unpack(">I", take(4))[0])]
+                store.keys[alias] = (unprotect_key(info, password), chain)
+            elif tag == _TRUSTED:
+                store.certs[alias] = cert()
+            else:
+                raise ValueError(f"entry type {tag}")
+    except struct.error:
+        raise ValueError("truncated") from None
+    return store
+
+
+def _der_body(data: bytes, tag: int) -> bytes:
+    if len(data) < 2 or data[0] != tag:
+        raise ValueError("unexpected DER")
+    n, i = data[1], 2
+    if n & 0x80:
+        size = n & 0x7F
+        n, i = int.from_bytes(data[2:2 + size], "big"), 2 + size
+    if i + n > len(data):
+        raise ValueError("truncated DER")
+    return data[i:i + n]

@@ -1,7 +1,7 @@
 """PKI primitives: keys, CAs, leaf certificates, PEM/PKCS12/JKS stores, SSH keys.
 
-Pure functions over cryptography objects (JKS files: :mod:`javastore`,
-read back with pyjks); nothing here touches the workspace.  The sets of ``builders.artifacts.certs`` (kafka, octavia,
+Pure functions over cryptography objects (JKS files: :mod:`javastore`);
+nothing here touches the workspace.  The sets of ``builders.artifacts.certs`` (kafka, octavia,
 ssh) decide *what* to issue; the package's ``build_certs`` decides *when*
 and writes the files.
 """
@@ -273,17 +273,6 @@ def p12_truststore(entries: Sequence[tuple[str, x509.Certificate]], password: st
     return pkcs12.serialize_java_truststore(certs, _p12_encryption(password))
 
 
-def _jks():
-    """pyjks, to read a JKS (``certs-check``; labforge writes them itself:
-    :mod:`builders.tools.javastore`), imported only then; missing, one line."""
-    try:
-        import jks
-    except ImportError:
-        raise LabError("pyjks is not installed (JKS keystores); install it without its "
-                       "twofish requirement: pip install --no-deps pyjks") from None
-    return jks
-
-
 def jks_keystore(alias: str, key, cert: x509.Certificate, chain: Sequence[x509.Certificate],
                  password: str) -> bytes:
     der_key = key.private_bytes(DER, serialization.PrivateFormat.PKCS8,
@@ -301,15 +290,9 @@ def open_p12(data: bytes, password: str) -> pkcs12.PKCS12KeyAndCertificates:
     return pkcs12.load_pkcs12(data, password.encode())
 
 
-def open_jks(data: bytes, password: str):
-    """Load a JKS and decrypt its keys; raise ValueError on a wrong password."""
-    jks = _jks()
-    try:
-        store = jks.KeyStore.loads(data, password)
-    except (jks.util.KeystoreSignatureException, jks.util.DecryptionFailureException,
-            jks.util.BadKeystoreFormatException, jks.util.UnexpectedJavaTypeException) as exc:
-        raise ValueError(str(exc)) from None
-    return store
+def open_jks(data: bytes, password: str) -> javastore.Store:
+    """Load a JKS and open its keys; raise ValueError on a wrong password."""
+    return javastore.read(data, password)
 
 
 def jks_password_opens(data: bytes, password: str) -> bool:
@@ -401,19 +384,16 @@ def store_problem(data: bytes, kind: str, password: str, cert: x509.Certificate 
         if store.key is None or not same_public_key(store.key, cert):
             return "does not hold the key of its certificate"
         return None
+    if not jks_password_opens(data, password):
+        return "does not open with the stored password"
     try:
         store = open_jks(data, password)
     except ValueError:
-        return "does not open with the stored password"
+        return "its key entry does not open with the stored password"
     if cert is None:
         return None if store.certs else "holds no trusted certificate"
-    for entry in store.private_keys.values():
-        if not entry.is_decrypted():
-            try:
-                entry.decrypt(password)
-            except Exception:  # noqa: BLE001 - pyjks raises its own types for a wrong password
-                return "its key entry does not open with the stored password"
-        key = serialization.load_der_private_key(entry.pkey_pkcs8, None)
+    for pkcs8, _chain in store.keys.values():
+        key = serialization.load_der_private_key(pkcs8, None)
         if same_public_key(key, cert):
             return None
     return "does not hold the key of its certificate"
