@@ -48,6 +48,7 @@ from builders.tools import dib, docker_engine  # noqa: E402
 from builders.core import lab as labmod  # noqa: E402
 from builders.core.console import progress, setup_logging  # noqa: E402
 from builders.core.workspace import Workspace  # noqa: E402
+from conditions import Conditions  # noqa: E402
 
 
 def upstream_build(lb, ws: Workspace, cache: Path, out: Path) -> float:
@@ -127,7 +128,7 @@ def main() -> None:
     base = Path(args.workdir or tempfile.mkdtemp(prefix="bench-amphora.", dir=ROOT / "cache"))
     base.mkdir(parents=True, exist_ok=True)
     ws = Workspace(base / "labforge")
-    load_before = os.getloadavg()[0] / (os.cpu_count() or 1)
+    cond = Conditions()
     results: dict = {"cold_runs": args.cold_runs, "statistic": "median",
                      "labforge_cold_samples_s": [], "upstream_cold_samples_s": []}
     try:
@@ -140,6 +141,7 @@ def main() -> None:
         sides = ["labforge"] + ([] if args.skip_upstream else ["upstream"])
         for r in range(args.cold_runs):
             for side in (sides if r % 2 == 0 else sides[::-1]):   # alternate who goes first
+                cond.quiet()
                 if side == "labforge":
                     shutil.rmtree(ws.cache / "amphora", ignore_errors=True)   # cold: empty cache
                     t0 = time.monotonic()
@@ -157,6 +159,7 @@ def main() -> None:
                         ws.artifacts / "logs" / "upstream-amphora.log")
                 print(f"cold {side} run {r + 1}: "
                       f"{results[f'{side}_cold_samples_s'][-1]:.1f}s", file=sys.stderr)
+        cond.quiet()
         t0 = time.monotonic()
         amphora.build_amphora(lb, ws, force=True)
         results["labforge_warm_forced_s"] = round(time.monotonic() - t0, 1)
@@ -168,10 +171,7 @@ def main() -> None:
         if not args.workdir:
             subprocess.run(["rm", "-rf", "--one-file-system", str(base)], check=False)
 
-    load_after = os.getloadavg()[0] / (os.cpu_count() or 1)
-    condition = "idle" if max(load_before, load_after) < 0.5 else "loaded"
-    results.update(condition=condition, load_per_cpu_before=round(load_before, 2),
-                   load_per_cpu_after=round(load_after, 2), cpus=os.cpu_count())
+    results.update(cond.finish())
     cold = results["labforge_cold_s"] = statistics.median(results["labforge_cold_samples_s"])
     rows = [("labforge cold (empty cache)", cold, 1.0),
             ("labforge --force (warm cache)", results["labforge_warm_forced_s"],
@@ -184,7 +184,7 @@ def main() -> None:
         results["cold_vs_upstream"] = round(cold / up, 3)
     results["warm_vs_cold"] = round(results["labforge_warm_forced_s"] / cold, 3)
     print(f"\namphora builds, medians of {args.cold_runs} alternating cold runs per side; "
-          f"{condition}: load per CPU {load_before:.2f} before, {load_after:.2f} after")
+          f"{cond.describe()}")
     print(f"{'run':<36} {'seconds':>9} {'x labforge cold':>16}")
     for name, secs, ratio in rows:
         print(f"{name:<36} {secs:>9.1f} {ratio:>16.2f}")
@@ -197,8 +197,7 @@ def main() -> None:
     if "cold_vs_upstream" in results:
         print(f"\nlabforge cold / upstream cold = {results['cold_vs_upstream']:.2f} (target <= 1.0)")
     print(f"labforge warm / labforge cold = {results['warm_vs_cold']:.2f} (target <= 0.60)")
-    if condition == "loaded":
-        print("loaded machine: these figures do not count as meeting a target")
+    cond.warn()
     outdir = ROOT / "benchmarks" / "results"
     outdir.mkdir(parents=True, exist_ok=True)
     (outdir / "amphora.json").write_text(json.dumps(results, indent=2) + "\n")

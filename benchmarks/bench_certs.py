@@ -23,8 +23,9 @@ Also measured, in the same run:
   labforge does: OpenSSL releases the GIL) and on a process pool.
 
 Usage:  .venv/bin/python benchmarks/bench_certs.py   (BENCH_ROUNDS=7)
-Each side runs BENCH_ROUNDS times, alternating; medians are compared.  The
-load average before and after labels the figures idle or loaded.  Prints a
+Each side runs BENCH_ROUNDS times, alternating; medians are compared.  A
+quiet second before each round labels the figures idle or loaded
+(benchmarks/conditions.py).  Prints a
 table and writes benchmarks/results/bench_certs.json.
 """
 
@@ -42,11 +43,11 @@ import time
 from pathlib import Path
 
 import yaml
+from conditions import Conditions
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "7"))
-IDLE_LOAD = 0.5                 # load average per CPU under which the machine counts as idle
 KEYS = 5                        # CA, three brokers, client
 
 CLASSIC = r"""
@@ -151,7 +152,7 @@ def main() -> None:
     # PYTHONDONTWRITEBYTECODE would recompile every module on every run
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "builders")],
                    check=True, capture_output=True)
-    load_before = os.getloadavg()[0] / (os.cpu_count() or 1)
+    cond = Conditions()
     work = Path(tempfile.mkdtemp(prefix="bench-certs-"))
     try:
         lab = yaml.safe_load((ROOT / "lab.yaml").read_text())
@@ -165,6 +166,7 @@ def main() -> None:
         script.write_text(CLASSIC)
         labs, classics, noops = [], [], []
         for r in range(ROUNDS):
+            cond.quiet()
             ws = work / f"labforge{r}"
             env = dict(os.environ, LABFORGE_WORKDIR=str(ws))
             cmd = [*labforge_command(), "certs", "--lab", str(lab_file)]
@@ -196,16 +198,14 @@ def main() -> None:
         keygen = keygen_ways(ROUNDS)
         start = statistics.median(timed([sys.executable, "-c", "pass"]) for _ in range(ROUNDS))
         floor = keygen["serial"] / (os.cpu_count() or 1) + start
-        load_after = os.getloadavg()[0] / (os.cpu_count() or 1)
-        condition = "idle" if max(load_before, load_after) < IDLE_LOAD else "loaded"
+        conditions = cond.finish()
 
         ratio = t_classic / t_lab
         rows = [("labforge `labforge certs` (fresh process)", t_lab, labs),
                 ("openssl CLI + keytool (bash)", t_classic, classics),
                 ("labforge second run (up to date)", t_noop, noops)]
         print(f"Kafka certificate set: CA + 3 brokers + client; PEM, PKCS12, JKS, truststores "
-              f"({os.cpu_count()} CPUs; {condition}: load per CPU {load_before:.2f} before, "
-              f"{load_after:.2f} after; medians of {ROUNDS} alternating runs)")
+              f"(medians of {ROUNDS} alternating runs; {cond.describe()})")
         print(f"{'':<42}{'median s':>9}   samples")
         for name, secs, samples in rows:
             print(f"{name:<42}{secs:>9.3f}   {' '.join(f'{x:.3f}' for x in samples)}")
@@ -215,20 +215,17 @@ def main() -> None:
         print(f"{'labforge over the floor':<42}{t_lab / floor:>8.2f}x  (target <= 1.3x)")
         print(f"{KEYS} keys: in series {keygen['serial']:.3f} s, threads {keygen['threads']:.3f} s, "
               f"processes {keygen['processes']:.3f} s")
-        if condition == "loaded":
-            print("loaded machine: these figures do not count as meeting a target")
+        cond.warn()
         RESULTS.mkdir(parents=True, exist_ok=True)
         out = {"benchmark": "certs-kafka-set", "labforge_s": round(t_lab, 3),
                "classic_s": round(t_classic, 3), "labforge_noop_s": round(t_noop, 3),
                "samples": {"labforge": labs, "classic": classics, "labforge_noop": noops},
-               "ratio": round(ratio, 2), "target_ratio": 5, "cpus": os.cpu_count(),
+               "ratio": round(ratio, 2), "target_ratio": 5,
                "floor_s": round(floor, 3), "over_floor": round(t_lab / floor, 2),
                "target_over_floor": 1.3, "python_start_s": round(start, 4),
                "keygen_s": {k: round(v, 3) for k, v in keygen.items()}, "keys": KEYS,
-               "rounds": ROUNDS, "statistic": "median", "condition": condition,
-               "load_per_cpu_before": round(load_before, 2),
-               "load_per_cpu_after": round(load_after, 2),
-               "load1": round(os.getloadavg()[0], 2), "python": platform.python_version(),
+               "rounds": ROUNDS, "statistic": "median", **conditions,
+               "python": platform.python_version(),
                "keytool_views": checks["labforge"],
                "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         (RESULTS / "bench_certs.json").write_text(json.dumps(out, indent=2) + "\n")

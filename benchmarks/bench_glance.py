@@ -32,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from conditions import Conditions  # noqa: E402
 from tests.openstack_services import VENV, OpenStackServices  # noqa: E402
 
 
@@ -48,13 +49,6 @@ def timed(argv: list[str], env: dict) -> tuple[float, int, float]:
     return wall, int(m.group(1)) if m else -1, cpu
 
 
-IDLE_LOAD = 0.5                 # load average per CPU under which the machine counts as idle
-
-
-def load_per_cpu() -> float:
-    return os.getloadavg()[0] / (os.cpu_count() or 1)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mb", default="500,1500", help="image sizes, comma-separated (MB)")
@@ -68,7 +62,7 @@ def main() -> None:
                    check=True, capture_output=True)
     script = Path(sys.executable).parent / "labforge"
     labforge = [str(script)] if script.is_file() else [sys.executable, "-m", "invoke", "-r", str(ROOT)]
-    load_before = load_per_cpu()
+    cond = Conditions()
     results: dict = {"runs": args.runs, "statistic": "median", "sizes": {}}
     with tempfile.TemporaryDirectory(prefix="bench-glance-") as tmp:
         tmp = Path(tmp)
@@ -81,15 +75,11 @@ def main() -> None:
             conn = svc.admin_connection(project="service")
             for size_mb in sizes:
                 results["sizes"][str(size_mb)] = upload_all(
-                    tmp, size_mb, args, labforge, env, conn)
+                    tmp, size_mb, args, labforge, env, conn, cond)
             conn.close()
-    load_after = load_per_cpu()
-    condition = "idle" if max(load_before, load_after) < IDLE_LOAD else "loaded"
-    results.update(condition=condition, load_per_cpu_before=round(load_before, 2),
-                   load_per_cpu_after=round(load_after, 2), cpus=os.cpu_count())
+    results.update(cond.finish())
     print(f"\nGlance upload to a local Glance (uWSGI, file store); medians of {args.runs} "
-          f"alternating runs; {condition}: load per CPU {load_before:.2f} before, "
-          f"{load_after:.2f} after")
+          f"alternating runs; {cond.describe()}")
     print(f"{'size':>6} {'tool':<26}{'seconds':>9}{'MB/s':>8}{'vs CLI':>8}{'peak RSS MiB':>14}"
           f"{'client CPU s':>14}")
     for size_mb, tools in results["sizes"].items():
@@ -100,15 +90,15 @@ def main() -> None:
             print(f"{size_mb:>6} {label:<26}{r['seconds']:>9.1f}{r['mb_per_s']:>8.0f}{ratio:>7.2f}x"
                   f"{r['peak_rss_mib']:>14.0f}{r['client_cpu_s']:>14.1f}")
     print("targets: labforge >= 1.0x the CLI's throughput at every size, peak RSS < 100 MiB")
-    if condition == "loaded":
-        print("loaded machine: these figures do not count as meeting a target")
+    cond.warn()
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "glance.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwritten: {out / 'glance.json'}")
 
 
-def upload_all(tmp: Path, size_mb: int, args, labforge: list[str], env: dict, conn) -> dict:
+def upload_all(tmp: Path, size_mb: int, args, labforge: list[str], env: dict, conn,
+               cond: Conditions) -> dict:
     """Each tool uploads a ``size_mb`` image of random data ``args.runs``
     times, alternating; the median run of each tool."""
     import statistics
@@ -138,6 +128,7 @@ def upload_all(tmp: Path, size_mb: int, args, labforge: list[str], env: dict, co
         for label in (order if run % 2 == 0 else order[::-1]):
             name = f"bench-{label.replace(' ', '-')}-{size_mb}-{run}"
             os.sync()
+            cond.quiet()                   # nobody else busy, Glance included
             wall, rss, cpu = timed(tools[label](name), env)
             img = next(i for i in conn.image.images() if i.name == name)
             assert img.status == "active" and img.size == size, (img.status, img.size)

@@ -41,6 +41,7 @@ from builders.artifacts.baseimage import BUILD_ELEMENTS, BUILD_PACKAGES, build_b
 from builders.core.manifest import Manifest  # noqa: E402
 from builders.artifacts.overlays import build_overlays  # noqa: E402
 from builders.core.workspace import Workspace  # noqa: E402
+from conditions import Conditions  # noqa: E402
 
 
 def _timed(fn) -> float:
@@ -91,22 +92,25 @@ def bench_overlays(runs: int) -> list[dict]:
     return rows
 
 
-def bench_build(workdir: Path) -> dict:
+def bench_build(workdir: Path, cond: Conditions) -> dict:
     lab = labmod.load()
     ws = Workspace(workdir)
     shutil.rmtree(ws.root, ignore_errors=True)
+    cond.quiet()
     cold = _timed(lambda: build_base_image(lab, ws, force=True))
     # --force: DIB runs again, from the cached package layer
+    cond.quiet()
     warm = _timed(lambda: build_base_image(lab, ws, force=True))
     # a CI job that restores cache/ but starts with an empty artifacts/
     shutil.rmtree(ws.artifacts)
+    cond.quiet()
     warm_ci = _timed(lambda: build_base_image(lab, ws))
     return {"cold_s": cold, "warm_dib_caches_s": warm, "warm_dib_over_cold": warm / cold,
             "warm_labforge_cache_s": warm_ci, "warm_labforge_over_cold": warm_ci / cold,
             "cache": str(ws.cache / "dib")}
 
 
-def bench_classic(workdir: Path) -> dict:
+def bench_classic(workdir: Path, cond: Conditions) -> dict:
     """Plain disk-image-create (what users run by hand), cold then warm with its caches."""
     lab = labmod.load()
     ws = Workspace(workdir)
@@ -122,6 +126,7 @@ def bench_classic(workdir: Path) -> dict:
     runs = []
     with open(ws.artifact_dir("logs") / "classic-dib.log", "w") as log:
         for _ in range(2):
+            cond.quiet()
             runs.append(_timed(lambda: subprocess.run(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
                                                       check=True)))
     return {"classic_cold_s": runs[0], "classic_warm_s": runs[1], "classic_warm_over_cold": runs[1] / runs[0]}
@@ -137,6 +142,7 @@ def main() -> int:
                     help="workspace for the build benchmark (its cache is wiped first)")
     args = ap.parse_args()
 
+    cond = Conditions()
     result: dict = {"overlays": bench_overlays(args.runs)}
     print("overlay creation, 3 hosts (median seconds)")
     print(f"{'base':>5} {'labforge':>9} {'qemu-img':>9} {'copy':>8} {'lf/qemu-img':>12}")
@@ -148,7 +154,7 @@ def main() -> int:
           f"(constant time ~1.0); copy 10G/1G: {o[1]['full_copy_s'] / o[0]['full_copy_s']:.2f}")
 
     if not args.skip_build:
-        b = bench_build(Path(args.workdir))
+        b = bench_build(Path(args.workdir), cond)
         result["build"] = b
         print("\nbase image build (diskimage-builder, debian-minimal vm cloud-init ...)")
         print(f"{'run':<44} {'seconds':>8} {'/cold':>6}")
@@ -158,14 +164,17 @@ def main() -> int:
         print(f"{'warm, artifacts/ wiped, cache/ kept (CI)':<44} {b['warm_labforge_cache_s']:8.0f} "
               f"{b['warm_labforge_over_cold']:6.2f}")
         if not args.skip_classic:
-            c = bench_classic(Path(args.workdir + "-classic"))
+            c = bench_classic(Path(args.workdir + "-classic"), cond)
             b.update(c)
             print(f"{'classic disk-image-create, cold':<44} {c['classic_cold_s']:8.0f} "
                   f"{c['classic_cold_s'] / b['cold_s']:6.2f}")
             print(f"{'classic disk-image-create, warm (DIB caches)':<44} {c['classic_warm_s']:8.0f} "
                   f"{c['classic_warm_s'] / b['cold_s']:6.2f}")
             print(f"labforge warm / classic warm: {b['warm_dib_caches_s'] / c['classic_warm_s']:.2f}")
-        print("target: warm <= 0.50 of cold")
+        print("target: warm <= 0.50 of cold (one run of each)")
+    result.update(cond.finish())
+    print(cond.describe())
+    cond.warn()
     out = ROOT / "benchmarks" / "results" / "bench_images.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

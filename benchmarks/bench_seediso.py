@@ -16,7 +16,8 @@ genisoimage -volid cidata -joliet -rock).  Wall times, medians of --repeat runs:
 
 Single-ISO rows are medians of max(5, --repeat) runs.  The CPU column (user+sys,
 children included) shows the work itself on a machine shared with other
-builds, where wall times swing with the load.  Prints a table and writes benchmarks/results/seediso.json.
+builds, where wall times swing with the load; a quiet second before each row
+labels the figures idle or loaded (benchmarks/conditions.py).  Prints a table and writes benchmarks/results/seediso.json.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519  # noqa: E402
 from builders.core import lab as labmod  # noqa: E402
 from builders.artifacts.seed import build_seed_isos, read_seed, render  # noqa: E402
 from builders.core.workspace import Workspace  # noqa: E402
+from conditions import Conditions  # noqa: E402
 
 
 def lab_text(n: int) -> str:
@@ -57,7 +59,6 @@ def lab_text(n: int) -> str:
 
 
 CPU: dict[str, float] = {}          # CPU seconds (user+sys, children included) of the median run
-IDLE_LOAD = 0.5                     # load average per CPU under which the machine counts as idle
 
 
 def median_of(fn, repeat: int, key: str | None = None) -> float:
@@ -79,10 +80,6 @@ def median_of(fn, repeat: int, key: str | None = None) -> float:
     return wall
 
 
-def load_per_cpu() -> float:
-    return os.getloadavg()[0] / (os.cpu_count() or 1)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hosts", type=int, default=50)
@@ -98,7 +95,7 @@ def main() -> int:
     # PYTHONDONTWRITEBYTECODE would recompile every module on every run)
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "builders")],
                    check=True, capture_output=True)
-    load_before = load_per_cpu()
+    cond = Conditions()
     tmp = Path(tempfile.mkdtemp(prefix="bench-seediso-"))
     try:
         ws = Workspace(tmp / "ws")
@@ -167,13 +164,18 @@ def main() -> int:
                            check=True, capture_output=True)
 
         n1 = max(5, args.repeat)
-        t_cli = median_of(lf_cli_all, args.repeat, "cli_all")
-        t_lib = median_of(lf_lib_all, args.repeat, "lib_all")
-        t_ds = median_of(localds_all, args.repeat, "ds_all")
-        t_one = median_of(lf_cli_one, n1, "cli_one")
-        t_floor = median_of(invoke_floor, n1, "floor")
-        t_lib_one = median_of(lf_lib_one, n1, "lib_one")
-        t_ds_one = median_of(localds_one, n1, "ds_one")
+
+        def measured(fn, repeat: int, key: str) -> float:
+            cond.quiet()                        # a quiet window before each row
+            return median_of(fn, repeat, key)
+
+        t_cli = measured(lf_cli_all, args.repeat, "cli_all")
+        t_lib = measured(lf_lib_all, args.repeat, "lib_all")
+        t_ds = measured(localds_all, args.repeat, "ds_all")
+        t_one = measured(lf_cli_one, n1, "cli_one")
+        t_floor = measured(invoke_floor, n1, "floor")
+        t_lib_one = measured(lf_lib_one, n1, "lib_one")
+        t_ds_one = measured(localds_one, n1, "ds_one")
 
         # sanity: both sides hold the same files
         for h in (names[0], names[-1]):
@@ -190,11 +192,9 @@ def main() -> int:
             ("labforge library, one ISO", t_lib_one, t_ds_one / t_lib_one, "lib_one"),
             ("cloud-localds, one run", t_ds_one, 1.0, "ds_one"),
         ]
-        load_after = load_per_cpu()
-        condition = "idle" if max(load_before, load_after) < IDLE_LOAD else "loaded"
+        conditions = cond.finish()
         print(f"\nseed ISOs for a {len(names)}-host lab, median of {args.repeat} runs "
-              f"(single-ISO rows: {n1}); {os.cpu_count()} CPUs, {condition}: load per CPU "
-              f"{load_before:.2f} before, {load_after:.2f} after\n")
+              f"(single-ISO rows: {n1}); {cond.describe()}\n")
         print(f"{'what':<42} {'wall s':>8} {'CPU s':>7} {'cloud-localds / this':>21}")
         for what, secs, ratio, key in rows:
             r = f"{ratio:.1f}x" if ratio is not None else "-"
@@ -202,16 +202,14 @@ def main() -> int:
         print(f"\ntarget: CLI >= 5x faster than cloud-localds: "
               f"{'met' if t_ds / t_cli >= 5 else 'NOT met'}; one ISO <= 0.25 s: "
               f"{'met' if t_one <= 0.25 else 'NOT met'}")
-        if condition == "loaded":
-            print("loaded machine: these figures do not count as meeting a target")
+        cond.warn()
         result = {
             "hosts": len(names), "repeat": args.repeat, "statistic": "median",
-            "condition": condition, "load_per_cpu_before": round(load_before, 2),
-            "load_per_cpu_after": round(load_after, 2),
+            **conditions,
             "labforge_cli_all_s": t_cli, "labforge_lib_all_s": t_lib,
             "cloud_localds_all_s": t_ds, "labforge_cli_one_s": t_one,
             "invoke_list_s": t_floor, "labforge_lib_one_s": t_lib_one,
-            "cloud_localds_one_s": t_ds_one, "load_average": os.getloadavg(), "cpu_s": CPU,
+            "cloud_localds_one_s": t_ds_one, "cpu_s": CPU,
             "ratio_cli": t_ds / t_cli, "ratio_lib": t_ds / t_lib,
             "cloud_localds": subprocess.run(["dpkg-query", "-W", "-f=${Version}",
                                              "cloud-image-utils"], capture_output=True,

@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from builders.artifacts import vagrant  # noqa: E402
 from builders.core.workspace import Workspace  # noqa: E402
+from conditions import Conditions  # noqa: E402
 
 CREATE_BOX = Path("/usr/share/doc/vagrant-libvirt/examples/create_box.sh")
 
@@ -84,6 +85,7 @@ def main() -> int:
     ap.add_argument("--image", help="qcow2 to pack (default: artifacts/images/debian-12.qcow2 "
                                     "or a synthetic one)")
     args = ap.parse_args()
+    cond = Conditions()
     tmp = Path(tempfile.mkdtemp(prefix="bench-vagrant-"))
     try:
         ws_default = Workspace.default()
@@ -99,6 +101,7 @@ def main() -> int:
         size = image.stat().st_size
         warm(image)
         os.sync()
+        cond.quiet()
 
         # labforge
         ws = Workspace(tmp / "ws")
@@ -114,6 +117,7 @@ def main() -> int:
         shutil.copyfile(image, copy)
         warm(copy)
         os.sync()
+        cond.quiet()
         gz = "pigz" if shutil.which("pigz") else "gzip"
         if CREATE_BOX.is_file():
             argv = ["bash", str(CREATE_BOX), str(copy), "classic.box"]
@@ -156,8 +160,10 @@ def main() -> int:
             "classic": {"how": how, "seconds": round(t_classic, 3),
                         "box_bytes": classic_box.stat().st_size,
                         "vagrant_box_add_seconds": round(add_cl, 3), "accepted": ok_cl},
-            "speedup": round(ratio, 2),
+            "speedup": round(ratio, 2), **cond.finish(),
         }
+        print(cond.describe())
+        cond.warn()
         out = ROOT / "benchmarks" / "results"
         out.mkdir(parents=True, exist_ok=True)
         (out / "vagrant.json").write_text(json.dumps(result, indent=2) + "\n")
