@@ -31,6 +31,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from builders.core.errors import LabError
 from builders.core import resources
@@ -308,6 +309,17 @@ def _status_text(beat: Beat, names: dict[str, str]) -> str:
     return f"listener {beat.listener or '-'}, pool {beat.pool or '-'}, {members or 'no members'}"
 
 
+def _next_beats(drv: OctaviaDriver, amphora_id: str, lb: dict, report: Report) -> Iterator[Beat]:
+    """This amphora's heartbeats from the next wait (the others are ignored),
+    parsed; counted in ``report`` with the rejected ones."""
+    got = drv.call("heartbeats", wait=HEARTBEAT_INTERVAL + 1, timeout=30)
+    report.rejected = got["rejected"]
+    for msg in got["beats"]:
+        if msg.get("id") == amphora_id:
+            report.heartbeats += 1
+            yield parse_beat(msg, lb["listener"], lb["pool"])
+
+
 def alternating(answers: list[str]) -> bool:
     return all(a != b for a, b in zip(answers, answers[1:]))
 
@@ -366,13 +378,7 @@ def prove(drv: OctaviaDriver, *, amphora_id: str, vip_port: int, hb_port: int, k
     deadline = time.monotonic() + limit      # until the pool shows up in a heartbeat
     last: Beat | None = None
     while True:
-        got = drv.call("heartbeats", wait=HEARTBEAT_INTERVAL + 1, timeout=30)
-        report.rejected = got["rejected"]
-        for msg in got["beats"]:
-            if msg.get("id") != amphora_id:
-                continue
-            report.heartbeats += 1
-            beat = parse_beat(msg, lb["listener"], lb["pool"])
+        for beat in _next_beats(drv, amphora_id, lb, report):
             if beat.members and (last is None or not last.members):
                 # HAProxy runs: the monitor has settle s to decide, a member 30 s more to come up
                 deadline = min(deadline, time.monotonic() + settle + 30)
@@ -415,21 +421,14 @@ def prove(drv: OctaviaDriver, *, amphora_id: str, vip_port: int, hb_port: int, k
     deadline = time.monotonic() + limit
     down: Beat | None = None
     while down is None:
-        got = drv.call("heartbeats", wait=HEARTBEAT_INTERVAL + 1, timeout=30)
-        report.rejected = got["rejected"]
-        for msg in got["beats"]:
-            if msg.get("id") != amphora_id:
-                continue
-            report.heartbeats += 1
-            beat = parse_beat(msg, lb["listener"], lb["pool"])
+        for beat in _next_beats(drv, amphora_id, lb, report):
+            last = beat
             if beat.members.get(victim_id, "").startswith("DOWN"):
                 down = beat
                 break
         if down is None and time.monotonic() > deadline:
             raise LabError(f"amphora-check: {limit:.0f}s after {victim.name} stopped, no heartbeat "
                            f"reported it DOWN (last: {_status_text(last, names) if last else '-'})")
-        if down is None and got["beats"]:
-            last = parse_beat(got["beats"][-1], lb["listener"], lb["pool"])
     report.member_down_s = down.recv - t_stop
     report.beat_down = _status_text(down, names)
     answers = traffic(vip_port, REQUESTS)
