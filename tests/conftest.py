@@ -6,7 +6,9 @@ one-line error assertion) are in helpers.py."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -115,3 +117,59 @@ def mirror(tmp_path):
     srv = Mirror(root)
     yield srv
     srv.close()
+
+
+@pytest.fixture(scope="session")
+def libvirtd(tmp_path_factory):
+    """The URI of a libvirt daemon for system domains and networks, started
+    once a session: the system one when it answers, else one started here
+    with its sockets in a temp dir (and virtlogd beside it)."""
+    for tool in ("virsh", "libvirtd", "virtlogd"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is not installed (scripts/packages/vagrant.test)")
+    probe = subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True,
+                           text=True, timeout=30)
+    if probe.returncode == 0:
+        yield "qemu:///system"
+        return
+    d = tmp_path_factory.mktemp("libvirtd")
+    sock = d / "sock"
+    sock.mkdir()
+    # QEMU's console goes through virtlogd, which systemd's socket starts on a
+    # normal host; here it is started with libvirtd (and stopped with it)
+    logd = None
+    if not Path("/run/libvirt/virtlogd-sock").exists():
+        logd = subprocess.Popen(["virtlogd"], stdout=open(d / "virtlogd.log", "wb"),
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        for _ in range(120):
+            if Path("/run/libvirt/virtlogd-sock").exists() or logd.poll() is not None:
+                break
+            time.sleep(0.25)
+    conf = d / "libvirtd.conf"
+    conf.write_text(f'unix_sock_dir = "{sock}"\nlisten_tls = 0\nlisten_tcp = 0\n')
+    log = open(d / "libvirtd.log", "wb")
+    proc = subprocess.Popen(["libvirtd", "--config", str(conf), "--pid-file", str(d / "pid")],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"qemu+unix:///system?socket={sock}/libvirt-sock"
+    try:
+        for _ in range(240):
+            if proc.poll() is not None:
+                break
+            if subprocess.run(["virsh", "-c", uri, "version"], capture_output=True,
+                              timeout=60).returncode == 0:
+                break
+            time.sleep(0.25)
+        if proc.poll() is not None:
+            pytest.fail("libvirtd did not start: "
+                        + (d / "libvirtd.log").read_text(errors="replace")[-2000:])
+        yield uri
+    finally:
+        for p in (proc, logd):
+            if p is not None and p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        log.close()

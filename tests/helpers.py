@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from builders.core import lab as labmod
+from builders.core.errors import LabError
 
 ROOT = Path(__file__).resolve().parent.parent
 INVOKE = [sys.executable, "-m", "invoke", "-r", str(ROOT)]
@@ -128,6 +129,15 @@ def plain_host(n: int) -> dict:
     takes nothing from certs/, so it is public, under artifacts/seed/."""
     return {"roles": [], "nics": [{"network": "private", "ip": f"10.100.0.{n}",
                                    "mac": f"52:54:00:64:00:{n:02x}"}]}
+
+
+def problems(data: dict) -> list[str]:
+    """The lines of the error a lab given as data gets (none: it loads)."""
+    try:
+        labmod.from_dict(data, source=Path("lab.yaml"))
+    except LabError as exc:
+        return exc.lines()
+    return []
 
 
 def lab_from(where: Path, *, filename: str = "lab.yaml", **changes: Any) -> labmod.Lab:

@@ -428,7 +428,7 @@ def test_expiring_leaves_are_renewed_under_the_same_ca(ws, default_lab, monkeypa
     with monkeypatch.context() as m:
         _back_date(m, 800)                                 # 825-day leaves: 25 days left
         build_certs(default_lab, ws)
-    k, o = ws.certs / "kafka", ws.certs / "octavia"
+    k = ws.certs / "kafka"
     rows = check_certs(default_lab, ws)
     bad = [r for r in rows if not r.ok]
     assert {r.path.name for r in bad} == {"broker1.crt", "broker2.crt", "broker3.crt",

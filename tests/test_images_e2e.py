@@ -5,9 +5,7 @@ marker).  Minutes long (a DIB build and a TCG boot)."""
 
 from __future__ import annotations
 
-import json
 import secrets
-import subprocess
 
 import pytest
 from cryptography.hazmat.primitives import serialization

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 from ipaddress import IPv4Address, IPv4Network
-from pathlib import Path
 
 import pytest
 import yaml
@@ -15,18 +14,9 @@ import yaml
 from builders.artifacts import kafka_node
 from builders.artifacts.certs import kafka as certs_kafka
 from builders.core import lab as labmod
-from builders.core.errors import LabError
-from helpers import ROOT, assert_one_line_error, write_lab
+from helpers import ROOT, assert_one_line_error, problems, write_lab
 
 DEFAULT = yaml.safe_load((ROOT / "lab.yaml").read_text())
-
-
-def problems(data) -> list[str]:
-    try:
-        labmod.from_dict(data, source=Path("lab.yaml"))
-    except LabError as exc:
-        return exc.lines()
-    return []
 
 
 def mutate(fn):

@@ -12,8 +12,7 @@ followers, client certificates by name and address, a foreign CA refused),
 and `vagrant destroy -f`, after which no domain, volume or network of the
 lab is left in libvirt.
 
-libvirtd: the system one when it answers, else one started here (as
-tests/test_vagrant.py does); a storage pool `default` is created when
+libvirtd: the session's (tests/conftest.py); a storage pool `default` is created when
 missing (and removed again).  QEMU runs as libvirt-qemu, which must be able
 to reach the seeds: the test opens the workspace's directories for
 traversal (o+x), as docs/kafka-lab.md tells users to.
@@ -44,59 +43,11 @@ def _virsh(uri: str, *args: str, check: bool = False) -> subprocess.CompletedPro
 
 
 @pytest.fixture(scope="module")
-def libvirtd(tmp_path_factory):
-    """(uri, state dir) of a libvirt daemon for system domains and networks."""
-    for tool in ("vagrant", "virsh", "libvirtd", "virtlogd", "dnsmasq", "qemu-system-x86_64"):
-        if shutil.which(tool) is None:
-            pytest.fail(f"{tool} is not installed (scripts/packages/vagrant.test)")
-    probe = subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True,
-                           text=True, timeout=30)
-    if probe.returncode == 0:
-        yield "qemu:///system"
-        return
-    d = tmp_path_factory.mktemp("libvirtd")
-    sock = d / "sock"
-    sock.mkdir()
-    # QEMU's console goes through virtlogd, which systemd's socket starts on a
-    # normal host; here it is started with libvirtd (and stopped with it)
-    logd = None
-    if not Path("/run/libvirt/virtlogd-sock").exists():
-        logd = subprocess.Popen(["virtlogd"], stdout=open(d / "virtlogd.log", "wb"),
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        for _ in range(120):
-            if Path("/run/libvirt/virtlogd-sock").exists() or logd.poll() is not None:
-                break
-            time.sleep(0.25)
-    conf = d / "libvirtd.conf"
-    conf.write_text(f'unix_sock_dir = "{sock}"\nlisten_tls = 0\nlisten_tcp = 0\n')
-    log = open(d / "libvirtd.log", "wb")
-    proc = subprocess.Popen(["libvirtd", "--config", str(conf), "--pid-file", str(d / "pid")],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"qemu+unix:///system?socket={sock}/libvirt-sock"
-    try:
-        for _ in range(240):
-            if proc.poll() is not None or _virsh(uri, "version").returncode == 0:
-                break
-            time.sleep(0.25)
-        if proc.poll() is not None:
-            pytest.fail("libvirtd did not start: "
-                        + (d / "libvirtd.log").read_text(errors="replace")[-2000:])
-        yield uri
-    finally:
-        for p in (proc, logd):
-            if p is not None and p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-        log.close()
-
-
-@pytest.fixture(scope="module")
 def default_pool(libvirtd):
     """The storage pool `default` vagrant-libvirt puts volumes in; made when missing."""
+    for tool in ("vagrant", "dnsmasq", "qemu-system-x86_64"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is not installed (scripts/packages/vagrant.test)")
     uri = libvirtd
     made = False
     if _virsh(uri, "pool-info", "default").returncode != 0:

@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 
 from builders.core import lab as labmod
 from builders.core.errors import LabError
-from helpers import ROOT, assert_one_line_error, lab_data, lab_file, write_lab
-
-
-def problems(data) -> list[str]:
-    try:
-        labmod.from_dict(data, source=Path("lab.yaml"))
-    except LabError as exc:
-        return exc.lines()
-    return []
+from helpers import ROOT, assert_one_line_error, lab_data, lab_file, problems, write_lab
 
 
 def problems_of(**changes) -> list[str]:

@@ -80,7 +80,6 @@ def test_default_lab_seeds_show_the_names_tools_expect(default_lab, ws, lab_key)
 def test_xorriso_isoinfo_blkid_see_a_cidata_volume(tmp_path, ws, lab_key):
     """The default lab, with vendor-data on broker1: xorriso and isoinfo (Rock
     Ridge and Joliet) show exactly the four names; broker2 has the three."""
-    from helpers import ROOT
     (tmp_path / "vendor.yaml").write_text("#cloud-config\npackages: [jq]\n")
     lab = labmod.load(lab_file(tmp_path, **{"hosts.broker1.vendor_data": "vendor.yaml"}))
     build_seed_isos(lab, ws, hosts=["broker1", "broker2"])
