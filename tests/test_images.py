@@ -565,6 +565,29 @@ def test_package_layer_is_keyed_by_mirror_and_adds_updates_and_security(tmp_path
     assert baseimage._package_layer(other, ws, rel)["DIB_IMAGE_CACHE"] != env["DIB_IMAGE_CACHE"]
 
 
+def test_what_a_change_rebuilds_the_layer_or_only_the_image(tmp_path, ws, monkeypatch):
+    """The package layer holds the packages; the elements and the disk run on
+    top of it. Another package list is another layer and another image; another
+    element or disk size rebuilds the image from the same layer."""
+    lab = lab_from(tmp_path)
+    rel = baseimage.release(lab)
+
+    def keys(lab):
+        layer = baseimage._package_layer(lab, ws, rel, on_host=False)["DIB_IMAGE_CACHE"]
+        return layer, baseimage.build_digest(lab, rel, "3.39.0")
+
+    layer, image = keys(lab)
+    more = keys(lab_from(tmp_path, filename="p.yaml",
+                         base_image={"packages": [*lab.base_image.packages, "jq"]}))
+    assert more[0] != layer and more[1] != image
+    bigger = keys(lab_from(tmp_path, filename="s.yaml", base_image={"size": lab.base_image.size + 2}))
+    assert bigger[0] == layer and bigger[1] != image
+    monkeypatch.setattr(baseimage, "BUILD_ELEMENTS", (*baseimage.BUILD_ELEMENTS, "devuser"))
+    elements = keys(lab)
+    assert elements[0] == layer and elements[1] != image
+    assert keys(lab_from(tmp_path, filename="same.yaml")) == elements     # same inputs, same keys
+
+
 @pytest.mark.integration
 def test_release_codename_with_skip_base_image_finds_the_base_image(tmp_path, ws, mirror, cli):
     """`release: bookworm` names the image debian-12.qcow2; a run that leaves the
