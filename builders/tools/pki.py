@@ -11,8 +11,10 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import ipaddress
+import os
 import secrets
 import string
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -63,7 +65,7 @@ class KeySupply:
     RSA key generation is almost all of a fresh certificate set's time, and
     OpenSSL's generator runs without the GIL, so threads make keys in
     parallel (a process pool measured slower: it pays for the start-up and
-    for pickling keys; benchmarks/bench_certs.py --keygen compares them).
+    for pickling keys; benchmarks/bench_certs.py compares the three ways).
     ECDSA keys take a millisecond and are made on :meth:`take`.  A supply
     left early (an error while planning) cancels the keys not yet started
     when closed; leaving its ``with`` block closes it.
@@ -74,8 +76,6 @@ class KeySupply:
         self._pool = None
         self._ahead: list = []
         if n > 1 and key_type == "rsa":
-            import os
-            from concurrent.futures import ThreadPoolExecutor
             self._pool = ThreadPoolExecutor(min(n, os.cpu_count() or 1),
                                             thread_name_prefix="keygen")
             self._ahead = [self._pool.submit(new_key, key_type, rsa_bits) for _ in range(n)]
