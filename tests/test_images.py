@@ -377,6 +377,18 @@ def test_accel_plan_puts_tcg_behind_a_detected_kvm(monkeypatch):
     assert qemu_vm.accel_plan() == ["tcg"]
 
 
+def test_a_pvm_kvm_counts_as_no_kvm(tmp_path):
+    """KVM's PVM backend (no VT-x/AMD-V) runs SeaBIOS but not a stock guest
+    kernel: Vagrantfiles and boots made there use TCG."""
+    mods = tmp_path / "module"
+    (mods / "kvm").mkdir(parents=True)
+    assert not qemu_vm._kvm_is_pvm(mods)
+    (mods / "kvm_pvm").mkdir()
+    assert qemu_vm._kvm_is_pvm(mods)
+    (mods / "kvm_intel").mkdir()
+    assert not qemu_vm._kvm_is_pvm(mods)
+
+
 def test_a_kvm_stall_is_remembered_in_the_workspace(monkeypatch, ws):
     """The next process on this host (same kernel and QEMU) skips the 45 s KVM try."""
     monkeypatch.delenv("LABFORGE_ACCEL", raising=False)

@@ -128,12 +128,23 @@ def kernel_started(console_text: str) -> bool:
     return "Linux version" in console_text
 
 
+def _kvm_is_pvm(modules: Path = Path("/sys/module")) -> bool:
+    """/dev/kvm comes from PVM, not from VT-x or AMD-V."""
+    return (modules / "kvm_pvm").is_dir() and not any(
+        (modules / m).is_dir() for m in ("kvm_intel", "kvm_amd"))
+
+
 @functools.lru_cache(maxsize=None)
 def _probe_kvm() -> str:
     """``/dev/kvm`` existing is not enough (nested or restricted hosts abort or
     hang): a firmware-only guest with ``-cpu host`` must reach SeaBIOS's
-    "no bootable device" and exit within seconds."""
+    "no bootable device" and exit within seconds.  A KVM without hardware
+    virtualization (the PVM module, ``kvm_pvm``, with neither ``kvm_intel``
+    nor ``kvm_amd``) passes that probe but runs only PVM guest kernels: a
+    stock cloud image's kernel stalls there, so it counts as no KVM."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK) or shutil.which(QEMU) is None:
+        return "tcg"
+    if _kvm_is_pvm():
         return "tcg"
     with tempfile.TemporaryDirectory(prefix="labforge-kvm-") as tmp:
         bios = Path(tmp) / "bios.log"
