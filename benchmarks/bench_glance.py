@@ -31,9 +31,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# the test suite's Keystone + Glance; its modules import each other as pytest does
+sys.path.insert(0, str(ROOT / "tests"))
 
 from conditions import Conditions  # noqa: E402
-from tests.openstack_services import VENV, OpenStackServices  # noqa: E402
+from openstack_services import VENV, OpenStackServices  # noqa: E402
 
 
 def timed(argv: list[str], env: dict) -> tuple[float, int, float]:
