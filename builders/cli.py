@@ -1,12 +1,19 @@
 """labforge's command line: the tasks, as ``labforge`` and as ``invoke``.
 
 Each task is thin: read the lab, call one builders function, print the
-result.  The same collection :data:`ns` serves two front ends: the
-``labforge`` command (:func:`main`, installed by ``pip install .``) and
-``invoke`` in a checkout (the top-level ``tasks.py`` exposes ``ns``).  Run
+result.  The same tasks serve two front ends: the ``labforge`` command
+(:func:`main`, installed by ``pip install .``) and ``invoke`` in a checkout
+(the top-level ``tasks.py`` exposes the collection :data:`ns`).  Run
 ``labforge --list`` (or ``invoke --list``) for the verbs and ``--help TASK``
 for options.  A problem you can fix is printed as one line on stderr with
 exit status 1.
+
+Invoke is imported only when its parser is needed: ``labforge VERB
+--option[=VALUE]...`` (long options of one task, what scripts and CI jobs
+type) calls the task directly (:func:`_direct_call`), which saves Invoke's
+start-up (about a third of `labforge certs`).  Anything else (``--list``,
+``--help``, short flags, several tasks, a typo) goes to Invoke's Program,
+so every message about the command line is still Invoke's.
 
 Outputs go to the workspace of the lab (:meth:`Workspace.default`):
 ``LABFORGE_WORKDIR`` when set, else the directory of the ``--lab`` file.
@@ -19,8 +26,6 @@ import os
 import re
 import signal
 import sys
-
-from invoke import Collection, Exit, Program, task
 
 from builders.core import lab as labmod
 from builders import pipeline
@@ -57,7 +62,7 @@ def _user_errors(fn):
     into exit status 130 and SIGTERM into 143 (128 + the signal number, as a
     shell reports them), both after the partial outputs were removed."""
     @functools.wraps(fn)
-    def wrapper(c, *args, **kwargs):
+    def wrapper(c, *args, **kwargs):  # exits with SystemExit: Invoke's Program lets it through
         setup_logging(verbose=bool(kwargs.get("verbose")))
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
         try:
@@ -65,36 +70,44 @@ def _user_errors(fn):
         except LabError as exc:
             for i, line in enumerate(exc.lines()):
                 print(("error: " if i == 0 else "  ") + _as_typed(line), file=sys.stderr)
-            raise Exit(code=1) from None
+            raise SystemExit(1) from None
         except KeyboardInterrupt as exc:
             how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
             print(f"error: {how}; partial outputs were removed, rerun to continue",
                   file=sys.stderr)
-            raise Exit(code=143 if isinstance(exc, Terminated) else 130) from None
+            raise SystemExit(143 if isinstance(exc, Terminated) else 130) from None
         except BrokenPipeError:  # `invoke manifest | head`: the reader is gone, stop quietly
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            raise Exit(code=0) from None
+            raise SystemExit(0) from None
         except OSError as exc:  # disk full, permission denied, ...: the user can fix it
             if os.environ.get("LABFORGE_DEBUG"):
                 raise
             where = f"{exc.filename}: " if exc.filename else ""
             print(f"error: {where}{os_reason(exc)}; fix it and rerun", file=sys.stderr)
-            raise Exit(code=1) from None
+            raise SystemExit(1) from None
         except Exception as exc:  # a bug: say so in one line, traceback on request
             if os.environ.get("LABFORGE_DEBUG"):
                 raise
             print(f"error: internal error ({type(exc).__name__}: {exc}); this is a labforge "
                   "bug: rerun with LABFORGE_DEBUG=1 and report the traceback", file=sys.stderr)
-            raise Exit(code=2) from None
+            raise SystemExit(2) from None
         finally:
             signal.signal(signal.SIGTERM, previous)
     return wrapper
 
 
-def labtask(*args, **kwargs):
-    """@task with labforge's error handling."""
+# every task by its command-line name: (the function with labforge's error
+# handling, the keyword arguments of Invoke's @task for it)
+_TASKS: dict[str, tuple] = {}
+
+
+def labtask(**kwargs):
+    """A task with labforge's error handling, registered under its dashed name;
+    Invoke's @task is applied when :data:`ns` is first used."""
     def deco(fn):
-        return task(*args, **kwargs)(_user_errors(fn))
+        wrapped = _user_errors(fn)
+        _TASKS[kwargs.get("name") or fn.__name__.replace("_", "-")] = (wrapped, kwargs)
+        return wrapped
     return deco
 
 
@@ -473,7 +486,67 @@ def verify(c, lab=None):
 
 # ---- the command -------------------------------------------------------------
 
-ns = Collection.from_module(sys.modules[__name__], name="labforge")
+def _collection():
+    """Invoke's collection of the tasks, made once, on first use."""
+    global ns
+    if "ns" not in globals():
+        from invoke import Collection, task
+        ns = Collection("labforge")
+        ns.__doc__ = __doc__
+        for fn, kwargs in _TASKS.values():
+            ns.add_task(task(**kwargs)(fn))
+    return ns
+
+
+def __getattr__(name: str):
+    """``ns`` (tasks.py's ``from builders.cli import ns``) is :func:`_collection` (PEP 562)."""
+    if name == "ns":
+        return _collection()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _direct_call(args: list[str]):
+    """The task and keyword arguments of ``VERB --option[=VALUE]...`` when
+    that is all ``args`` holds, read as Invoke reads it; None for anything
+    else (Invoke's parser then takes the command line as it is)."""
+    if not args or args[0] not in _TASKS:
+        return None
+    fn, spec = _TASKS[args[0]]
+    code = fn.__wrapped__.__code__
+    names = code.co_varnames[1:code.co_argcount]       # after the context
+    defaults = fn.__wrapped__.__defaults__ or ()
+    if len(defaults) != len(names):                    # a positional argument
+        return None
+    default = dict(zip(names, defaults))
+    iterable = set(spec.get("iterable", ()))
+    values: dict = {}
+    rest = iter(args[1:])
+    for token in rest:
+        option, eq, value = token.partition("=")
+        name = option[2:].replace("-", "_")
+        if not option.startswith("--") or name not in default:
+            return None
+        if isinstance(default[name], bool):            # a flag (all default to off)
+            if eq or default[name] or name in values:
+                return None
+            values[name] = True
+            continue
+        if not eq:
+            value = next(rest, None)
+            if value is None or value.startswith("-"):
+                return None
+        if isinstance(default[name], int):             # Invoke casts to the default's type
+            try:
+                value = int(value)
+            except ValueError:
+                return None
+        if name in iterable:
+            values.setdefault(name, []).append(value)
+        elif name in values:
+            return None
+        else:
+            values[name] = value
+    return fn, values
 
 
 def _version() -> str:
@@ -485,10 +558,19 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The ``labforge`` console script: Invoke's Program over :data:`ns`."""
+    """The ``labforge`` console script: a plain task call directly, anything
+    else through Invoke's Program over :data:`ns`."""
     global _COMMAND
     _COMMAND = "labforge"
-    program = Program(namespace=ns, name="labforge", binary="labforge", version=_version())
+    argv = sys.argv if argv is None else argv
+    direct = _direct_call(argv[1:])
+    if direct:
+        fn, kwargs = direct
+        fn(None, **kwargs)
+        return
+    from invoke import Program
+    program = Program(namespace=_collection(), name="labforge", binary="labforge",
+                      version=_version())
     try:
         program.run(argv)
     except BrokenPipeError:           # `labforge --list | head`: the reader is gone, stop quietly

@@ -172,3 +172,61 @@ def test_build_lock_removes_what_a_killed_run_left(tmp_path):
         pass
     assert [p for p in stale + dirs if p.exists()] == []
     assert all(p.read_bytes() == b"keep" for p in keep)
+
+
+# ---- the labforge command: a plain task call skips Invoke's start-up --------
+# (command line, what Invoke's parser makes of it) for lines the direct path takes
+_DIRECT = [
+    (["certs"], {}),
+    (["certs", "--lab", "x.yaml", "--force", "--rotate", "kafka", "--rotate=ssh"],
+     {"lab": "x.yaml", "force": True, "rotate": ["kafka", "ssh"]}),
+    (["seed-iso", "--host=h1", "--host", "h2", "--format", "vfat"],
+     {"host": ["h1", "h2"], "format": "vfat"}),
+    (["lab-check", "--wait", "30", "--json"], {"wait": 30, "json": True}),
+    (["all", "--only", "certs", "--skip=amphora"], {"only": ["certs"], "skip": ["amphora"]}),
+    (["publish-amphora", "--deactivate-old", "--min-ram", "2048"],
+     {"deactivate_old": True, "min_ram": "2048"}),
+]
+# lines left to Invoke: its parser has the last word on everything else
+_TO_INVOKE = [[], ["--list"], ["certs", "--help"], ["certs", "-f"], ["certs", "seed-iso"],
+              ["certs", "--bogus"], ["certs", "--force=yes"], ["certs", "--lab"],
+              ["certs", "--lab", "--force"], ["lab-check", "--wait", "soon"],
+              ["glance-upload", "disk.qcow2"], ["certs", "--lab", "a", "--lab", "b"], ["nosuch"]]
+
+
+@pytest.mark.parametrize("argv,expected", _DIRECT)
+def test_a_plain_task_call_is_read_as_invokes_parser_reads_it(argv, expected):
+    from invoke.parser import Parser
+
+    from builders import cli
+    fn, kwargs = cli._direct_call(argv)
+    assert kwargs == expected
+    parsed = Parser(contexts=cli.ns.to_contexts()).parse_argv(argv)[0]
+    assert fn is cli.ns.tasks[parsed.name].body
+    given = {name: arg.value for name, arg in parsed.args.items() if arg.got_value}
+    assert given == {n.replace("_", "-"): v for n, v in kwargs.items()}
+
+
+@pytest.mark.parametrize("argv", _TO_INVOKE)
+def test_anything_else_goes_to_invoke(argv):
+    from builders import cli
+    assert cli._direct_call(argv) is None
+
+
+def test_labforge_runs_a_task_without_importing_invoke(tmp_path):
+    """`labforge certs --lab FILE` (what CI jobs type) does its work and
+    fails with its one line without loading Invoke; `--list` still has it."""
+    code = ("import sys; from builders.cli import main\n"
+            "try:\n    main(['labforge', *sys.argv[1:]])\n"
+            "finally:\n    print('invoke' in sys.modules)")
+    def labforge(*args):
+        return subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
+                              text=True, env=dict(os.environ, LABFORGE_WORKDIR=str(tmp_path)))
+    ok = labforge("check-lab")
+    assert ok.returncode == 0 and ok.stdout.splitlines()[-1] == "False", ok
+    bad = labforge("certs", "--lab", str(tmp_path / "missing.yaml"))
+    assert bad.returncode == 1 and bad.stdout.strip() == "False", bad
+    assert bad.stderr.startswith("error: ") and len(bad.stderr.splitlines()) == 1, bad.stderr
+    listed = labforge("--list")
+    assert listed.returncode == 0 and listed.stdout.splitlines()[-1] == "True", listed
+    assert "seed-iso" in listed.stdout
