@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import ipaddress
 import re
 import types
@@ -556,6 +557,15 @@ def _tname(v: Any) -> str:
     return type(v).__name__
 
 
+@functools.cache
+def _schema_of(tp: type) -> tuple[dict, dict]:
+    """A dataclass's resolved field types and its fields a lab file may set
+    (resolving the string annotations once: a 50-host lab converts a Host 50
+    times)."""
+    return typing.get_type_hints(tp), {f.name: f for f in dataclasses.fields(tp)
+                                       if not (tp is Lab and f.name in ("source", "raw"))}
+
+
 def _convert(tp: Any, value: Any, where: str, errors: list[str]) -> Any:
     """Convert ``value`` to ``tp``; append "where: problem" to ``errors``."""
     origin = typing.get_origin(tp)
@@ -570,9 +580,7 @@ def _convert(tp: Any, value: Any, where: str, errors: list[str]) -> Any:
         if not isinstance(value, dict):
             errors.append(f"{label}: expected a mapping, got {_tname(value)}")
             return None
-        hints = typing.get_type_hints(tp)
-        fields = {f.name: f for f in dataclasses.fields(tp)
-                  if not (tp is Lab and f.name in ("source", "raw"))}
+        hints, fields = _schema_of(tp)
         kwargs = {}
         for key, v in value.items():
             sub = f"{where}.{key}" if where else str(key)
