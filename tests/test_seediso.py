@@ -580,3 +580,12 @@ def test_a_failed_write_leaves_no_partial_files(default_lab, ws, lab_key, monkey
     assert Manifest(ws.artifacts).entries() == {}
     monkeypatch.undo()
     assert {o.status for o in build_seed_isos(default_lab, ws)} == {"built"}
+
+
+def test_the_seeds_name_the_installed_pycdlib():
+    """The version recorded as a seed's tool (read from its dist-info) is
+    the one pip installed."""
+    from importlib.metadata import version
+
+    from builders.artifacts.seed.iso import pycdlib_version
+    assert pycdlib_version() == version("pycdlib")
