@@ -524,7 +524,7 @@ def _direct_call(args: list[str]):
     for token in rest:
         option, eq, value = token.partition("=")
         name = option[2:].replace("-", "_")
-        if not option.startswith("--") or name not in default:
+        if not option.startswith("--") or "_" in option or name not in default:
             return None
         if isinstance(default[name], bool):            # a flag (all default to off)
             if eq or default[name] or name in values:

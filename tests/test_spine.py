@@ -190,6 +190,7 @@ _DIRECT = [
 # lines left to Invoke: its parser has the last word on everything else
 _TO_INVOKE = [[], ["--list"], ["certs", "--help"], ["certs", "-f"], ["certs", "seed-iso"],
               ["certs", "--bogus"], ["certs", "--force=yes"], ["certs", "--lab"],
+              ["certs-check", "--warn_days", "5"],
               ["certs", "--lab", "--force"], ["lab-check", "--wait", "soon"],
               ["glance-upload", "disk.qcow2"], ["certs", "--lab", "a", "--lab", "b"], ["nosuch"]]
 
@@ -205,6 +206,11 @@ def test_a_plain_task_call_is_read_as_invokes_parser_reads_it(argv, expected):
     assert fn is cli.ns.tasks[parsed.name].body
     given = {name: arg.value for name, arg in parsed.args.items() if arg.got_value}
     assert given == {n.replace("_", "-"): v for n, v in kwargs.items()}
+
+
+def test_the_direct_path_knows_every_task_by_invokes_name_for_it():
+    from builders import cli
+    assert set(cli._TASKS) == set(cli.ns.tasks)
 
 
 @pytest.mark.parametrize("argv", _TO_INVOKE)
