@@ -14,6 +14,9 @@ genisoimage -volid cidata -joliet -rock).  Wall times, medians of --repeat runs:
   one cloud-localds run
 - the floor of any seed-iso command: Python importing the libraries a seed
   needs (PyYAML, jsonschema for cloud-init's schema, pycdlib), nothing else
+- a diagnostic, not a mode of labforge: the same 50-ISO command with
+  cloud-init's schema check replaced by nothing (which cloud-localds does
+  not do either), to show what the rest of the command costs
 
 Single-ISO rows are medians of max(5, --repeat) runs.  The CPU column (user+sys,
 children included) shows the work itself on a machine shared with other
@@ -58,6 +61,16 @@ def lab_text(n: int) -> str:
     return (f"name: bench\ndomain: lab.internal\nnetworks:\n  private: {{cidr: 10.100.0.0/16}}\n"
             f"hosts:\n{hosts}")
 
+
+# `labforge` with the cloud-init schema check taken out, for the diagnostic
+# row; it fails loudly if the seed builder no longer has that function
+WITHOUT_CHECK = (
+    "import sys\n"
+    "from builders.artifacts.seed import rendering\n"
+    "assert callable(rendering._schema_check), 'the schema check moved'\n"
+    "rendering._schema_check = lambda *args: None\n"
+    "from builders.cli import main\n"
+    "main(['labforge', *sys.argv[1:]])\n")
 
 CPU: dict[str, float] = {}          # CPU seconds (user+sys, children included) of the median run
 
@@ -132,6 +145,11 @@ def main() -> int:
             subprocess.run([*invoke, "seed-iso", "--lab", str(lab_file), "--force"], env=env,
                            check=True, capture_output=True)
 
+        def lf_cli_all_unchecked():
+            fresh()
+            subprocess.run([sys.executable, "-c", WITHOUT_CHECK, "seed-iso", "--lab",
+                            str(lab_file), "--force"], env=env, check=True, capture_output=True)
+
         def lf_lib_all():
             fresh()
             build_seed_isos(lab, ws, force=True)
@@ -172,6 +190,7 @@ def main() -> int:
             return median_of(fn, repeat, key)
 
         t_cli = measured(lf_cli_all, args.repeat, "cli_all")
+        t_unchecked = measured(lf_cli_all_unchecked, args.repeat, "cli_all_unchecked")
         t_lib = measured(lf_lib_all, args.repeat, "lib_all")
         t_ds = measured(localds_all, args.repeat, "ds_all")
         t_one = measured(lf_cli_one, n1, "cli_one")
@@ -187,6 +206,8 @@ def main() -> int:
 
         rows = [
             (f"labforge CLI, {len(names)} ISOs (one command)", t_cli, t_ds / t_cli, "cli_all"),
+            ("  the same, schema check left out", t_unchecked, t_ds / t_unchecked,
+             "cli_all_unchecked"),
             (f"labforge library, {len(names)} ISOs", t_lib, t_ds / t_lib, "lib_all"),
             (f"cloud-localds, {len(names)} runs", t_ds, 1.0, "ds_all"),
             ("labforge CLI, one ISO", t_one, t_ds_one / t_one, "cli_one"),
@@ -209,6 +230,7 @@ def main() -> int:
             "hosts": len(names), "repeat": args.repeat, "statistic": "median",
             **conditions,
             "labforge_cli_all_s": t_cli, "labforge_lib_all_s": t_lib,
+            "diagnostic_cli_all_without_schema_check_s": t_unchecked,
             "cloud_localds_all_s": t_ds, "labforge_cli_one_s": t_one,
             "libraries_import_s": t_floor, "labforge_lib_one_s": t_lib_one,
             "cloud_localds_one_s": t_ds_one, "cpu_s": CPU,
