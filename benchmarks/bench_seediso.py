@@ -15,8 +15,8 @@ genisoimage -volid cidata -joliet -rock).  Wall times, medians of --repeat runs:
 - the floor of any seed-iso command: Python importing the libraries a seed
   needs (PyYAML, jsonschema for cloud-init's schema, pycdlib), nothing else
 - a diagnostic, not a mode of labforge: the same 50-ISO command with
-  cloud-init's schema check replaced by nothing (which cloud-localds does
-  not do either), to show what the rest of the command costs
+  cloud-init's schema check taken out (cloud-localds does no such check),
+  to show what the rest of the command costs
 
 Single-ISO rows are medians of max(5, --repeat) runs.  The CPU column (user+sys,
 children included) shows the work itself on a machine shared with other
@@ -148,7 +148,8 @@ def main() -> int:
         def lf_cli_all_unchecked():
             fresh()
             subprocess.run([sys.executable, "-c", WITHOUT_CHECK, "seed-iso", "--lab",
-                            str(lab_file), "--force"], env=env, check=True, capture_output=True)
+                            str(lab_file), "--force"], env=env, check=True, capture_output=True,
+                           cwd=ROOT)      # builders/ importable from a checkout too
 
         def lf_lib_all():
             fresh()
