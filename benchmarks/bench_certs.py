@@ -51,7 +51,7 @@ import time
 from pathlib import Path
 
 import yaml
-from conditions import Conditions
+from conditions import Conditions, cpu_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -147,13 +147,12 @@ KAFKA_FILES = sorted(
 
 def timed(argv, cpu: list | None = None, **kw) -> float:
     """Wall seconds of one run; its CPU seconds (user+sys) go to ``cpu``."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    before = cpu_seconds(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True, text=True, **kw)
     secs = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if cpu is not None:
-        cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+        cpu.append(cpu_seconds(resource.RUSAGE_CHILDREN) - before)
     if proc.returncode != 0:
         sys.exit(f"bench: {argv[0]} failed: {proc.stderr.strip()[-500:]}")
     return secs

@@ -46,7 +46,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519  # noqa: E402
 from builders.core import lab as labmod  # noqa: E402
 from builders.artifacts.seed import build_seed_isos, read_seed, render  # noqa: E402
 from builders.core.workspace import Workspace  # noqa: E402
-from conditions import Conditions  # noqa: E402
+from conditions import Conditions, cpu_seconds  # noqa: E402
 
 
 def lab_text(n: int) -> str:
@@ -80,14 +80,11 @@ def median_of(fn, repeat: int, key: str | None = None) -> float:
     CPU[key] (on a shared machine, CPU time shows the work itself)."""
     runs = []
     for _ in range(repeat):
-        r0, c0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        c0 = cpu_seconds(resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
         t = time.perf_counter()
         fn()
         wall = time.perf_counter() - t
-        r1, c1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu = sum(b - a for a, b in ((r0.ru_utime, r1.ru_utime), (r0.ru_stime, r1.ru_stime),
-                                     (c0.ru_utime, c1.ru_utime), (c0.ru_stime, c1.ru_stime)))
-        runs.append((wall, cpu))
+        runs.append((wall, cpu_seconds(resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) - c0))
     wall, cpu = sorted(runs)[len(runs) // 2]
     if key:
         CPU[key] = cpu

@@ -14,6 +14,7 @@ recorded as well, for the record.
 from __future__ import annotations
 
 import os
+import resource
 import time
 
 IDLE_BUSY = 0.10        # share of all CPUs others may use in a quiet window, still "idle"
@@ -27,6 +28,13 @@ def _cpu_ticks() -> tuple[int, int]:
     # user nice system idle iowait irq softirq steal
     idle = fields[3] + fields[4]
     return sum(fields) - idle, sum(fields)
+
+
+def cpu_seconds(*who: int) -> float:
+    """User + system CPU seconds used so far by ``who`` (resource.RUSAGE_SELF,
+    resource.RUSAGE_CHILDREN): the difference around a run is its CPU time,
+    which shows the work itself when wall times swing with the load."""
+    return sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, who))
 
 
 def load_per_cpu() -> float:
